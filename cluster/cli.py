@@ -1,0 +1,95 @@
+"""`realsr-r1` command line.
+
+Every subcommand takes `--config FILE` (default: configs/tiny-cpu.yaml) and `key=value`
+overrides, and validates the whole configuration before doing any work.
+
+    realsr-r1 prepare-data [--config F] [key=value ...]   HQ images -> LR, labels, manifest
+    realsr-r1 init-policy --out DIR [...]                 write the tiny policy + VQ tokenizer
+    realsr-r1 check-env [--ray]                           what each Python environment holds
+    realsr-r1 show-config [...]                           print the resolved configuration
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional
+
+from cluster.config import ConfigError, load_config, to_yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="realsr-r1", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--config", default=None, help="yaml config (default: configs/tiny-cpu.yaml)")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.input_dir=/photos")
+        return sp
+
+    sp = add("prepare-data", "turn a folder of HQ images (default: the built-in set) into LR images, labels and a manifest")
+    sp.add_argument("--input", default=None, help="folder of HQ images (same as data.input_dir=...)")
+    sp.add_argument("--out", default=None, help="output folder (same as data.output_dir=...)")
+    sp.add_argument("--no-progress", action="store_true")
+    sp = add("init-policy", "build the configured policy and VQ tokenizer and save them (HF layout)")
+    sp.add_argument("--out", required=True)
+    sp = add("check-env", "report the main and IQA environments (with --ray: from a Ray actor in the IQA env)")
+    sp.add_argument("--ray", action="store_true")
+    add("show-config", "print the resolved configuration")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = list(args.overrides)
+    if getattr(args, "input", None):
+        overrides.append(f"data.input_dir={args.input}")
+    if args.command == "prepare-data" and args.out:
+        overrides.append(f"data.output_dir={args.out}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"realsr-r1: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "show-config":
+        print(to_yaml(cfg))
+        return 0
+    if args.command == "prepare-data":
+        from vlcot.data import prepare_data
+
+        summary = prepare_data(cfg.image, cfg.degradation, cfg.data, progress=not args.no_progress)
+        print(summary.render())
+        return 0 if summary.samples else 1
+    if args.command == "init-policy":
+        from pathlib import Path
+
+        from vlcot.policy import policy_from_config
+        from vlcot.vq import vq_from_config
+
+        out = Path(args.out)
+        policy = policy_from_config(cfg.policy, cfg.image, cfg.vq)
+        policy.save(out / "policy")
+        vq_from_config(cfg.vq).save(out / "vq")
+        print(f"policy -> {out / 'policy'}  ({sum(p.numel() for p in policy.model.parameters()):,} params)")
+        print(f"vq     -> {out / 'vq'}")
+        return 0
+    if args.command == "check-env":
+        from cluster.envs import iqa_python, probe_environment
+
+        report = {"main": probe_environment(), "iqa_python": iqa_python(cfg.envs)}
+        if args.ray:
+            from cluster.ray_envs import probe_iqa_env_in_ray
+
+            report["iqa"] = probe_iqa_env_in_ray(cfg.envs)
+        print(json.dumps(report, indent=2))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Configuration: dataclass defaults -> OmegaConf structured config -> yaml -> CLI dotlist
+overrides -> validated dataclass objects.
+
+Every problem (unknown key, wrong type, bad value) raises `ConfigError` naming the full
+key and what is allowed, before anything is started.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vlcot.config import DataConfig, DegradationConfig, ImageConfig, OrderConfig, PolicyConfig, VQConfig
+from vlcot.kernels import KERNEL_TYPES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny-cpu.yaml"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class EnvConfig:
+    """Python environments of the roles (Ray runtime_env `py_executable`).
+
+    iqa_python: interpreter for roles that need pyiqa (reward and eval actors). "auto" =
+    `<repo>/.venv-iqa/bin/python` when it exists (CPU install: two environments), else the
+    driver's own interpreter (GPU install: one environment). Or an absolute path.
+    """
+
+    iqa_python: str = "auto"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run_dir: str = "runs/default"
+    image: ImageConfig = field(default_factory=ImageConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    envs: EnvConfig = field(default_factory=EnvConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before any work starts."""
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), default: bool = True) -> Config:
+    """Merge dataclass defaults, the yaml at `path` (or the tiny CPU default when `path`
+    is None and `default` is true) and `key=value` overrides; validate; return a Config."""
+    if path is None and default:
+        path = DEFAULT_CONFIG
+    merged = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not key=value")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"config key {key!r}: {msg}") from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: Config) -> dict:
+    """{'image.hr_size': 512, ...}: for experiment-tracker params."""
+    out: dict = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
+    return out
+
+
+# ---- semantic validation -----------------------------------------------------------------------
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"config key {key!r}: {msg}")
+
+
+def _prob(key: str, v: float) -> None:
+    if not 0.0 <= v <= 1.0:
+        _fail(key, f"must be a probability in [0, 1], got {v}")
+
+
+def _range(key: str, v: List[float], lo: float = float("-inf")) -> None:
+    if len(v) != 2 or v[0] > v[1] or v[0] < lo:
+        _fail(key, f"must be [low, high] with {lo} <= low <= high, got {list(v)}")
+
+
+def _monotone(key: str, v: List[float], increasing: bool) -> None:
+    ok = len(v) == 3 and all((a < b) if increasing else (a > b) for a, b in zip(v, v[1:]))
+    if not ok:
+        order = "increasing" if increasing else "decreasing"
+        _fail(key, f"must be 3 strictly {order} edges (none|light|medium|heavy), got {list(v)}")
+
+
+def _validate_order(prefix: str, o: OrderConfig) -> None:
+    b = o.blur
+    for name in ("prob", "sinc_prob"):
+        _prob(f"{prefix}.blur.{name}", getattr(b, name))
+    for name in ("gaussian_noise_prob", "gray_noise_prob", "noise_prob", "jpeg_prob"):
+        _prob(f"{prefix}.{name}", getattr(o, name))
+    if not b.kernel_sizes or any(k < 3 or k % 2 == 0 for k in b.kernel_sizes):
+        _fail(f"{prefix}.blur.kernel_sizes", f"must be odd sizes >= 3, got {list(b.kernel_sizes)}")
+    unknown = [t for t in b.kernel_types if t not in KERNEL_TYPES]
+    if unknown or not b.kernel_types:
+        _fail(f"{prefix}.blur.kernel_types", f"unknown {unknown}; allowed: {list(KERNEL_TYPES)}")
+    if len(b.kernel_probs) != len(b.kernel_types) or min(b.kernel_probs) < 0 or sum(b.kernel_probs) <= 0:
+        _fail(f"{prefix}.blur.kernel_probs", "must be non-negative, one per kernel type, not all zero")
+    _range(f"{prefix}.blur.sigma", b.sigma, lo=1e-3)
+    _range(f"{prefix}.blur.betag", b.betag, lo=1e-3)
+    _range(f"{prefix}.blur.betap", b.betap, lo=1e-3)
+    if len(o.resize_probs) != 3 or min(o.resize_probs) < 0 or sum(o.resize_probs) <= 0:
+        _fail(f"{prefix}.resize_probs", "must be 3 non-negative weights (up, down, keep), not all zero")
+    _range(f"{prefix}.resize_range", o.resize_range, lo=1e-3)
+    if not o.resize_range[0] <= 1.0 <= o.resize_range[1]:
+        _fail(f"{prefix}.resize_range", f"must contain 1.0, got {list(o.resize_range)}")
+    _range(f"{prefix}.noise_sigma", o.noise_sigma, lo=0.0)
+    _range(f"{prefix}.poisson_scale", o.poisson_scale, lo=0.0)
+    _range(f"{prefix}.jpeg_quality", o.jpeg_quality, lo=1)
+    if o.jpeg_quality[1] > 100:
+        _fail(f"{prefix}.jpeg_quality", f"quality must be <= 100, got {list(o.jpeg_quality)}")
+
+
+def validate(cfg: Config) -> None:
+    im = cfg.image
+    for name in ("hr_size", "lr_size", "prompt_size", "patch_px"):
+        if getattr(im, name) <= 0:
+            _fail(f"image.{name}", f"must be positive, got {getattr(im, name)}")
+    if im.patch_px % 8:
+        _fail("image.patch_px", f"must be a multiple of the VQ downsample 8, got {im.patch_px}")
+    if im.hr_size % (4 * im.patch_px):
+        _fail("image.hr_size", f"must be a multiple of 4 x patch_px = {4 * im.patch_px} (the rough image is HR/4), got {im.hr_size}")
+    if im.prompt_size % im.patch_px:
+        _fail("image.prompt_size", f"must be a multiple of patch_px {im.patch_px}, got {im.prompt_size}")
+    if im.hr_size % im.lr_size:
+        _fail("image.lr_size", f"must divide hr_size {im.hr_size}, got {im.lr_size}")
+    grids = max(im.hr_size, im.prompt_size) // im.patch_px
+    if cfg.policy.special_tokens.max_grid < grids:
+        _fail("policy.special_tokens.max_grid", f"must be >= {grids} patches for a {max(im.hr_size, im.prompt_size)} px image")
+
+    vq = cfg.vq
+    if len(vq.block_out_channels) != 4:
+        _fail("vq.block_out_channels", f"needs 4 levels for x8 downsampling, got {list(vq.block_out_channels)}")
+    if any(c % vq.norm_num_groups for c in list(vq.block_out_channels) + [vq.z_channels]):
+        _fail("vq.norm_num_groups", f"must divide every channel count {list(vq.block_out_channels)} and z {vq.z_channels}")
+    if vq.codebook_size < 2 or vq.codebook_dim < 1 or vq.layers_per_block < 1:
+        _fail("vq", "codebook_size >= 2, codebook_dim >= 1 and layers_per_block >= 1 are required")
+    if vq.checkpoint and not Path(vq.checkpoint).exists():
+        _fail("vq.checkpoint", f"no such file or directory: {vq.checkpoint}")
+
+    pol = cfg.policy
+    if pol.dtype not in DTYPES:
+        _fail("policy.dtype", f"{pol.dtype!r} not in {list(DTYPES)}")
+    if pol.checkpoint and not (Path(pol.checkpoint) / "config.json").is_file():
+        _fail("policy.checkpoint", f"{pol.checkpoint} is not an HF-layout directory with config.json")
+    m = pol.model
+    if m.hidden_size % m.num_attention_heads or m.num_attention_heads % m.num_key_value_heads:
+        _fail("policy.model", "hidden_size must divide by num_attention_heads, which must divide by num_key_value_heads")
+    if m.text_vocab_size < 300:
+        _fail("policy.model.text_vocab_size", f"must be >= 300 (256 bytes + special and tag tokens), got {m.text_vocab_size}")
+
+    d = cfg.degradation
+    _validate_order("degradation.first", d.first)
+    _validate_order("degradation.second", d.second)
+    _prob("degradation.second_order_prob", d.second_order_prob)
+    _prob("degradation.final_sinc_prob", d.final_sinc_prob)
+    t = d.thresholds
+    _monotone("degradation.thresholds.blur_sigma", t.blur_sigma, increasing=True)
+    _monotone("degradation.thresholds.noise_std", t.noise_std, increasing=True)
+    _monotone("degradation.thresholds.jpeg_quality", t.jpeg_quality, increasing=False)
+    if not 0 <= t.resize_tolerance < 1:
+        _fail("degradation.thresholds.resize_tolerance", f"must be in [0, 1), got {t.resize_tolerance}")
+
+    data = cfg.data
+    if data.input_dir and not Path(data.input_dir).is_dir():
+        _fail("data.input_dir", f"not a directory: {data.input_dir}")
+    if data.min_side < 1 or data.max_pixels < 1 or data.variants_per_image < 1:
+        _fail("data", "min_side, max_pixels and variants_per_image must be >= 1")
+    if cfg.envs.iqa_python != "auto" and not Path(cfg.envs.iqa_python).is_file():
+        _fail("envs.iqa_python", f"not an interpreter path: {cfg.envs.iqa_python} (or use 'auto')")

