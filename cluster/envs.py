@@ -32,7 +32,9 @@ def iqa_python(cfg: EnvConfig) -> str:
 def runtime_env_for_iqa(cfg: EnvConfig) -> Dict[str, Any]:
     """Ray runtime_env for an actor that needs pyiqa ({} when it is our own interpreter)."""
     py = iqa_python(cfg)
-    if Path(py).resolve() == Path(sys.executable).resolve():
+    # Compare bin folders, not resolved files: every venv's python links to the same base
+    # interpreter, and the venv is chosen by the path it is started through.
+    if os.path.abspath(os.path.dirname(py)) == os.path.abspath(os.path.dirname(sys.executable)):
         return {}
     return {"py_executable": py, "env_vars": {"PYTHONNOUSERSITE": "1"}}
 

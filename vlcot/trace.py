@@ -288,7 +288,7 @@ def parse_response(
             degradation = slots
     if not finished:
         for st in stages.values():
-            if not st.valid and "missing" in st.reason:
+            if not st.valid and ("missing" in st.reason or "not closed" in st.reason):
                 st.reason += " (response ended without end-of-sequence: truncated?)"
     return ParsedTrace(
         stages=stages,

@@ -70,9 +70,13 @@ class VQTokenizer(nn.Module):
             raise ValueError(f"expected [B, 3, H, W] pixels, got {tuple(pixels.shape)}")
         if pixels.shape[-1] % self.downsample or pixels.shape[-2] % self.downsample:
             raise ValueError(f"image size {tuple(pixels.shape[-2:])} is not a multiple of {self.downsample}")
-        z = self.quant_conv(self.encoder(pixels.to(self.codebook.weight.dtype)))
-        z = F.normalize(z.permute(0, 2, 3, 1), p=2, dim=-1)  # [B, h, w, d]
-        # For unit vectors, nearest in L2 == largest dot product.
+        return self.quantize(self.quant_conv(self.encoder(pixels.to(self.codebook.weight.dtype))))
+
+    @torch.no_grad()
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, d, h, w] latents -> [B, h, w] codes: nearest L2-normalised codebook entry to
+        the L2-normalised latent (for unit vectors, nearest == largest dot product)."""
+        z = F.normalize(z.permute(0, 2, 3, 1), p=2, dim=-1)
         return torch.einsum("bhwd,nd->bhwn", z, self._normalised_codebook()).argmax(-1)
 
     @torch.no_grad()

@@ -1,0 +1,64 @@
+import pytest
+
+from cluster.config import CONFIG_DIR, Config, ConfigError, flatten, load_config
+
+
+def test_default_is_the_tiny_cpu_config():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.image.hr_size == 128 and cfg.image.lr_size == 32
+    assert cfg.vq.codebook_size == 16384 and cfg.vq.codebook_dim == 8
+
+
+def test_paper_defaults_without_yaml():
+    cfg = load_config(default=False)
+    assert (cfg.image.hr_size, cfg.image.lr_size, cfg.image.prompt_size) == (512, 128, 512)
+    assert cfg.vq.block_out_channels == [128, 256, 256, 512]
+
+
+def test_every_shipped_yaml_validates():
+    files = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)
+
+
+def test_overrides_apply():
+    cfg = load_config(overrides=["image.hr_size=256", "degradation.thresholds.blur_sigma=[1,2,3]"])
+    assert cfg.image.hr_size == 256
+    assert cfg.degradation.thresholds.blur_sigma == [1, 2, 3]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("image.hr_sise=256", "image.hr_sise"),                                     # unknown key
+    ("image.hr_size=big", "image.hr_size"),                                     # wrong type
+    ("image.hr_size=200", "image.hr_size"),                                     # not a multiple of 128
+    ("degradation.thresholds.blur_sigma=[3,2,1]", "degradation.thresholds.blur_sigma"),
+    ("degradation.thresholds.jpeg_quality=[40,60,80]", "degradation.thresholds.jpeg_quality"),
+    ("degradation.first.blur.kernel_types=[iso,box]", "degradation.first.blur.kernel_types"),
+    ("degradation.second.jpeg_prob=1.5", "degradation.second.jpeg_prob"),
+    ("policy.dtype=int8", "policy.dtype"),
+    ("vq.norm_num_groups=7", "vq.norm_num_groups"),
+    ("data.input_dir=/no/such/folder", "data.input_dir"),
+    ("envs.iqa_python=/no/python", "envs.iqa_python"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert key in str(err.value)
+
+
+def test_bad_yaml_key_names_the_key(tmp_path):
+    (tmp_path / "c.yaml").write_text("image:\n  hr_size: 128\n  colour: red\n")
+    with pytest.raises(ConfigError, match="image.colour"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(overrides=["image.hr_size"])
+
+
+def test_flatten_for_tracking():
+    flat = flatten(load_config())
+    assert flat["image.hr_size"] == 128
+    assert flat["degradation.thresholds.noise_std"] == [6.0, 15.0, 25.0]

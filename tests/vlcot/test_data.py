@@ -1,0 +1,137 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cluster.cli import main as cli_main
+from vlcot.config import DataConfig, DegradationConfig, ImageConfig
+from vlcot.data import prepare, folder_candidates, read_manifest
+from vlcot.images import open_image, to_rgb
+from vlcot.trace import SLOT_WORDS, SLOTS
+
+IMAGE = ImageConfig(hr_size=128, lr_size=32, prompt_size=128)
+
+
+def photo(size=(160, 140)):
+    rng = np.random.default_rng(0)
+    base = np.linspace(0, 255, size[0] * size[1] * 3).reshape(size[1], size[0], 3)
+    return Image.fromarray((base * 0.7 + rng.integers(0, 70, base.shape)).astype(np.uint8))
+
+
+def make_zoo(folder):
+    """One file per kind of trouble, plus good images with and without annotations."""
+    folder.mkdir()
+    photo().save(folder / "good.png")
+    (folder / "good.json").write_text(json.dumps({"captions": {"x4": "a", "x2": "b", "x1": "c"}, "tags": ["cat", "dog"]}))
+    photo().save(folder / "good_badsidecar.jpg")
+    (folder / "good_badsidecar.json").write_text("{not json")
+    (folder / "empty.png").write_bytes(b"")
+    full = (folder / "good.png").read_bytes()
+    (folder / "truncated.png").write_bytes(full[: len(full) // 3])
+    (folder / "text.jpg").write_text("this is not an image")
+    (folder / "notes.txt").write_text("a note someone left")
+    photo().convert("CMYK").save(folder / "cmyk.jpg")
+    arr16 = (np.linspace(0, 65535, 150 * 150).reshape(150, 150)).astype(np.uint16)
+    Image.fromarray(arr16).save(folder / "sixteen.png")
+    assert Image.open(folder / "sixteen.png").mode.startswith("I")
+    pal = photo().convert("P", palette=Image.ADAPTIVE)
+    pal.info["transparency"] = 0
+    pal.save(folder / "palette.png", transparency=0)
+    rgba = photo().convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "alpha.png")
+    photo().convert("L").save(folder / "grey.png")
+    Image.new("RGB", (1, 1), "red").save(folder / "onebyone.png")
+    Image.new("L", (1200, 1000), 7).save(folder / "huge.png")
+
+
+def test_bad_file_zoo(tmp_path):
+    make_zoo(tmp_path / "in")
+    data = DataConfig(output_dir=str(tmp_path / "out"), min_side=128, max_pixels=1_000_000)
+    summary = prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(), data, progress=False)
+
+    skipped = {json.loads(l)["id"]: json.loads(l)["reason"] for l in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()}
+    assert set(skipped) == {"empty", "truncated", "text", "notes", "onebyone", "huge"}
+    assert "empty file" in skipped["empty"]
+    assert "truncated" in skipped["truncated"]
+    assert "not an image" in skipped["text"]
+    assert "not an image file type (.txt)" in skipped["notes"]
+    assert "too small: 1x1" in skipped["onebyone"]
+    assert "too large" in skipped["huge"]
+
+    rows = read_manifest(tmp_path / "out" / "manifest.jsonl")
+    ids = {r["id"] for r in rows}
+    assert ids == {f"{n}_v0" for n in ("good", "good_badsidecar", "cmyk", "sixteen", "palette", "alpha", "grey")}
+    assert summary.seen == 13 and summary.images_ok == 7 and summary.samples == 7
+    assert sum(summary.skipped.values()) == 6  # nothing disappears: seen = ok + skipped
+    assert summary.converted["converted from CMYK"] == 1
+    assert summary.converted["converted from L"] == 1
+    assert any(k.startswith("converted from I") for k in summary.converted)
+    assert summary.annotation_problems["bad sidecar good_badsidecar.json"] == 1
+
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["good_v0"]["captions"] == {"x4": "a", "x2": "b", "x1": "c"}
+    assert by_id["good_v0"]["tags"] == ["cat", "dog"]
+    assert by_id["grey_v0"]["captions"] is None
+    for r in rows:
+        lr = Image.open(r["lr_path"])
+        hr = Image.open(r["hr_path"])
+        assert lr.size == (32, 32) and lr.mode == "RGB"
+        assert hr.size == (128, 128) and hr.mode == "RGB"
+        labels = r["degradation"]["labels"]
+        assert all(w in SLOT_WORDS[s] for s, w in zip(SLOTS, labels))
+    # the 50 %-transparent image was composited on white, so it is brighter than the source
+    alpha_hr = np.asarray(Image.open(by_id["alpha_v0"]["hr_path"]), dtype=float).mean()
+    good_hr = np.asarray(Image.open(by_id["good_v0"]["hr_path"]), dtype=float).mean()
+    assert alpha_hr > good_hr + 20
+
+
+def test_to_rgb_modes():
+    assert to_rgb(Image.new("LA", (2, 2), (0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("RGBA", (2, 2), (0, 0, 0, 255))).getpixel((0, 0)) == (0, 0, 0)
+    sixteen = Image.fromarray(np.full((2, 2), 65535, dtype=np.uint16))
+    assert to_rgb(sixteen).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_open_image_missing_file(tmp_path):
+    img, why, _ = open_image(tmp_path / "missing.png")
+    assert img is None and "unreadable" in why
+
+
+def test_variants_have_distinct_seeds(tmp_path):
+    (tmp_path / "in").mkdir()
+    photo().save(tmp_path / "in" / "a.png")
+    data = DataConfig(output_dir=str(tmp_path / "out"), variants_per_image=3)
+    prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(), data, progress=False)
+    rows = read_manifest(tmp_path / "out" / "manifest.jsonl")
+    assert len(rows) == 3 and len({r["seed"] for r in rows}) == 3
+    assert len({r["hr_path"] for r in rows}) == 1
+
+
+def test_cli_prepare_data_builtin(tmp_path, capsys):
+    assert cli_main(["prepare-data", "--no-progress", "--out", str(tmp_path / "builtin")]) == 0
+    out = capsys.readouterr().out
+    rows = read_manifest(tmp_path / "builtin" / "manifest.jsonl")
+    assert len(rows) == 11 and "11 usable" in out
+    names = {r["id"] for r in rows}
+    assert {"astronaut_v0", "chelsea_v0", "retina_v0"} <= names
+    astro = next(r for r in rows if r["id"] == "astronaut_v0")
+    assert "spacesuit" in astro["tags"] and astro["captions"]["x4"]
+    assert Image.open(astro["lr_path"]).size == (32, 32)
+
+
+def test_cli_prepare_data_folder_and_bad_config(tmp_path, capsys):
+    make_zoo(tmp_path / "in")
+    code = cli_main(["prepare-data", "--no-progress", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                     "data.max_pixels=1000000"])
+    assert code == 0
+    assert "skipped: 6" in capsys.readouterr().out
+    assert cli_main(["prepare-data", "data.min_sid=3"]) == 2
+    assert "data.min_sid" in capsys.readouterr().err
+
+
+def test_read_manifest_names_the_bad_line(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"hr_path": "a", "lr_path": "b"}\n{oops\n')
+    with pytest.raises(ValueError, match="m.jsonl:2"):
+        read_manifest(tmp_path / "m.jsonl")

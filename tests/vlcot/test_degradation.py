@@ -1,0 +1,122 @@
+import copy
+
+import numpy as np
+import pytest
+import skimage.data
+
+from vlcot.config import DegradationConfig, LabelThresholds
+from vlcot.degradation import degrade, label_degradation, level_decreasing, level_increasing, resize_word
+from vlcot.kernels import (
+    gaussian_kernel, generalized_gaussian_kernel, kernel_std, plateau_kernel, sinc_kernel,
+)
+from vlcot.trace import SLOT_WORDS, SLOTS
+
+HR = np.ascontiguousarray(skimage.data.astronaut()[::4, ::4])  # 128 x 128
+
+
+def test_deterministic_for_a_seed():
+    cfg = DegradationConfig()
+    a, pa = degrade(HR, (32, 32), cfg, seed=7)
+    b, pb = degrade(HR, (32, 32), cfg, seed=7)
+    c, _ = degrade(HR, (32, 32), cfg, seed=8)
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert pa == pb
+    assert not np.array_equal(a, c)
+
+
+def test_records_every_draw_and_labels_are_valid_words():
+    cfg = DegradationConfig()
+    for seed in range(20):
+        _, p = degrade(HR, (32, 32), cfg, seed)
+        for key in ("blur1", "resize1", "noise1", "jpeg1", "second_order", "final", "final_sinc", "strength"):
+            assert key in p
+        if p["second_order"]:
+            assert {"blur2", "resize2", "noise2"} <= set(p)
+        labels = label_degradation(p, cfg.thresholds)
+        assert [w in SLOT_WORDS[s] for s, w in zip(SLOTS, labels)] == [True] * 5
+
+
+def clean_config():
+    cfg = DegradationConfig()
+    for order in (cfg.first, cfg.second):
+        order.blur.prob = 0.0
+        order.noise_prob = 0.0
+        order.jpeg_prob = 0.0
+        order.resize_probs = [0.0, 0.0, 1.0]
+    cfg.second_order_prob = 0.0
+    cfg.final_sinc_prob = 0.0
+    return cfg
+
+
+def test_no_degradation_gives_none_words_and_a_plain_downsample():
+    lr, p = degrade(HR, (32, 32), clean_config(), seed=0)
+    assert label_degradation(p, LabelThresholds()) == ["none", "keep", "none", "none", "downsample"]
+    assert p["strength"]["noise_std"] == 0 and p["strength"]["jpeg_quality"] == 100
+
+
+def test_strong_settings_give_heavy_words():
+    cfg = clean_config()
+    cfg.first.blur.prob = 1.0
+    cfg.first.blur.sinc_prob = 0.0
+    cfg.first.blur.kernel_types = ["iso"]
+    cfg.first.blur.kernel_probs = [1.0]
+    cfg.first.blur.kernel_sizes = [41]  # 4 sigma each side: little truncation
+    cfg.first.blur.sigma = [5.0, 5.0]
+    cfg.first.noise_prob = 1.0
+    cfg.first.gaussian_noise_prob = 1.0
+    cfg.first.noise_sigma = [40.0, 40.0]
+    cfg.first.jpeg_prob = 1.0
+    cfg.first.jpeg_quality = [20, 20]
+    cfg.first.resize_probs = [0.0, 1.0, 0.0]
+    cfg.first.resize_range = [0.5, 1.0]
+    _, p = degrade(HR, (32, 32), cfg, seed=0)
+    labels = label_degradation(p, LabelThresholds())
+    assert [labels[0], labels[2], labels[3]] == ["heavy", "heavy", "heavy"]
+    assert labels[1] == resize_word(p["resize1"]["scale"], 0.05) and p["resize1"]["scale"] <= 1.0
+    assert abs(p["strength"]["blur_sigma"] - 5.0) < 0.2  # measured kernel spread ~ sigma
+    assert abs(p["strength"]["noise_std"] - 40.0) < 4.0
+    assert p["strength"]["jpeg_quality"] == 20
+
+
+@pytest.mark.parametrize("value,word", [(0.0, "none"), (1.19, "none"), (1.2, "light"), (2.49, "light"),
+                                        (2.5, "medium"), (4.5, "heavy"), (99.0, "heavy")])
+def test_blur_edges(value, word):
+    assert level_increasing(value, [1.2, 2.5, 4.5]) == word
+
+
+@pytest.mark.parametrize("q,word", [(100, "none"), (80.01, "none"), (80, "light"), (60.5, "light"),
+                                    (60, "medium"), (40.5, "medium"), (40, "heavy"), (5, "heavy")])
+def test_jpeg_edges(q, word):
+    assert level_decreasing(q, [80, 60, 40]) == word
+
+
+@pytest.mark.parametrize("s,word", [(0.94, "downsample"), (0.95, "keep"), (1.0, "keep"), (1.05, "keep"), (1.0501, "upsample")])
+def test_resize_edges(s, word):
+    assert resize_word(s, 0.05) == word
+
+
+def test_labeller_uses_configured_thresholds():
+    _, p = degrade(HR, (32, 32), DegradationConfig(), seed=3)
+    s = p["strength"]["noise_std"]
+    below = LabelThresholds(noise_std=[s + 1, s + 2, s + 3])
+    above = LabelThresholds(noise_std=[s / 4, s / 3, s / 2])
+    assert label_degradation(p, below)[2] == "none"
+    assert label_degradation(p, above)[2] == "heavy"
+
+
+def test_kernels():
+    for k in (gaussian_kernel(21, 2.0, 1.0, 0.3), generalized_gaussian_kernel(15, 1.5, 2.5, 1.0, 0.7),
+              plateau_kernel(11, 1.0, 1.0, 0.0, 1.5), sinc_kernel(13, np.pi / 4)):
+        assert k.shape[0] == k.shape[1] and k.shape[0] % 2 == 1
+        assert abs(k.sum() - 1.0) < 1e-9
+        np.testing.assert_allclose(k, k[::-1, ::-1], atol=1e-12)  # point-symmetric
+    assert abs(kernel_std(gaussian_kernel(41, 3.0, 3.0, 0.0)) - 3.0) < 0.01
+    aniso = gaussian_kernel(41, 4.0, 1.0, 0.0)
+    assert aniso[20, 20 + 6] > aniso[20 + 6, 20]  # wider along x than along y
+    assert kernel_std(np.pad(np.ones((1, 1)), 3)) == 0.0
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="uint8"):
+        degrade(HR.astype(np.float32), (32, 32), DegradationConfig(), 0)
