@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny-cpu.yaml"
 DTYPES = ("float32", "bfloat16", "float16")
+VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)  # vLLM CPU attention; GPU kernels cover these too
 
 
 @dataclass
@@ -180,6 +181,9 @@ def validate(cfg: Config) -> None:
     m = pol.model
     if m.hidden_size % m.num_attention_heads or m.num_attention_heads % m.num_key_value_heads:
         _fail("policy.model", "hidden_size must divide by num_attention_heads, which must divide by num_key_value_heads")
+    head_dim = m.hidden_size // m.num_attention_heads
+    if head_dim not in VLLM_HEAD_DIMS:
+        _fail("policy.model", f"head_dim = hidden_size / num_attention_heads = {head_dim}; vLLM's attention kernels need one of {list(VLLM_HEAD_DIMS)}")
     if m.text_vocab_size < 300:
         _fail("policy.model.text_vocab_size", f"must be >= 300 (256 bytes + special and tag tokens), got {m.text_vocab_size}")
 

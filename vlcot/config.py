@@ -48,8 +48,8 @@ class TextModelConfig:
     hidden_size: int = 64
     intermediate_size: int = 176
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
+    num_attention_heads: int = 2  # head_dim 32: vLLM's CPU attention supports 32, 64, 80, ...
+    num_key_value_heads: int = 2
     max_position_embeddings: int = 4096
     text_vocab_size: int = 640  # BPE vocabulary trained offline on the built-in corpus
     seed: int = 0

@@ -13,6 +13,7 @@ checkpoint gets it from `PolicyConfig.special_tokens` plus the `IMGIMG...Z` name
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict
@@ -26,6 +27,7 @@ from vlcot.layout import TokenLayout, image_code_name
 from vlcot.text_tokenizer import HFTextCodec, train_bpe_tokenizer
 
 LAYOUT_KEY = "realsr_token_layout"
+STOCK_ARCHITECTURE = "ChameleonForConditionalGeneration"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -84,6 +86,12 @@ class Policy:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, safe_serialization=True)
+        # save_pretrained records the Python class name; keep the stock architecture name
+        # so transformers' Auto classes, vLLM registries and PURE tooling recognise it.
+        cfg_file = path / "config.json"
+        raw = json.loads(cfg_file.read_text())
+        raw["architectures"] = [STOCK_ARCHITECTURE]
+        cfg_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
         self.tokenizer.save_pretrained(path)
         return path
 
@@ -158,7 +166,7 @@ def build_tiny_policy(policy_cfg: PolicyConfig, image: ImageConfig, vq: VQConfig
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     setattr(config, LAYOUT_KEY, _layout_dict(layout))
-    config.architectures = ["ChameleonForConditionalGeneration"]
+    config.architectures = [STOCK_ARCHITECTURE]
     assert head_dim * m.num_attention_heads == m.hidden_size, "hidden_size must divide by heads"
     torch.manual_seed(m.seed)
     model = UnmaskedChameleonForConditionalGeneration(config).to(_DTYPES[policy_cfg.dtype])

@@ -38,6 +38,7 @@ def test_overrides_apply():
     ("degradation.first.blur.kernel_types=[iso,box]", "degradation.first.blur.kernel_types"),
     ("degradation.second.jpeg_prob=1.5", "degradation.second.jpeg_prob"),
     ("policy.dtype=int8", "policy.dtype"),
+    ("policy.model.num_attention_heads=4", "policy.model"),                   # head_dim 16
     ("vq.norm_num_groups=7", "vq.norm_num_groups"),
     ("data.input_dir=/no/such/folder", "data.input_dir"),
     ("envs.iqa_python=/no/python", "envs.iqa_python"),

@@ -36,6 +36,8 @@ def test_vocabulary_covers_text_specials_and_codes(tiny_policy):
 
 def test_save_load_roundtrip(tiny_policy, tmp_path):
     tiny_policy.save(tmp_path / "p")
+    saved = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert saved["architectures"] == ["ChameleonForConditionalGeneration"]  # not our subclass's name
     again = load_policy(tmp_path / "p")
     assert again.layout == tiny_policy.layout
     ids = torch.tensor([[1, 20, 30, tiny_policy.layout.image_start, tiny_policy.layout.image_code_ids[5]]])
