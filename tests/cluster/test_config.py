@@ -63,3 +63,26 @@ def test_flatten_for_tracking():
     flat = flatten(load_config())
     assert flat["image.hr_size"] == 128
     assert flat["degradation.thresholds.noise_std"] == [6.0, 15.0, 25.0]
+
+
+def test_published_iqa_preset_without_weights_fails_before_start(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["rewards.generation.preset=published", f"rewards.generation.weights_dir={tmp_path}"])
+    msg = str(err.value)
+    assert "topiq_nr" in msg and str(tmp_path / "topiq_nr.pth") in msg
+    # with every metric file present, only CLIP's RN50 is still missing
+    for name in ("topiq_nr", "musiq", "maniqa-pipal", "clipiqa"):
+        (tmp_path / f"{name}.pth").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="RN50.pt"):
+        load_config(overrides=["rewards.generation.preset=published", f"rewards.generation.weights_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("rewards.understanding_mode=fuzzy", "rewards.understanding_mode"),
+    ("rewards.generation.aggregate=max", "rewards.generation.aggregate"),
+    ("rewards.generation.fidelity.metric=lpips", "rewards.generation.fidelity.metric"),
+    ("rewards.weights.format=-1", "rewards.weights.format"),
+])
+def test_bad_reward_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=[override])
