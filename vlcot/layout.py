@@ -123,6 +123,11 @@ class TokenLayout:
     def code_ids(self) -> np.ndarray:
         return self._code_ids
 
+    def image_span_ids(self) -> np.ndarray:
+        """Every id that belongs to image spans: codes, start/end, row newline, grid tokens."""
+        grids = np.arange(self.grid_base + 1, self.grid_base + self.max_grid + 1)
+        return np.concatenate([self._code_ids, [self.image_start, self.image_end, self.row_newline], grids])
+
     def grid_token(self, n_patches: int) -> int:
         if not 1 <= n_patches <= self.max_grid:
             raise ValueError(f"grid of {n_patches} patches outside 1..{self.max_grid}")

@@ -72,6 +72,15 @@ class UnmaskedChameleonForConditionalGeneration(ChameleonForConditionalGeneratio
         )
 
 
+def freeze_unused(model) -> None:
+    """Chameleon carries its own VQGAN (`model.model.vqmodel`); the policy reads LlamaGen
+    codes as tokens and never runs it, so it is frozen (no optimizer state, no gradient)."""
+    vq = getattr(getattr(model, "model", None), "vqmodel", None)
+    if vq is not None:
+        for p in vq.parameters():
+            p.requires_grad_(False)
+
+
 @dataclass
 class Policy:
     model: UnmaskedChameleonForConditionalGeneration
@@ -170,6 +179,7 @@ def build_tiny_policy(policy_cfg: PolicyConfig, image: ImageConfig, vq: VQConfig
     assert head_dim * m.num_attention_heads == m.hidden_size, "hidden_size must divide by heads"
     torch.manual_seed(m.seed)
     model = UnmaskedChameleonForConditionalGeneration(config).to(_DTYPES[policy_cfg.dtype])
+    freeze_unused(model)
     model.eval()
     return Policy(model=model, tokenizer=tokenizer, layout=layout)
 
@@ -186,6 +196,7 @@ def load_policy(path: str | Path, policy_cfg: PolicyConfig | None = None, image:
     model = UnmaskedChameleonForConditionalGeneration.from_pretrained(
         path, config=config, dtype=_DTYPES[policy_cfg.dtype], local_files_only=True
     )
+    freeze_unused(model)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return Policy(model=model, tokenizer=tokenizer, layout=layout)

@@ -1,0 +1,150 @@
+"""Moving weights from the learner to rollout workers.
+
+One protocol, two backends: gloo on CPU machines, NCCL on GPUs (tensors stay on the GPU).
+The sender (learner rank 0) and every receiver (rollout worker) join a process group of
+their own — independent of DeepSpeed's default group — through a TCP store. A send is:
+
+    header  = pickled {version, [(name, shape, dtype) ...], bucket layout}   (length, bytes)
+    buckets = one flat tensor per bucket of <= bucket_bytes, same dtype      (broadcast)
+
+so receivers allocate exactly what arrives and split it back into named tensors. Buckets
+bound the extra memory on both sides (the sender never concatenates the whole model).
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+TensorMeta = Tuple[str, Tuple[int, ...], str]  # name, shape, dtype name
+
+
+@dataclass
+class SyncStats:
+    version: int
+    bytes: int
+    seconds: float
+    buckets: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / max(self.seconds, 1e-9)
+
+
+def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> List[List[int]]:
+    """Group tensor indices into buckets of one dtype and at most `bucket_bytes` (a tensor
+    larger than the bound gets a bucket of its own). Order is preserved."""
+    buckets: List[List[int]] = []
+    cur: List[int] = []
+    cur_bytes, cur_dtype = 0, None
+    for i, (_, shape, dtype) in enumerate(metas):
+        nbytes = _numel(shape) * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+        if cur and (dtype != cur_dtype or cur_bytes + nbytes > bucket_bytes):
+            buckets.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(i)
+        cur_bytes += nbytes
+        cur_dtype = dtype
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+class WeightTransport:
+    """A process group of {sender: rank 0, receivers: 1..world-1}.
+
+    backend: "gloo" (CPU tensors) or "nccl" (CUDA tensors). `host`/`port` is the TCP store
+    that rank 0 serves; every member must construct its transport concurrently (a group
+    forms when all `world_size` members have joined).
+    """
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str = "gloo",
+                 timeout_s: float = 300.0, device: Optional[str] = None):
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"transport backend {backend!r} not in ['gloo', 'nccl']")
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.device = torch.device(device or ("cuda" if backend == "nccl" else "cpu"))
+        timeout = timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+        if backend == "gloo":
+            self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
+        else:
+            self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size)
+
+    def _bcast(self, t: torch.Tensor) -> torch.Tensor:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        self.pg.broadcast([t], opts).wait()
+        return t
+
+    def _bcast_bytes(self, payload: Optional[bytes]) -> bytes:
+        n = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.int64, device=self.device)
+        self._bcast(n)
+        buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device) if payload is not None
+               else torch.empty(int(n.item()), dtype=torch.uint8, device=self.device))
+        return bytes(self._bcast(buf).cpu().numpy().tobytes())
+
+    # ---- sender ---------------------------------------------------------------------------
+    def send(self, metas: Sequence[TensorMeta], tensors: Iterable[torch.Tensor], version: int,
+             bucket_bytes: int = 256 << 20) -> SyncStats:
+        """Broadcast tensors described by `metas` (same order as `tensors`, which may be a
+        lazy generator, e.g. gathering ZeRO-3 shards one by one)."""
+        assert self.rank == 0, "only rank 0 sends"
+        t0 = time.perf_counter()
+        buckets = plan_buckets(metas, bucket_bytes)
+        self._bcast_bytes(pickle.dumps({"version": version, "metas": list(metas), "buckets": buckets}))
+        it = iter(tensors)
+        total = 0
+        for bucket in buckets:
+            parts = [next(it).detach().reshape(-1) for _ in bucket]
+            flat = torch.cat(parts).to(self.device) if len(parts) > 1 else parts[0].to(self.device).contiguous()
+            self._bcast(flat)
+            total += flat.numel() * flat.element_size()
+        return SyncStats(version, total, time.perf_counter() - t0, len(buckets))
+
+    # ---- receiver -------------------------------------------------------------------------
+    def receive(self) -> Tuple[int, Iterator[Tuple[str, torch.Tensor]]]:
+        """(version, iterator over (name, tensor)). Consume the iterator fully: buckets
+        arrive as it advances, so a consumer can load each bucket before the next lands."""
+        header = pickle.loads(self._bcast_bytes(None))
+        metas, buckets = header["metas"], header["buckets"]
+
+        def stream():
+            for bucket in buckets:
+                dtype = getattr(torch, metas[bucket[0]][2])
+                sizes = [_numel(metas[i][1]) for i in bucket]
+                flat = self._bcast(torch.empty(sum(sizes), dtype=dtype, device=self.device))
+                for i, piece in zip(bucket, torch.split(flat, sizes)):
+                    name, shape, _ = metas[i]
+                    yield name, piece.view(shape)
+
+        return header["version"], stream()
+
+    def receive_all(self) -> Tuple[int, Dict[str, torch.Tensor]]:
+        version, it = self.receive()
+        return version, {name: t.clone() for name, t in it}
+
+    def close(self) -> None:
+        self.pg = None
+        self.store = None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

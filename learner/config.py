@@ -1,0 +1,92 @@
+"""Typed defaults for the learner (GRPO and cold-start SFT on DeepSpeed ZeRO)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+from learner.grpo import KL_ESTIMATORS, LOSS_AGG_MODES
+
+
+@dataclass
+class GRPOConfig:
+    """Released RealSR-R1: lr 2e-6, no KL, no clipping, (r - mean)/(std + eps)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # > clip_low = "clip-higher"
+    loss_agg: str = "seq-mean-token-mean"  # the released code's aggregation
+    norm_tokens: int = 0  # seq-mean-token-sum-norm constant; 0 = padded length
+    adv_eps: float = 1e-6
+    adv_std_normalize: bool = True  # False = Dr. GRPO
+    kl_coef: float = 0.0  # 0 = no reference model at all
+    kl_estimator: str = "k3"
+    tis_cap: float = 2.0  # truncated IS weight cap for rollout-vs-learner log-prob mismatch; 0 = off
+    # Image tokens outnumber text ~25:1 in a full trace (4,164 + 1,060 + 276 image tokens vs
+    # ~200 text tokens), so under token-mean the text decisions (degradation words, captions)
+    # get ~4% of the gradient. Defaults keep the published weighting (1, 1); raise
+    # text_token_weight to rebalance.
+    text_token_weight: float = 1.0
+    image_token_weight: float = 1.0
+    ppo_epochs: int = 1
+    minibatches: int = 1  # optimizer steps per epoch over the rollout batch
+    recompute_old_logp: str = "auto"  # auto: when ppo_epochs > 1 or minibatches > 1 | always | never
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 4  # samples per optimizer step (all ranks together)
+    log_every: int = 10
+
+
+@dataclass
+class LearnerConfig:
+    num_workers: int = 2  # data-parallel ranks (Ray actors), each like a torchrun rank
+    num_gpus: float = 0.0  # per rank; 0 = CPU with gloo
+    num_cpus: float = 1.0
+    zero_stage: int = 2  # 2 or 3
+    lr: float = 2e-6
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 2  # samples per forward/backward on one rank
+    gradient_checkpointing: bool = False
+    logprob_chunk: int = 1024  # positions per lm_head chunk in the memory-safe log-probs
+    log_entropy: bool = True
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    seed: int = 0
+    ds_shm_comm: bool = False  # CPU only: DeepSpeed's shared-memory collective op (JIT-compiles 40-100 s)
+    bucket_mb: int = 256  # weight-broadcast bucket size
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+def problems(cfg: LearnerConfig, prefix: str = "learner") -> List[Tuple[str, str]]:
+    out: List[Tuple[str, str]] = []
+    g = cfg.grpo
+    if cfg.zero_stage not in (2, 3):
+        out.append((f"{prefix}.zero_stage", f"must be 2 or 3, got {cfg.zero_stage}"))
+    if g.loss_agg not in LOSS_AGG_MODES:
+        out.append((f"{prefix}.grpo.loss_agg", f"{g.loss_agg!r} not in {list(LOSS_AGG_MODES)}"))
+    if g.kl_estimator not in KL_ESTIMATORS:
+        out.append((f"{prefix}.grpo.kl_estimator", f"{g.kl_estimator!r} not in {list(KL_ESTIMATORS)}"))
+    if g.recompute_old_logp not in ("auto", "always", "never"):
+        out.append((f"{prefix}.grpo.recompute_old_logp", f"{g.recompute_old_logp!r} not in ['auto', 'always', 'never']"))
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        out.append((f"{prefix}.dtype", f"{cfg.dtype!r} not in ['auto', 'float32', 'bfloat16']"))
+    for key in ("clip_low", "clip_high", "kl_coef", "tis_cap", "text_token_weight", "image_token_weight"):
+        if getattr(g, key) < 0:
+            out.append((f"{prefix}.grpo.{key}", "must be >= 0"))
+    for key in ("num_workers", "micro_batch_size", "logprob_chunk", "bucket_mb"):
+        if getattr(cfg, key) < 1:
+            out.append((f"{prefix}.{key}", "must be >= 1"))
+    if g.ppo_epochs < 1 or g.minibatches < 1:
+        out.append((f"{prefix}.grpo", "ppo_epochs and minibatches must be >= 1"))
+    if cfg.lr <= 0 or cfg.sft.lr <= 0:
+        out.append((prefix, "lr and sft.lr must be > 0"))
+    if cfg.sft.batch_size % cfg.num_workers:
+        out.append((f"{prefix}.sft.batch_size", f"must be a multiple of num_workers {cfg.num_workers}"))
+    if len(cfg.betas) != 2:
+        out.append((f"{prefix}.betas", "must be [beta1, beta2]"))
+    return out

@@ -1,0 +1,312 @@
+"""The DeepSpeed learner on one rank: GRPO and SFT steps, full-weight streaming, checkpoints.
+
+One `LearnerEngine` per data-parallel rank, set up like a torchrun rank (RANK, WORLD_SIZE,
+MASTER_ADDR/PORT in the environment). ZeRO stage 2 or 3 from config; fp32 on CPU (gloo,
+`DS_ACCELERATOR=cpu`), bf16 on GPU (NCCL). Losses are normalised by global (all ranks, all
+micro-batches) token or sequence counts, so the gradient equals the one a single process
+would compute on the whole minibatch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from learner.config import LearnerConfig
+from learner.grpo import aggregate, kl_penalty, policy_loss, token_type_weights, truncated_is_weights
+from learner.logprobs import sequence_logprobs
+
+STATE_FILE = "learner_state.json"
+DS_TAG = "state"  # DeepSpeed keeps its own "latest" pointer file beside the tag folder
+
+
+def _disable_ds_shm_comm() -> None:
+    """Skip DeepSpeed's CPU shared-memory collective op (a 40-100 s JIT compile on first use;
+    only an optimisation over gloo). `deepspeed.comm.torch` must be patched as a module."""
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+class LearnerEngine:
+    def __init__(self, cfg: LearnerConfig, policy_dir: str):
+        self.cfg = cfg
+        self.policy_dir = str(policy_dir)
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.on_gpu = torch.cuda.is_available() and cfg.num_gpus > 0
+        if not self.on_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        import deepspeed
+
+        if not self.on_gpu and not cfg.ds_shm_comm:
+            _disable_ds_shm_comm()
+        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
+        self.dist = torch.distributed
+        torch.manual_seed(cfg.seed + self.rank)
+        self.dtype = torch.bfloat16 if (cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.on_gpu)) else torch.float32
+
+        from vlcot.policy import load_policy
+
+        policy = load_policy(self.policy_dir)
+        self.layout = policy.layout
+        model = policy.model
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                               config=self._ds_config(with_optimizer=True))
+        self.device = self.engine.device
+        self.ref = None
+        if cfg.grpo.kl_coef > 0:
+            ref = load_policy(self.policy_dir).model.eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            if cfg.zero_stage == 3:
+                self.ref, *_ = deepspeed.initialize(model=ref, config=self._ds_config(with_optimizer=False))
+            else:
+                self.ref = ref.to(self.device, self.dtype)
+        self.step_count = 0
+        self.version = 0
+
+    # ---- configuration -----------------------------------------------------------------------
+    def _ds_config(self, with_optimizer: bool) -> Dict[str, Any]:
+        c = self.cfg
+        conf: Dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": c.micro_batch_size,
+            "gradient_accumulation_steps": 1,  # accumulation is driven by set_gradient_accumulation_boundary
+            "train_batch_size": c.micro_batch_size * self.world,
+            "gradient_clipping": c.grad_clip,
+            "zero_optimization": {"stage": c.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        if c.zero_stage == 3:
+            conf["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False,
+                                              "stage3_param_persistence_threshold": 0})
+        if with_optimizer:
+            conf["optimizer"] = {"type": "AdamW", "params": {"lr": c.lr, "betas": list(c.betas), "eps": 1e-8,
+                                                             "weight_decay": c.weight_decay, "torch_adam": True}}
+        return conf
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def current_lr(self) -> float:
+        return float(self.engine.optimizer.param_groups[0]["lr"])
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _allreduce(self, values: List[float]) -> List[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(t)
+        return t.tolist()
+
+    def _tensor(self, a: np.ndarray, dtype=None) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(a))
+        return t.to(self.device, dtype) if dtype is not None else t.to(self.device)
+
+    @staticmethod
+    def _trim(batch: Dict[str, np.ndarray], idx: np.ndarray) -> Tuple[Dict[str, np.ndarray], int]:
+        """Rows `idx`, columns cut to the longest real sequence; returns the first response
+        target position (so prompt positions need no log-probs)."""
+        am = batch["attention_mask"][idx]
+        length = int(am.sum(1).max())
+        mb = {k: (v[idx][:, :length] if v.ndim == 2 and v.shape[1] == batch["attention_mask"].shape[1]
+                  else v[idx][:, :length - 1] if v.ndim == 2 else v[idx]) for k, v in batch.items()}
+        lm = mb["loss_mask"]
+        starts = [int(np.argmax(row > 0)) for row in lm if row.any()]
+        return mb, (min(starts) if starts else 0)
+
+    def _micro_batches(self, idx: np.ndarray) -> List[np.ndarray]:
+        m = self.cfg.micro_batch_size
+        return [idx[i:i + m] for i in range(0, len(idx), m)]
+
+    def _logp(self, model, mb: Dict[str, np.ndarray], start: int, with_entropy: bool):
+        ids = self._tensor(mb["input_ids"], torch.long)
+        am = self._tensor(mb["attention_mask"], torch.long)
+        return sequence_logprobs(model, ids, am, start, self.cfg.logprob_chunk, 1.0, with_entropy)
+
+    # ---- GRPO --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _old_logprobs(self, batch: Dict[str, np.ndarray]) -> np.ndarray:
+        out = np.zeros(batch["loss_mask"].shape, dtype=np.float32)
+        self.engine.module.eval()
+        for idx in self._micro_batches(np.arange(len(batch["input_ids"]))):
+            mb, start = self._trim(batch, idx)
+            lp, _ = self._logp(self.engine.module, mb, start, False)
+            out[idx, start:start + lp.shape[1]] = lp.float().cpu().numpy()
+        self.engine.module.train()
+        return out
+
+    def grpo_step(self, batch: Dict[str, np.ndarray]) -> Dict[str, float]:
+        """One rollout batch (this rank's shard): ppo_epochs x minibatches optimizer steps.
+
+        batch: input_ids, attention_mask [n, L]; loss_mask, rollout_logp, is_image [n, L-1]
+        (aligned with target tokens 1..L-1); advantages [n]; optional old_logp [n, L-1].
+        """
+        g = self.cfg.grpo
+        t0 = time.perf_counter()
+        n = len(batch["input_ids"])
+        norm_tokens = g.norm_tokens or batch["loss_mask"].shape[1]
+        recompute = g.recompute_old_logp == "always" or (
+            g.recompute_old_logp == "auto" and (g.ppo_epochs > 1 or g.minibatches > 1))
+        if "old_logp" not in batch and recompute:
+            batch = dict(batch, old_logp=self._old_logprobs(batch))
+        sums = {"pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip": 0.0, "ratio": 0.0, "tokens": 0.0,
+                "is_weight": 0.0}
+        grad_norms, rng = [], np.random.default_rng(self.cfg.seed + 7919 * self.step_count + self.rank)
+        for epoch in range(g.ppo_epochs):
+            order = rng.permutation(n) if g.ppo_epochs > 1 or g.minibatches > 1 else np.arange(n)
+            for mini in np.array_split(order, g.minibatches):
+                grad_norms.append(self._grpo_minibatch(batch, mini, norm_tokens, sums))
+                self.step_count += 1
+        tot = dict(zip(sums, self._allreduce(list(sums.values()))))
+        ntok = max(tot["tokens"], 1.0)
+        counts = self._allreduce([float((batch["loss_mask"] * batch["is_image"]).sum()),
+                                  float((batch["loss_mask"] * (1 - batch["is_image"])).sum())])
+        return {
+            "loss/policy": tot["pg_loss"] / (g.ppo_epochs * g.minibatches),
+            "kl": tot["kl"] / ntok,
+            "entropy": tot["entropy"] / ntok,
+            "clip_fraction": tot["clip"] / ntok,
+            "ratio_mean": tot["ratio"] / ntok,
+            "is_weight_mean": tot["is_weight"] / ntok,
+            "grad_norm": float(np.mean(grad_norms)),
+            "lr": self.current_lr(),
+            "tokens/image": counts[0],
+            "tokens/text": counts[1],
+            "timing/learn_s": time.perf_counter() - t0,
+            "optimizer_steps": float(len(grad_norms)),
+        }
+
+    def _grpo_minibatch(self, batch, idx: np.ndarray, norm_tokens: int, sums: Dict[str, float]) -> float:
+        g = self.cfg.grpo
+        lm, img = batch["loss_mask"][idx], batch["is_image"][idx].astype(bool)
+        w = np.where(img, g.image_token_weight, g.text_token_weight) * lm
+        local = {"token-mean": float(w.sum()), "seq-mean-token-mean": float((lm.sum(1) > 0).sum()),
+                 "seq-mean-token-sum-norm": float(len(idx) * norm_tokens)}[g.loss_agg]
+        denom = self._allreduce([local])[0]
+        micro = self._micro_batches(idx)
+        for k, midx in enumerate(micro):
+            self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+            mb, start = self._trim(batch, midx)
+            logp, ent = self._logp(self.engine.module, mb, start, self.cfg.log_entropy)
+            sl = slice(start, start + logp.shape[1])
+            mask = self._tensor(mb["loss_mask"][:, sl], torch.float32)
+            adv = self._tensor(mb["advantages"], torch.float32)
+            old = self._tensor(mb["old_logp"][:, sl], torch.float32) if "old_logp" in mb else logp.detach()
+            is_w = None
+            if g.tis_cap > 0 and "rollout_logp" in mb:
+                is_w = truncated_is_weights(old, self._tensor(mb["rollout_logp"][:, sl], torch.float32), g.tis_cap)
+            tw = token_type_weights(self._tensor(mb["is_image"][:, sl]).bool(), g.text_token_weight, g.image_token_weight)
+            loss, st = policy_loss(logp, old, adv, mask, g.clip_low, g.clip_high, g.loss_agg, tw, is_w, denom, norm_tokens)
+            sums["pg_loss"] += float(loss.detach())
+            if self.ref is not None:
+                with torch.no_grad():
+                    ref_logp, _ = self._logp(self.ref.module if hasattr(self.ref, "module") else self.ref, mb, start, False)
+                kl = kl_penalty(logp, ref_logp, g.kl_estimator)
+                loss = loss + g.kl_coef * aggregate(kl, mask, g.loss_agg, tw, denom, norm_tokens)
+                sums["kl"] += float((kl.detach() * mask).sum())
+            n_tok = float(mask.sum())
+            sums["tokens"] += n_tok
+            sums["clip"] += float(st["clip_fraction"]) * n_tok
+            sums["ratio"] += float(st["ratio_mean"]) * n_tok
+            sums["is_weight"] += float((is_w * mask).sum()) if is_w is not None else n_tok
+            if ent is not None:
+                sums["entropy"] += float((ent * mask).sum())
+            # DeepSpeed averages gradients over ranks; the loss is already a global mean.
+            self.engine.backward(loss * self.world, scale_wrt_gas=False)
+        self.engine.step()
+        gn = self.engine.get_global_grad_norm()
+        return float(gn) if gn is not None else float("nan")
+
+    # ---- SFT ---------------------------------------------------------------------------------
+    def sft_step(self, batch: Dict[str, np.ndarray]) -> Dict[str, float]:
+        """One optimizer step of next-token cross-entropy on response tokens (loss_mask)."""
+        t0 = time.perf_counter()
+        idx = np.arange(len(batch["input_ids"]))
+        denom = self._allreduce([float(batch["loss_mask"].sum())])[0]
+        micro = self._micro_batches(idx)
+        total = 0.0
+        for k, midx in enumerate(micro):
+            self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+            mb, start = self._trim(batch, midx)
+            logp, _ = self._logp(self.engine.module, mb, start, False)
+            mask = self._tensor(mb["loss_mask"][:, start:start + logp.shape[1]], torch.float32)
+            loss = -(logp * mask).sum() / max(denom, 1.0)
+            total += float(loss.detach())
+            self.engine.backward(loss * self.world, scale_wrt_gas=False)
+        self.engine.step()
+        self.step_count += 1
+        loss = self._allreduce([total])[0]
+        gn = self.engine.get_global_grad_norm()
+        return {"loss/sft": loss, "grad_norm": float(gn) if gn is not None else float("nan"),
+                "lr": self.current_lr(), "timing/learn_s": time.perf_counter() - t0}
+
+    # ---- full weights ------------------------------------------------------------------------
+    def param_metas(self) -> List[Tuple[str, Tuple[int, ...], str]]:
+        out = []
+        for name, p in self.engine.module.named_parameters():
+            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+            out.append((name, shape, str(p.dtype).replace("torch.", "")))
+        return out
+
+    def iter_full_params(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(name, full tensor) in `param_metas` order. Every rank must iterate (ZeRO-3
+        gathers are collective); tensors are only meaningful on rank 0."""
+        import deepspeed
+
+        for name, p in self.engine.module.named_parameters():
+            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=None) if hasattr(p, "ds_id") else nullcontext()
+            with ctx:
+                yield name, p.data.detach().clone()
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        return {name: t.cpu() for name, t in self.iter_full_params()}
+
+    def param_digest(self) -> str:
+        """A hash of the full parameters (every rank computes it: ZeRO-3 gathers)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, t in self.iter_full_params():
+            h.update(name.encode())
+            h.update(t.float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save(self, path: str, extra_state: Optional[Dict[str, Any]] = None) -> None:
+        """HF-layout safetensors (+ tokenizer) in `path/hf`, DeepSpeed model+optimizer state in
+        `path/ds`, learner step and version in `path/learner_state.json`. All ranks call."""
+        path_ = Path(path)
+        sd = self.full_state_dict()
+        if self.rank == 0:
+            from vlcot.policy import Policy, load_policy
+
+            base = load_policy(self.policy_dir)
+            base.model.load_state_dict(sd, strict=False)
+            Policy(base.model, base.tokenizer, base.layout).save(path_ / "hf")
+        self.engine.save_checkpoint(str(path_ / "ds"), tag=DS_TAG, client_state={"step_count": self.step_count})
+        if self.rank == 0:
+            state = {"step_count": self.step_count, "version": self.version, **(extra_state or {})}
+            (path_ / STATE_FILE).write_text(json.dumps(state, indent=2))
+        self.dist.barrier()
+
+    def load(self, path: str) -> Dict[str, Any]:
+        path_ = Path(path)
+        _, client = self.engine.load_checkpoint(str(path_ / "ds"), tag=DS_TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        state = json.loads((path_ / STATE_FILE).read_text())
+        self.step_count = int(state["step_count"])
+        self.version = int(state["version"])
+        return state

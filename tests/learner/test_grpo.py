@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+from learner.grpo import aggregate, group_advantages, kl_penalty, policy_loss, token_type_weights, truncated_is_weights
+from learner.logprobs import selected_logprobs, sequence_logprobs
+
+
+def test_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 4.0])
+    gi = torch.tensor([0, 0, 1, 1, 2, 2])
+    adv, stats = group_advantages(r, gi, eps=0.0)
+    # group 0: mean 0.5, unbiased std sqrt(0.5); group 1: all equal -> 0; group 2: mean 3, std sqrt(2)
+    s0, s2 = math.sqrt(0.5), math.sqrt(2.0)
+    torch.testing.assert_close(adv, torch.tensor([0.5 / s0, -0.5 / s0, 0, 0, -1 / s2, 1 / s2]))
+    assert stats.num_groups == 3 and stats.zero_std_groups == 1
+    dr, _ = group_advantages(r, gi, std_normalize=False)
+    torch.testing.assert_close(dr, torch.tensor([0.5, -0.5, 0, 0, -1.0, 1.0]))
+
+
+def test_identical_rewards_give_zero_advantage_and_no_gradient():
+    adv, stats = group_advantages(torch.full((5,), 0.7), torch.zeros(5, dtype=torch.long))
+    assert torch.equal(adv, torch.zeros(5)) and stats.zero_std_fraction == 1.0
+    logp = torch.randn(5, 7, requires_grad=True)
+    loss, _ = policy_loss(logp, logp.detach(), adv, torch.ones(5, 7))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(logp.grad) == 0
+
+
+def test_permuting_within_groups_permutes_outputs():
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(12, generator=g)
+    gi = torch.arange(3).repeat_interleave(4)
+    perm = torch.cat([torch.randperm(4, generator=g) + 4 * k for k in range(3)])
+    a, _ = group_advantages(r, gi)
+    b, _ = group_advantages(r[perm], gi[perm])
+    torch.testing.assert_close(b, a[perm])
+    logp, old, mask = torch.randn(12, 6, generator=g), torch.randn(12, 6, generator=g), (torch.rand(12, 6, generator=g) > 0.3).float()
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        la, _ = policy_loss(logp, old, a, mask, mode=mode)
+        lb, _ = policy_loss(logp[perm], old[perm], b, mask[perm], mode=mode)
+        torch.testing.assert_close(la, lb)
+
+
+def test_clipped_loss_by_hand():
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))  # ratios 1.5, 0.5, 1.0 against old = 0
+    old = torch.zeros(1, 3)
+    mask = torch.ones(1, 3)
+    # A = +1: -min(r, clip(r)) -> -[1.2, 0.5, 1.0]; A = -1: -min(-r, -clip(r)) = [1.5, 0.8, 1.0]
+    pos, st = policy_loss(logp, old, torch.tensor([1.0]), mask, 0.2, 0.2)
+    neg, _ = policy_loss(logp, old, torch.tensor([-1.0]), mask, 0.2, 0.2)
+    assert pos.item() == pytest.approx(-(1.2 + 0.5 + 1.0) / 3)
+    assert neg.item() == pytest.approx((1.5 + 0.8 + 1.0) / 3)
+    assert st["clip_fraction"].item() == pytest.approx(1 / 3)
+    # asymmetric clip (clip-higher): only the upper bound moves
+    hi, _ = policy_loss(logp, old, torch.tensor([1.0]), mask, 0.2, 0.28)
+    assert hi.item() == pytest.approx(-(1.28 + 0.5 + 1.0) / 3)
+
+
+def test_aggregation_modes_by_hand():
+    v = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]]).float()
+    assert aggregate(v, m, "token-mean").item() == pytest.approx(10 / 4)
+    assert aggregate(v, m, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    assert aggregate(v, m, "seq-mean-token-sum-norm").item() == pytest.approx(10 / (2 * 4))
+    assert aggregate(v, m, "seq-mean-token-sum-norm", norm_tokens=10).item() == pytest.approx(10 / 20)
+    assert aggregate(v, m, "token-mean", denominator=8).item() == pytest.approx(10 / 8)
+    w = torch.tensor([[1.0, 1.0, 0.5, 1.0], [2.0, 1.0, 1.0, 1.0]])
+    assert aggregate(v, m, "token-mean", weights=w).item() == pytest.approx((1 + 2 + 1.5 + 8) / (1 + 1 + 0.5 + 2))
+    with pytest.raises(ValueError, match="token-mean"):
+        aggregate(v, m, "sum")
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    torch.testing.assert_close(kl_penalty(logp, ref, "k1"), torch.tensor([[0.5, -1.0]]))
+    d = torch.tensor([[-0.5, 1.0]])
+    torch.testing.assert_close(kl_penalty(logp, ref, "k3"), torch.exp(d) - d - 1)
+    assert (kl_penalty(logp, ref, "k3") >= 0).all()
+    assert torch.equal(kl_penalty(logp, logp, "k3"), torch.zeros(1, 2))
+
+
+def test_truncated_importance_weights():
+    old = torch.log(torch.tensor([0.5, 0.5, 0.1]))
+    roll = torch.log(torch.tensor([0.25, 0.5, 0.5]))
+    w = truncated_is_weights(old, roll, cap=1.5)
+    torch.testing.assert_close(w, torch.tensor([1.5, 1.0, 0.2]))
+    assert not w.requires_grad
+
+
+def test_token_type_weights():
+    is_img = torch.tensor([[True, False]])
+    assert token_type_weights(is_img, 1.0, 1.0) is None
+    torch.testing.assert_close(token_type_weights(is_img, 1.0, 0.04), torch.tensor([[0.04, 1.0]]))
+
+
+def test_chunked_logprobs_equal_naive_and_keep_gradients():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 37, 16, generator=g, requires_grad=True)
+    w = torch.randn(101, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 101, (3, 37), generator=g)
+    naive = torch.log_softmax(h @ w.T, -1).gather(-1, y[..., None]).squeeze(-1)
+    chunked, ent = selected_logprobs(h, w, y, chunk=10, with_entropy=True)
+    torch.testing.assert_close(chunked, naive, rtol=1e-5, atol=1e-5)
+    p = torch.softmax(h @ w.T, -1)
+    torch.testing.assert_close(ent, -(p * p.log()).sum(-1), rtol=1e-4, atol=1e-4)
+    gn = torch.autograd.grad(naive.sum(), (h, w))
+    gc = torch.autograd.grad(chunked.sum(), (h, w))
+    for a, b in zip(gn, gc):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_logprobs_match_full_forward(tiny_policy):
+    model = tiny_policy.model
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    full = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    mine, _ = sequence_logprobs(model, ids, mask, start=5, chunk=7)
+    torch.testing.assert_close(mine, full[:, 5:], rtol=1e-5, atol=1e-5)
