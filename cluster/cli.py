@@ -5,6 +5,7 @@ overrides, and validates the whole configuration before doing any work.
 
     realsr-r1 prepare-data [--config F] [key=value ...]   HQ images -> LR, labels, manifest
     realsr-r1 init-policy --out DIR [...]                 write the tiny policy + VQ tokenizer
+    realsr-r1 sft [...]                                   cold-start SFT on traces built from the manifest
     realsr-r1 check-env [--ray]                           what each Python environment holds
     realsr-r1 show-config [...]                           print the resolved configuration
 """
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true")
     sp = add("init-policy", "build the configured policy and VQ tokenizer and save them (HF layout)")
     sp.add_argument("--out", required=True)
+    sp = add("sft", "cold-start SFT of the policy on VLCoT traces synthesised from the manifest")
+    sp.add_argument("--out", default=None, help="checkpoint folder (default: <run_dir>/sft)")
+    sp.add_argument("--no-progress", action="store_true")
     sp = add("check-env", "report the main and IQA environments (with --ray: from a Ray actor in the IQA env)")
     sp.add_argument("--ray", action="store_true")
     add("show-config", "print the resolved configuration")
@@ -77,6 +81,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         vq_from_config(cfg.vq).save(out / "vq")
         print(f"policy -> {out / 'policy'}  ({sum(p.numel() for p in policy.model.parameters()):,} params)")
         print(f"vq     -> {out / 'vq'}")
+        return 0
+    if args.command == "sft":
+        from cluster.jobs import run_sft_job
+
+        result = run_sft_job(cfg, args.out, progress=not args.no_progress)
+        hist = result["history"]
+        print(f"sft: {len(hist)} steps, loss {hist[0]['loss/sft']:.4f} -> {hist[-1]['loss/sft']:.4f}; "
+              f"checkpoint {result['checkpoint']}")
         return 0
     if args.command == "check-env":
         from cluster.envs import iqa_python, probe_environment

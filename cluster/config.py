@@ -14,6 +14,8 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from learner.config import LearnerConfig
+from learner.config import problems as learner_problems
 from rewards.config import RewardsConfig
 from rewards.config import problems as reward_problems
 from vlcot.config import DataConfig, DegradationConfig, ImageConfig, OrderConfig, PolicyConfig, VQConfig
@@ -48,6 +50,7 @@ class Config:
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     envs: EnvConfig = field(default_factory=EnvConfig)
 
 
@@ -207,7 +210,7 @@ def validate(cfg: Config) -> None:
         _fail("data.input_dir", f"not a directory: {data.input_dir}")
     if data.min_side < 1 or data.max_pixels < 1 or data.variants_per_image < 1:
         _fail("data", "min_side, max_pixels and variants_per_image must be >= 1")
-    for key, msg in reward_problems(cfg.rewards):
+    for key, msg in reward_problems(cfg.rewards) + learner_problems(cfg.learner):
         _fail(key, msg)
     if cfg.envs.iqa_python != "auto" and not Path(cfg.envs.iqa_python).is_file():
         _fail("envs.iqa_python", f"not an interpreter path: {cfg.envs.iqa_python} (or use 'auto')")

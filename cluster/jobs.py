@@ -1,0 +1,98 @@
+"""Jobs the CLI runs: the pieces every job needs (data, initial policy, VQ, Ray) and SFT."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from cluster.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def ensure_data(cfg: Config) -> Path:
+    """The manifest, prepared from `data` config if it does not exist yet."""
+    manifest = Path(cfg.data.manifest) if cfg.data.manifest else Path(cfg.data.output_dir) / "manifest.jsonl"
+    if not manifest.is_file():
+        from vlcot.data import prepare_data
+
+        summary = prepare_data(cfg.image, cfg.degradation, cfg.data, progress=False)
+        print(summary.render())
+    return manifest
+
+
+def ensure_policy_dir(cfg: Config) -> Path:
+    """The starting policy as an HF-layout directory every actor can load: the configured
+    checkpoint, or the tiny policy built from config once and saved under run_dir."""
+    if cfg.policy.checkpoint:
+        return Path(cfg.policy.checkpoint)
+    out = Path(cfg.run_dir) / "policy_init"
+    if not (out / "config.json").is_file():
+        from vlcot.policy import build_tiny_policy
+
+        build_tiny_policy(cfg.policy, cfg.image, cfg.vq).save(out)
+    return out
+
+
+def ensure_vq_dir(cfg: Config) -> Path:
+    out = Path(cfg.run_dir) / "vq"
+    if not (out / "vq_config.json").is_file():
+        from vlcot.vq import vq_from_config
+
+        vq_from_config(cfg.vq).save(out)
+    return out
+
+
+def start_ray(num_cpus: Optional[int] = None) -> None:
+    """Join the cluster this job was submitted to (RAY_ADDRESS, set by `ray job submit`),
+    else start a private local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+
+def run_sft_job(cfg: Config, out_dir: Optional[Path] = None, progress: bool = True) -> Dict[str, object]:
+    """`realsr-r1 sft`: manifest -> VLCoT traces -> SFT on the learner group -> checkpoint.
+    Returns {"checkpoint": dir with hf/ ds/ learner_state.json, "history": per-step metrics}."""
+    from tqdm import tqdm
+
+    from learner.group import LearnerGroup
+    from learner.sft import build_sft_examples, run_sft
+    from vlcot.data import read_manifest
+    from vlcot.policy import load_policy
+    from vlcot.vq import VQTokenizer
+
+    manifest = ensure_data(cfg)
+    policy_dir = ensure_policy_dir(cfg)
+    vq = VQTokenizer.load(ensure_vq_dir(cfg))
+    policy = load_policy(policy_dir, cfg.policy, cfg.image, cfg.vq)
+    prompts, responses, skipped = build_sft_examples(read_manifest(manifest), vq, policy.codec, policy.layout, cfg.image)
+    print(f"sft: {len(prompts)} examples from {manifest}" + (f", {len(skipped)} skipped" if skipped else ""))
+    start_ray(max(2, cfg.learner.num_workers))
+    group = LearnerGroup(cfg.learner, str(policy_dir))
+    bar = tqdm(total=cfg.learner.sft.steps, desc="sft", disable=not progress)
+    history: List[Dict[str, float]] = []
+
+    def on_step(step: int, m: Dict[str, float]) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss/sft']:.3f}")
+        if (step + 1) % cfg.learner.sft.log_every == 0 or step == 0:
+            tqdm.write(f"sft step {step + 1}: loss {m['loss/sft']:.4f}  grad_norm {m['grad_norm']:.3f}  "
+                       f"{m['timing/step_s']:.2f}s")
+
+    try:
+        history = run_sft(group, prompts, responses, cfg.learner.sft, pad_id=policy.tokenizer.pad_token_id or 0,
+                          image_ids=policy.layout.image_span_ids(), seed=cfg.seed, on_step=on_step)
+        out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "sft"
+        group.save(str(out), {"phase": "sft", "examples": len(prompts)})
+    finally:
+        bar.close()
+        group.shutdown()
+    return {"checkpoint": out, "history": history}
