@@ -184,6 +184,18 @@ def build_tiny_policy(policy_cfg: PolicyConfig, image: ImageConfig, vq: VQConfig
     return Policy(model=model, tokenizer=tokenizer, layout=layout)
 
 
+def load_policy_meta(path: str | Path, policy_cfg: PolicyConfig | None = None, image: ImageConfig | None = None,
+                     vq: VQConfig | None = None):
+    """(config, tokenizer, layout) of a checkpoint without building the model (cheap; and
+    safe in a process where vLLM has patched the transformers model classes)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"policy checkpoint {path} has no config.json (expected an HF-layout directory)")
+    config = ChameleonConfig.from_pretrained(path)
+    layout = _layout_from_config(config, policy_cfg or PolicyConfig(), image or ImageConfig(), vq or VQConfig())
+    return config, AutoTokenizer.from_pretrained(path, local_files_only=True), layout
+
+
 def load_policy(path: str | Path, policy_cfg: PolicyConfig | None = None, image: ImageConfig | None = None,
                 vq: VQConfig | None = None) -> Policy:
     """Load a local HF-layout Chameleon-family checkpoint (ours, PURE or Lumina-mGPT)."""

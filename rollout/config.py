@@ -1,0 +1,64 @@
+"""Typed defaults for rollout: engines, sampling, VLCoT decoding rules, workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+ENGINES = ("vllm", "hf")
+
+
+@dataclass
+class SamplingConfig:
+    """Released code: temperature 0.9, greedy text. We sample text (greedy text gives every
+    sample of a group the same words, so the text rewards carry no signal)."""
+
+    temperature: float = 0.9  # text tokens (0 = greedy everything)
+    top_p: float = 1.0  # applies to every token; keep 1.0 unless text needs it
+    image_temperature: float = 0.9  # image codes (applied as a logit scale relative to `temperature`)
+    topk_min: int = 1  # entropy-adaptive top-k for image codes:
+    topk_max: int = 2000  # k = round(min + (max - min) * sigmoid(H - center)), H clipped to entropy_clip
+    entropy_center: float = 5.0
+    entropy_clip: List[float] = field(default_factory=lambda: [0.0, 10.0])
+    cfg_scale: float = 1.0  # classifier-free guidance on image codes (HF engine only); published 0.8
+    max_new_tokens: int = 0  # 0 = the three image spans + text_budget
+    text_budget: int = 384  # text tokens allowed on top of the image spans when max_new_tokens = 0
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # vllm (production) | hf (reference; classifier-free guidance)
+    group_size: int = 5  # G samples per prompt (released: 5)
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    tensor_parallel_size: int = 1
+    max_model_len: int = 4096
+    kv_cache_gb: float = 1.0  # CPU backend: VLLM_CPU_KVCACHE_SPACE
+    gpu_memory_utilization: float = 0.6
+    enforce_eager: bool = True
+    seed: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def problems(cfg: RolloutConfig, prefix: str = "rollout") -> List[Tuple[str, str]]:
+    out: List[Tuple[str, str]] = []
+    s = cfg.sampling
+    if cfg.engine not in ENGINES:
+        out.append((f"{prefix}.engine", f"{cfg.engine!r} not in {list(ENGINES)}"))
+    if cfg.engine == "vllm" and s.cfg_scale != 1.0:
+        out.append((f"{prefix}.sampling.cfg_scale", "classifier-free guidance needs a second, unconditional forward "
+                    "per image token, which vLLM's sampler cannot run: use rollout.engine=hf or cfg_scale=1.0"))
+    if cfg.group_size < 1 or cfg.num_workers < 1 or cfg.tensor_parallel_size < 1:
+        out.append((prefix, "group_size, num_workers and tensor_parallel_size must be >= 1"))
+    if s.temperature < 0 or s.image_temperature <= 0:
+        out.append((f"{prefix}.sampling", "temperature must be >= 0 and image_temperature > 0"))
+    if not 0 < s.top_p <= 1:
+        out.append((f"{prefix}.sampling.top_p", f"must be in (0, 1], got {s.top_p}"))
+    if not 1 <= s.topk_min <= s.topk_max:
+        out.append((f"{prefix}.sampling", f"need 1 <= topk_min <= topk_max, got {s.topk_min}, {s.topk_max}"))
+    if len(s.entropy_clip) != 2 or s.entropy_clip[0] > s.entropy_clip[1]:
+        out.append((f"{prefix}.sampling.entropy_clip", f"must be [low, high], got {list(s.entropy_clip)}"))
+    if cfg.max_model_len < 16 or s.max_new_tokens < 0 or s.text_budget < 0:
+        out.append((prefix, "max_model_len >= 16, max_new_tokens >= 0 and text_budget >= 0 are required"))
+    return out

@@ -1,0 +1,130 @@
+"""The HF transformers engine: the reference for the vLLM engine, and the engine that can do
+classifier-free guidance.
+
+Each prompt's G samples decode together (same prompt, no padding) with a KV cache. With
+`cfg_scale != 1`, image-code logits become uncond + s * (cond - uncond) (s = 0.8 gives the
+published 0.8 cond + 0.2 uncond), where the unconditional branch sees only the tokens since
+the current image start (its own KV cache per sample, restarted at every image).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+
+from rollout.config import RolloutConfig
+from rollout.engine import RolloutEngine, Sample
+from rollout.rules import Masks, SpanRules, constrain_row, initial_state
+
+
+class HFEngine(RolloutEngine):
+    def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, device: str = "cpu"):
+        from vlcot.policy import load_policy
+
+        policy = load_policy(policy_dir)
+        self.model = policy.model.to(device).eval()
+        self.device = torch.device(device)
+        rules = SpanRules.build(policy.layout, image_cfg, cfg.sampling, self.model.config.vocab_size,
+                                len(policy.tokenizer))
+        super().__init__(cfg, rules, policy.layout, int(policy.tokenizer.eos_token_id))
+        self.masks = Masks(rules, self.device)
+        self.pad_id = int(policy.tokenizer.pad_token_id or 0)
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]], version: int) -> int:
+        params = dict(self.model.named_parameters())
+        n = 0
+        for name, t in named_tensors:
+            if name not in params:
+                raise KeyError(f"weight {name!r} is not a parameter of the policy")
+            params[name].copy_(t.to(params[name].device, params[name].dtype))
+            n += 1
+        self.version = version
+        return n
+
+    @torch.no_grad()
+    def prompt_logprobs(self, sequences: List[List[int]]) -> List[List[float]]:
+        """Teacher-forced log-probs of tokens 1..L-1 of each sequence (full forward)."""
+        out = []
+        for seq in sequences:
+            ids = torch.tensor([seq], device=self.device)
+            logp = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), -1)
+            out.append(logp.gather(-1, ids[0, 1:, None]).squeeze(-1).tolist())
+        return out
+
+    def _uncond_logits(self, token: int, state: dict) -> torch.Tensor:
+        """Advance one sample's unconditional branch by `token`; returns its next logits."""
+        out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=state.get("cache"),
+                         use_cache=True)
+        state["cache"] = out.past_key_values
+        return out.logits[0, -1].float()
+
+    @torch.no_grad()
+    def _generate(self, prompts: List[List[int]], n: int, seed: int, greedy: bool) -> List[List[Sample]]:
+        s = self.cfg.sampling
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        results = []
+        for p in prompts:
+            results.append(self._generate_group(p, n, gen, greedy or s.temperature == 0))
+        return results
+
+    def _generate_group(self, prompt: List[int], n: int, gen: torch.Generator, greedy: bool) -> List[Sample]:
+        s = self.cfg.sampling
+        cfg_on = s.cfg_scale != 1.0
+        ids = torch.tensor([prompt] * n, device=self.device)
+        out = self.model(input_ids=ids, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        states = [initial_state(prompt, self.rules) for _ in range(n)]
+        uncond: List[dict] = [{} for _ in range(n)]
+        uncond_logits: List[Optional[torch.Tensor]] = [None] * n
+        tokens: List[List[int]] = [[] for _ in range(n)]
+        logps: List[List[float]] = [[] for _ in range(n)]
+        done = [False] * n
+        reason = ["length"] * n
+        for _ in range(self.max_new_tokens):
+            raw_logp = torch.log_softmax(logits, dim=-1)
+            nxt = torch.full((n,), self.pad_id, dtype=torch.long)
+            for i in range(n):
+                if done[i]:
+                    continue
+                row = logits[i].clone()
+                guided = None
+                if cfg_on and uncond_logits[i] is not None and states[i].next_kind(self.rules)[0] == "codes":
+                    guided = uncond_logits[i] + s.cfg_scale * (logits[i] - uncond_logits[i])
+                constrain_row(row, states[i], self.rules, self.masks, guided)
+                if greedy:
+                    tok = int(torch.argmax(row))
+                else:
+                    tok = self._sample(row, gen)
+                nxt[i] = tok
+                tokens[i].append(tok)
+                logps[i].append(float(raw_logp[i, tok]))
+                was_codes_or_grid = states[i].mode != "text"
+                states[i].feed(tok, self.rules)
+                if cfg_on:
+                    if tok == self.rules.image_start:
+                        uncond[i] = {}
+                        uncond_logits[i] = self._uncond_logits(tok, uncond[i])
+                    elif was_codes_or_grid and states[i].mode != "text":
+                        uncond_logits[i] = self._uncond_logits(tok, uncond[i])
+                    else:
+                        uncond_logits[i] = None
+                if tok == self.eos_token_id:
+                    done[i], reason[i] = True, "stop"
+            if all(done):
+                break
+            out = self.model(input_ids=nxt[:, None].to(self.device), past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1].float()
+        return [Sample(0, i, tokens[i], logps[i], reason[i], self.version) for i in range(n)]
+
+    def _sample(self, row: torch.Tensor, gen: torch.Generator) -> int:
+        s = self.cfg.sampling
+        scaled = row / s.temperature
+        probs = torch.softmax(scaled, dim=-1)
+        if s.top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sp, 0) - sp < s.top_p
+            probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
+            probs = probs / probs.sum()
+        return int(torch.multinomial(probs.cpu(), 1, generator=gen))

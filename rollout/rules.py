@@ -1,0 +1,207 @@
+"""VLCoT decoding rules, shared by every engine.
+
+A per-sequence state machine over generated tokens decides what may come next:
+
+    text   -> anything but image-span internals; image_start only while fewer than
+              `max_images` images were drawn
+    grid_h -> the height grid token of this image's stage (rough, middle, final)
+    grid_w -> the width grid token of this stage
+    codes  -> image codes only, with entropy-adaptive top-k:
+              k = round(k_min + (k_max - k_min) * sigmoid(clip(H) - center))
+    newline after every `w` codes; image_end after the last row; back to text.
+
+`constrain_row` applies the state to one row of logits in place. The vLLM logits processor
+and the HF engine both call it, so the two engines follow the same rules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from rollout.config import SamplingConfig
+
+NEG = float("-inf")
+
+
+@dataclass(frozen=True)
+class SpanRules:
+    image_start: int
+    image_end: int
+    row_newline: int
+    grid_base: int
+    max_grid: int
+    code_ranges: Tuple[Tuple[int, int], ...]  # [start, end) runs of image-code ids
+    codes_per_patch: int  # patch_px / downsample
+    stage_grids: Tuple[Tuple[int, int], ...]  # (h, w) grid tokens per image of the response
+    vocab_size: int
+    text_vocab_size: int  # ids at or above are never text (padding rows, span tokens, codes)
+    image_logit_scale: float = 1.0  # text temperature / image temperature
+    topk_min: int = 1
+    topk_max: int = 2000
+    entropy_center: float = 5.0
+    entropy_lo: float = 0.0
+    entropy_hi: float = 10.0
+
+    @classmethod
+    def build(cls, layout, image_cfg, sampling: SamplingConfig, vocab_size: int,
+              text_vocab_size: Optional[int] = None) -> "SpanRules":
+        ids = np.sort(np.asarray(layout.image_code_ids))
+        breaks = np.nonzero(np.diff(ids) != 1)[0]
+        starts = np.concatenate([[0], breaks + 1])
+        ends = np.concatenate([breaks + 1, [len(ids)]])
+        ranges = tuple((int(ids[a]), int(ids[b - 1]) + 1) for a, b in zip(starts, ends))
+        grids = tuple((image_cfg.hr_size // k // layout.patch_px,) * 2 for k in (4, 2, 1))
+        t = sampling.temperature
+        return cls(
+            image_start=layout.image_start, image_end=layout.image_end, row_newline=layout.row_newline,
+            grid_base=layout.grid_base, max_grid=layout.max_grid, code_ranges=ranges,
+            codes_per_patch=layout.patch_px // layout.downsample, stage_grids=grids, vocab_size=vocab_size,
+            text_vocab_size=text_vocab_size or vocab_size,
+            image_logit_scale=(t / sampling.image_temperature) if t > 0 else 1.0,
+            topk_min=sampling.topk_min, topk_max=sampling.topk_max, entropy_center=sampling.entropy_center,
+            entropy_lo=float(sampling.entropy_clip[0]), entropy_hi=float(sampling.entropy_clip[1]),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "SpanRules":
+        d = json.loads(s)
+        d["code_ranges"] = tuple(tuple(r) for r in d["code_ranges"])
+        d["stage_grids"] = tuple(tuple(g) for g in d["stage_grids"])
+        return cls(**d)
+
+    def span_tokens(self, stage: int) -> int:
+        gh, gw = self.stage_grids[stage]
+        h, w = gh * self.codes_per_patch, gw * self.codes_per_patch
+        return h * (w + 1) + 4
+
+    def is_code(self, t: int) -> bool:
+        return any(a <= t < b for a, b in self.code_ranges)
+
+
+class Masks:
+    """Boolean masks over the vocabulary for one `SpanRules`, on one device."""
+
+    def __init__(self, rules: SpanRules, device):
+        v = rules.vocab_size
+        code = torch.zeros(v, dtype=torch.bool)
+        for a, b in rules.code_ranges:
+            code[a:b] = True
+        inner = code.clone()
+        inner[[rules.image_end, rules.row_newline]] = True
+        inner[rules.grid_base + 1: rules.grid_base + rules.max_grid + 1] = True
+        inner[rules.text_vocab_size:] = True
+        inner[rules.image_start] = False
+        self.code = code.to(device)
+        self.not_code = (~code).to(device)
+        self.text_blocked = inner.to(device)  # never in text
+        start = torch.zeros(v, dtype=torch.bool)
+        start[rules.image_start] = True
+        self.text_blocked_no_image = (inner | start).to(device)  # text after the last image
+
+
+@dataclass
+class SpanState:
+    """Where one sequence is in the image-span grammar; feed it every generated token."""
+
+    mode: str = "text"  # text | grid_h | grid_w | codes
+    images: int = 0  # images started so far
+    h: int = 0
+    w: int = 0
+    row: int = 0
+    col: int = 0
+    consumed: int = 0  # tokens fed so far
+
+    def feed(self, token: int, rules: SpanRules) -> None:
+        self.consumed += 1
+        if self.mode == "text":
+            if token == rules.image_start:
+                self.mode = "grid_h"
+            return
+        if self.mode == "grid_h":
+            self.h = (token - rules.grid_base) * rules.codes_per_patch
+            self.mode = "grid_w"
+            return
+        if self.mode == "grid_w":
+            self.w = (token - rules.grid_base) * rules.codes_per_patch
+            self.mode, self.row, self.col = "codes", 0, 0
+            return
+        # codes: rows of w codes, each ended by a newline, then image_end
+        if self.row < self.h:
+            if self.col < self.w:
+                self.col += 1
+            else:
+                self.row, self.col = self.row + 1, 0
+        else:
+            self.mode = "text"
+            self.images += 1
+
+    def next_kind(self, rules: SpanRules) -> Tuple[str, Optional[int]]:
+        """('text' | 'codes' | 'force', forced token or None)."""
+        if self.mode == "text":
+            return "text", None
+        stage = min(self.images, len(rules.stage_grids) - 1)
+        if self.mode == "grid_h":
+            return "force", rules.grid_base + rules.stage_grids[stage][0]
+        if self.mode == "grid_w":
+            return "force", rules.grid_base + rules.stage_grids[stage][1]
+        if self.row < self.h:
+            return ("codes", None) if self.col < self.w else ("force", rules.row_newline)
+        return "force", rules.image_end
+
+
+def initial_state(prompt: Sequence[int], rules: SpanRules) -> SpanState:
+    """The state at the start of the response: the prompt's tokens after its first complete
+    image span (the LR image) are fed, so a prompt may end inside the response, e.g. with
+    `<final_image>` + image_start to continue a partial trace."""
+    state = SpanState()
+    p = list(prompt)
+    try:
+        after = p.index(rules.image_end) + 1
+    except ValueError:
+        return state
+    for t in p[after:]:
+        state.feed(int(t), rules)
+    state.consumed = 0
+    return state
+
+
+def adaptive_k(entropy: float, rules: SpanRules) -> int:
+    h = min(max(entropy, rules.entropy_lo), rules.entropy_hi)
+    return int(round(rules.topk_min + (rules.topk_max - rules.topk_min) / (1.0 + math.exp(-(h - rules.entropy_center)))))
+
+
+def constrain_row(row: torch.Tensor, state: SpanState, rules: SpanRules, masks: Masks,
+                  guided: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Apply the rules to one row of logits [V] in place (and return it). `guided`, when
+    given, replaces the image-code logits (classifier-free guidance) before top-k."""
+    kind, token = state.next_kind(rules)
+    if kind == "force":
+        keep = row[token].clone()
+        row.fill_(NEG)
+        row[token] = keep if torch.isfinite(keep) else 0.0
+        return row
+    if kind == "text":
+        blocked = masks.text_blocked if state.images < len(rules.stage_grids) else masks.text_blocked_no_image
+        return row.masked_fill_(blocked, NEG)
+    if guided is not None:
+        row.copy_(torch.where(masks.code, guided, row))
+    row.masked_fill_(masks.not_code, NEG)
+    if rules.image_logit_scale != 1.0:
+        row.mul_(rules.image_logit_scale)
+    codes = row[masks.code]
+    logp = torch.log_softmax(codes.float(), dim=-1)
+    entropy = float(-(logp.exp() * logp).sum())
+    k = min(adaptive_k(entropy, rules), codes.numel())
+    if k < codes.numel():
+        kth = torch.topk(codes, k).values[-1]
+        row.masked_fill_(row < kth, NEG)
+    return row
