@@ -17,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 from learner.config import LearnerConfig
 from learner.config import problems as learner_problems
 from rewards.config import RewardsConfig
+from rollout.config import RolloutConfig
+from rollout.config import problems as rollout_problems
 from rewards.config import problems as reward_problems
 from vlcot.config import DataConfig, DegradationConfig, ImageConfig, OrderConfig, PolicyConfig, VQConfig
 from vlcot.kernels import KERNEL_TYPES
@@ -51,6 +53,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     envs: EnvConfig = field(default_factory=EnvConfig)
 
 
@@ -210,7 +213,7 @@ def validate(cfg: Config) -> None:
         _fail("data.input_dir", f"not a directory: {data.input_dir}")
     if data.min_side < 1 or data.max_pixels < 1 or data.variants_per_image < 1:
         _fail("data", "min_side, max_pixels and variants_per_image must be >= 1")
-    for key, msg in reward_problems(cfg.rewards) + learner_problems(cfg.learner):
+    for key, msg in reward_problems(cfg.rewards) + learner_problems(cfg.learner) + rollout_problems(cfg.rollout):
         _fail(key, msg)
     if cfg.envs.iqa_python != "auto" and not Path(cfg.envs.iqa_python).is_file():
         _fail("envs.iqa_python", f"not an interpreter path: {cfg.envs.iqa_python} (or use 'auto')")
