@@ -6,6 +6,8 @@ overrides, and validates the whole configuration before doing any work.
     realsr-r1 prepare-data [--config F] [key=value ...]   HQ images -> LR, labels, manifest
     realsr-r1 init-policy --out DIR [...]                 write the tiny policy + VQ tokenizer
     realsr-r1 sft [...]                                   cold-start SFT on traces built from the manifest
+    realsr-r1 train [--resume] [...]                      GRPO (after cold-start SFT) on a local or joined Ray
+    realsr-r1 submit [--address URL] [...]                the same training as a `ray job submit` job
     realsr-r1 check-env [--ray]                           what each Python environment holds
     realsr-r1 show-config [...]                           print the resolved configuration
 """
@@ -40,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("sft", "cold-start SFT of the policy on VLCoT traces synthesised from the manifest")
     sp.add_argument("--out", default=None, help="checkpoint folder (default: <run_dir>/sft)")
     sp.add_argument("--no-progress", action="store_true")
+    sp = add("train", "GRPO training (cold-start SFT first): the main job")
+    sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run_dir")
+    sp.add_argument("--no-progress", action="store_true")
+    sp = add("submit", "submit `realsr-r1 train` to a Ray cluster with `ray job submit`")
+    sp.add_argument("--address", default="http://127.0.0.1:8265")
+    sp.add_argument("--dry-run", action="store_true", help="print the command only")
+    sp.add_argument("--resume", action="store_true")
     sp = add("check-env", "report the main and IQA environments (with --ray: from a Ray actor in the IQA env)")
     sp.add_argument("--ray", action="store_true")
     add("show-config", "print the resolved configuration")
@@ -90,6 +99,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"sft: {len(hist)} steps, loss {hist[0]['loss/sft']:.4f} -> {hist[-1]['loss/sft']:.4f}; "
               f"checkpoint {result['checkpoint']}")
         return 0
+    if args.command == "train":
+        from cluster.driver import GRPOTrainer
+
+        summary = GRPOTrainer(cfg, resume=args.resume, progress=not args.no_progress).run()
+        print(f"train: {summary['steps']} GRPO steps, total reward first 20% {summary['first_20pct_mean']} -> "
+              f"last 20% {summary['last_20pct_mean']}, {summary['wall_s']:.0f}s; MLflow {summary['mlflow_uri']} "
+              f"run {summary['mlflow_run_id']}")
+        return 0
+    if args.command == "submit":
+        from cluster.submit import build_submit_command, run_submit
+
+        cmd = build_submit_command(cfg, args.config, list(args.overrides), args.address, args.resume)
+        print(" ".join(cmd))
+        return 0 if args.dry_run else run_submit(cmd)
     if args.command == "check-env":
         from cluster.envs import iqa_python, probe_environment
 

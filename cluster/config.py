@@ -43,6 +43,27 @@ class EnvConfig:
 
 
 @dataclass
+class TrainerConfig:
+    """The GRPO driver loop (`realsr-r1 train`)."""
+
+    steps: int = 100
+    prompts_per_step: int = 8  # B; each gets rollout.group_size samples
+    mode: str = "sync"  # sync (on-policy) | async (one-step-off: rollout of t+1 overlaps training of t)
+    max_staleness: int = 1  # async: samples more policy versions behind are dropped (counted)
+    sft: bool = True  # cold-start SFT (learner.sft) before GRPO; skipped on resume
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    log_images_every: int = 5
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
+    experiment: str = "realsr-r1"
+    run_name: str = ""
+
+
+@dataclass
 class Config:
     seed: int = 0
     run_dir: str = "runs/default"
@@ -54,6 +75,8 @@ class Config:
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     envs: EnvConfig = field(default_factory=EnvConfig)
 
 
@@ -215,5 +238,14 @@ def validate(cfg: Config) -> None:
         _fail("data", "min_side, max_pixels and variants_per_image must be >= 1")
     for key, msg in reward_problems(cfg.rewards) + learner_problems(cfg.learner) + rollout_problems(cfg.rollout):
         _fail(key, msg)
+    t = cfg.trainer
+    if t.mode not in ("sync", "async"):
+        _fail("trainer.mode", f"{t.mode!r} not in ['sync', 'async']")
+    if t.steps < 0 or t.prompts_per_step < 1 or t.checkpoint_every < 1 or t.max_staleness < 1:
+        _fail("trainer", "steps >= 0, prompts_per_step >= 1, checkpoint_every >= 1 and max_staleness >= 1 are required")
+    if (t.prompts_per_step * cfg.rollout.group_size) % cfg.learner.num_workers:
+        _fail("trainer.prompts_per_step", f"prompts_per_step x rollout.group_size = "
+              f"{t.prompts_per_step * cfg.rollout.group_size} samples must divide over learner.num_workers "
+              f"{cfg.learner.num_workers}")
     if cfg.envs.iqa_python != "auto" and not Path(cfg.envs.iqa_python).is_file():
         _fail("envs.iqa_python", f"not an interpreter path: {cfg.envs.iqa_python} (or use 'auto')")

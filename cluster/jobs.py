@@ -45,9 +45,18 @@ def ensure_vq_dir(cfg: Config) -> Path:
     return out
 
 
+def required_cpus(cfg: Config) -> int:
+    """Logical CPUs the configured actors ask for (learner ranks, rollout workers, reward actors)."""
+    import math
+
+    return math.ceil(cfg.learner.num_workers * cfg.learner.num_cpus + cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
+                     + cfg.rewards.num_workers * cfg.rewards.num_cpus)
+
+
 def start_ray(num_cpus: Optional[int] = None) -> None:
     """Join the cluster this job was submitted to (RAY_ADDRESS, set by `ray job submit`),
-    else start a private local one."""
+    else start a private local one. A local one advertises at least `num_cpus` logical
+    CPUs: on a small machine the actors time-share the cores instead of waiting forever."""
     import ray
 
     if ray.is_initialized():
@@ -55,7 +64,8 @@ def start_ray(num_cpus: Optional[int] = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(num_cpus or 0, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False)
 
 
 def run_sft_job(cfg: Config, out_dir: Optional[Path] = None, progress: bool = True) -> Dict[str, object]:

@@ -1,0 +1,302 @@
+"""The GRPO driver: a loop that reads like a single process; the role actors distribute it.
+
+    for step:  prompts -> rollout pool (G samples each) -> parse -> reward pool
+               -> group advantages -> learner group -> broadcast weights
+
+`trainer.mode=async` is one-step-off: generation of step t+1 is dispatched before step t
+trains, so it runs on the previous weights (version lag 1, bounded by
+`trainer.max_staleness`); the learner then recomputes old log-probs and the truncated
+importance weight corrects for the stale rollout policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from cluster.config import Config, flatten, to_yaml
+from cluster.envs import runtime_env_for_iqa
+from cluster.jobs import ensure_data, ensure_policy_dir, ensure_vq_dir, required_cpus, start_ray
+from cluster.metrics import step_metrics, step_line
+from cluster.rollout_pool import RolloutPool
+from cluster.tracking import Tracker
+from learner.batch import pack_grpo
+from learner.grpo import group_advantages
+from rewards.actor import RewardPool
+from rewards.scoring import RewardInput
+from rollout.engine import PromptError
+from vlcot.data import read_manifest
+from vlcot.trace import build_prompt, parse_response
+
+log = logging.getLogger(__name__)
+CKPT_DIR = "checkpoints"
+DRIVER_STATE = "driver_state.json"
+
+
+class DataCursor:
+    """Epoch-shuffled walk over the manifest; its whole state is JSON (for resume)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.rng = np.random.default_rng(seed)
+        self.order: List[int] = []
+        self.position = 0
+        self.epoch = 0
+
+    def take(self, k: int) -> List[int]:
+        out = []
+        while len(out) < k:
+            if self.position >= len(self.order):
+                self.order = [int(i) for i in self.rng.permutation(self.n)]
+                self.position = 0
+                self.epoch += 1
+            out.append(self.order[self.position])
+            self.position += 1
+        return out
+
+    def state(self) -> Dict[str, Any]:
+        return {"order": self.order, "position": self.position, "epoch": self.epoch, "rng": self.rng.bit_generator.state}
+
+    def restore(self, s: Dict[str, Any]) -> None:
+        self.order, self.position, self.epoch = list(s["order"]), int(s["position"]), int(s["epoch"])
+        self.rng.bit_generator.state = s["rng"]
+
+
+def latest_checkpoint(run_dir: str) -> Optional[Path]:
+    root = Path(run_dir) / CKPT_DIR
+    done = sorted(p for p in root.glob("step_*") if (p / DRIVER_STATE).is_file())
+    return done[-1] if done else None
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.resume = resume
+        self.progress = progress
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.trainer.mode == "async":
+            cfg.learner.grpo.recompute_old_logp = "always"  # stale rollouts: ratio against the current policy
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        from vlcot.policy import load_policy_meta
+        from vlcot.text_tokenizer import HFTextCodec
+        from vlcot.vq import VQTokenizer
+
+        cfg = self.cfg
+        self.records = read_manifest(ensure_data(cfg))
+        if not self.records:
+            raise RuntimeError("the manifest is empty: nothing to train on")
+        self.policy_dir = ensure_policy_dir(cfg)
+        self.vq_dir = ensure_vq_dir(cfg)
+        self.vq = VQTokenizer.load(self.vq_dir)
+        _, self.tokenizer, self.layout = load_policy_meta(self.policy_dir, cfg.policy, cfg.image, cfg.vq)
+        self.codec = HFTextCodec(self.tokenizer, self.layout)
+        from vlcot.images import open_image
+
+        self.prompt_ids: List[List[int]] = []
+        for rec in self.records:
+            lr, why, _ = open_image(rec["lr_path"])
+            if lr is None:
+                raise RuntimeError(f"manifest LR image unreadable: {rec['lr_path']}: {why}")
+            self.prompt_ids.append(build_prompt(self.vq.encode_images([lr], cfg.image.prompt_size)[0], self.codec, self.layout))
+        self.image_ids = self.layout.image_span_ids()
+        self.cursor = DataCursor(len(self.records), cfg.seed)
+
+    def _start_actors(self) -> None:
+        from learner.group import LearnerGroup
+
+        cfg = self.cfg
+        start_ray(required_cpus(cfg))
+        t0 = time.perf_counter()
+        self.learner = LearnerGroup(cfg.learner, str(self.policy_dir))
+        self.rewards = RewardPool(cfg.rewards, str(self.vq_dir), runtime_env_for_iqa(cfg.envs))
+        self.rollout = RolloutPool(cfg.rollout, str(self.policy_dir), cfg.image)
+        self.rollout.join_weight_group(self.learner)
+        print(f"actors up in {time.perf_counter() - t0:.0f}s: {cfg.learner.num_workers} learner ranks "
+              f"(ZeRO-{cfg.learner.zero_stage}), {cfg.rollout.num_workers} {cfg.rollout.engine} rollout workers, "
+              f"{cfg.rewards.num_workers} reward actors")
+
+    def _sft(self) -> None:
+        from learner.sft import build_sft_examples, run_sft
+
+        cfg = self.cfg
+        prompts, responses, skipped = build_sft_examples(self.records, self.vq, self.codec, self.layout, cfg.image)
+        t0 = time.perf_counter()
+
+        def on_step(i, m):
+            self.tracker.metrics({"sft/loss": m["loss/sft"], "sft/grad_norm": m["grad_norm"]}, step=i)
+            if (i + 1) % cfg.learner.sft.log_every == 0:
+                print(f"sft {i + 1}/{cfg.learner.sft.steps}: loss {m['loss/sft']:.4f}")
+
+        hist = run_sft(self.learner, prompts, responses, cfg.learner.sft, self.tokenizer.pad_token_id or 0,
+                       self.image_ids, seed=cfg.seed, on_step=on_step)
+        self.learner.set_lr(cfg.learner.lr)
+        print(f"cold-start SFT: {len(hist)} steps on {len(prompts)} traces, loss {hist[0]['loss/sft']:.3f} -> "
+              f"{hist[-1]['loss/sft']:.3f} in {time.perf_counter() - t0:.0f}s")
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _submit(self, step: int) -> Tuple[Dict[str, Any], List[int], float]:
+        recs = self.cursor.take(self.cfg.trainer.prompts_per_step)
+        handle = self.rollout.submit([self.prompt_ids[i] for i in recs], seed=self.cfg.rollout.seed + 1000 * step)
+        return handle, recs, time.perf_counter()
+
+    def _score(self, step: int, recs: List[int], results: List[Any]):
+        samples, inputs, groups, errors = [], [], [], 0
+        for p, (rec_i, res) in enumerate(zip(recs, results)):
+            if isinstance(res, PromptError):
+                errors += 1
+                log.warning("step %d prompt %d skipped: %s", step, rec_i, res.reason)
+                continue
+            rec = self.records[rec_i]
+            for s in res:
+                parsed = parse_response(s.token_ids, self.codec, self.layout, hr_size=self.cfg.image.hr_size)
+                samples.append((rec_i, s, parsed))
+                inputs.append(RewardInput(f"{step}:{p}:{s.sample_index}", parsed, rec["degradation"]["labels"],
+                                          rec.get("tags") or [], rec["hr_path"]))
+                groups.append(p)
+        return samples, inputs, groups, errors
+
+    def _train_batch(self, samples, rewards, groups, version: int) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
+        import torch
+
+        g = self.cfg.learner.grpo
+        lags = np.array([version - s.version for _, s, _ in samples])
+        keep = np.nonzero(lags <= self.cfg.trainer.max_staleness)[0]
+        total = np.array([r.total for r in rewards])
+        adv, stats = group_advantages(torch.tensor(total[keep]), torch.tensor(np.asarray(groups)[keep]),
+                                      g.adv_eps, g.adv_std_normalize)
+        world = self.cfg.learner.num_workers
+        n = len(keep) - len(keep) % world
+        order = np.argsort(np.abs(adv.numpy()), kind="stable")[::-1][:n]  # drop the least informative
+        sel = keep[np.sort(order)]
+        advs = adv.numpy()[np.sort(order)]
+        batch = pack_grpo([self.prompt_ids[samples[i][0]] for i in sel], [samples[i][1].token_ids for i in sel], advs,
+                          [samples[i][1].logprobs for i in sel], self.tokenizer.pad_token_id or 0, self.image_ids)
+        info = {"adv/zero_std_fraction": stats.zero_std_fraction, "policy/version_lag": float(lags.mean()),
+                "samples/stale_dropped": float(len(samples) - len(keep)), "samples/trained": float(n),
+                "samples/dropped_for_sharding": float(len(keep) - n)}
+        return batch, info
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _save(self, step: int, version: int) -> None:
+        out = self.run_dir / CKPT_DIR / f"step_{step:06d}"
+        state = {"step": step, "version": version, "cursor": self.cursor.state(), "mlflow_run_id": self.tracker.run_id,
+                 "reward_history": self.reward_history}
+        self.learner.save(str(out), {"driver_step": step})
+        (out / DRIVER_STATE).write_text(json.dumps(state))
+        kept = sorted((self.run_dir / CKPT_DIR).glob("step_*"))
+        for old in kept[: -self.cfg.trainer.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _load(self) -> Tuple[int, int, Optional[str]]:
+        ckpt = latest_checkpoint(str(self.run_dir))
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / CKPT_DIR}")
+        state = json.loads((ckpt / DRIVER_STATE).read_text())
+        self.learner.load(str(ckpt))
+        self.cursor.restore(state["cursor"])
+        self.reward_history = list(state.get("reward_history", []))
+        print(f"resumed from {ckpt}: step {state['step']}, policy version {state['version']}")
+        return int(state["step"]), int(state["version"]), state.get("mlflow_run_id")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg, t_run = self.cfg, time.perf_counter()
+        self._prepare()
+        self._start_actors()
+        self.reward_history: List[float] = []
+        start, version, run_id = 0, 0, None
+        if self.resume:
+            start, version, run_id = self._load()
+        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name, str(self.run_dir), run_id)
+        if run_id is None:
+            self.tracker.params(flatten(cfg))
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            self.tracker.artifact(str(self.run_dir / "config.yaml"))
+        try:
+            if not self.resume and cfg.trainer.sft and cfg.learner.sft.steps > 0:
+                self._sft()
+            self.rollout.sync(self.learner, version)
+            bar = tqdm(total=cfg.trainer.steps, initial=start, desc="grpo", disable=not self.progress)
+            pending = self._submit(start) if start < cfg.trainer.steps else None
+            for step in range(start, cfg.trainer.steps):
+                handle, recs, t_gen = pending
+                results = self.rollout.collect(handle, self.learner, version)
+                gen_s = time.perf_counter() - t_gen
+                pending = None
+                if cfg.trainer.mode == "async" and step + 1 < cfg.trainer.steps:
+                    pending = self._submit(step + 1)  # overlaps with scoring and training below
+                t0 = time.perf_counter()
+                samples, inputs, groups, errors = self._score(step, recs, results)
+                rewards = self.rewards.score(inputs)
+                reward_s = time.perf_counter() - t0
+                batch, info = self._train_batch(samples, rewards, groups, version)
+                learn = self.learner.grpo_step(batch)
+                version += 1
+                sync = self.rollout.sync(self.learner, version)
+                m = step_metrics(rewards, samples, learn, sync, info, errors, gen_s, reward_s)
+                m["rewards/actor_restarts"] = float(self.rewards.restarts)
+                m["rollout/worker_restarts"] = float(self.rollout.restarts)
+                self.tracker.metrics(m, step=step + 1)
+                self.reward_history.append(m["reward/total/mean"])
+                bar.update(1)
+                tqdm.write(step_line(step + 1, cfg.trainer.steps, m))
+                if (step + 1) % cfg.trainer.log_images_every == 0:
+                    self._log_grid(step + 1, samples)
+                if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == cfg.trainer.steps:
+                    self._save(step + 1, version)
+                if pending is None and step + 1 < cfg.trainer.steps:
+                    pending = self._submit(step + 1)
+            bar.close()
+        finally:
+            self.tracker.close()
+            self.shutdown()
+        summary = self._summary(time.perf_counter() - t_run)
+        (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _summary(self, wall_s: float) -> Dict[str, Any]:
+        h = self.reward_history
+        k = max(1, len(h) // 5)
+        return {"steps": len(h), "reward_history": h, "first_20pct_mean": float(np.mean(h[:k])) if h else None,
+                "last_20pct_mean": float(np.mean(h[-k:])) if h else None, "wall_s": wall_s,
+                "mlflow_uri": self.tracker.uri, "mlflow_run_id": self.tracker.run_id}
+
+    def _log_grid(self, step: int, samples) -> None:
+        from PIL import Image
+
+        from cluster.grid import sample_grid
+
+        try:
+            rec_i, s, parsed = samples[0]
+            stages = []
+            for name in ("rough_image", "middle_image", "final_image"):
+                st = parsed.stages[name]
+                stages.append(np.asarray(self.vq.decode_images(st.codes[None])[0]) if st.valid else None)
+            rec = self.records[rec_i]
+            img = sample_grid(Image.open(rec["lr_path"]), stages, Image.open(rec["hr_path"]), parsed.skeleton)
+            out = self.run_dir / "grids" / f"step_{step:06d}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            img.save(out)
+            self.tracker.artifact(str(out), "grids")
+        except Exception as exc:  # a logging extra must never stop training
+            log.warning("could not log the sample grid at step %d: %s", step, exc)
+
+    def shutdown(self) -> None:
+        for name in ("rollout", "rewards", "learner"):
+            actor = getattr(self, name, None)
+            if actor is not None:
+                try:
+                    actor.shutdown()
+                except Exception:
+                    pass

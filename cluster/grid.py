@@ -1,0 +1,34 @@
+"""The per-sample PNG logged every N steps: LR | rough | middle | final | HR, text below."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def sample_grid(lr: Image.Image, stages: Sequence[Optional[np.ndarray]], hr: Image.Image, text: str,
+                cell: int = 192) -> Image.Image:
+    """Five cells of `cell` px (missing stages drawn grey with an x) and the trace text."""
+    tiles = [lr] + [Image.fromarray(s) if s is not None else None for s in stages] + [hr]
+    labels = ["LR", "rough", "middle", "final", "HR"]
+    lines = []
+    for para in text.splitlines() or [""]:
+        lines += textwrap.wrap(para, width=cell * 5 // 7) or [""]
+    lines = lines[:24]
+    canvas = Image.new("RGB", (cell * 5, cell + 16 + 12 * len(lines) + 8), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (tile, label) in enumerate(zip(tiles, labels)):
+        x = i * cell
+        if tile is None:
+            draw.rectangle([x, 16, x + cell - 1, 16 + cell - 1], fill=(200, 200, 200))
+            draw.line([x, 16, x + cell - 1, 16 + cell - 1], fill=(120, 120, 120))
+            draw.line([x, 16 + cell - 1, x + cell - 1, 16], fill=(120, 120, 120))
+        else:
+            canvas.paste(tile.convert("RGB").resize((cell, cell), Image.NEAREST), (x, 16))
+        draw.text((x + 4, 2), label, fill=(0, 0, 0))
+    for j, line in enumerate(lines):
+        draw.text((4, cell + 20 + 12 * j), line, fill=(0, 0, 0))
+    return canvas

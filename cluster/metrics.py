@@ -1,0 +1,56 @@
+"""Per-step metrics of the GRPO driver: stable names (the MLflow keys) and the console line.
+
+reward/<component>/mean|std for format, degradation, understanding, generation and total;
+adv/zero_std_fraction; kl, entropy, clip_fraction, grad_norm, lr (learner);
+tokens/text, tokens/image; timing/generate_s, timing/reward_s, timing/learn_s,
+timing/sync_s; rollout/tokens_per_s; sync/seconds, sync/gb_per_s; policy/version_lag;
+samples/* counts; rewards/nonfinite.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import numpy as np
+
+from rewards.scoring import COMPONENTS
+
+LEARNER_KEYS = ("kl", "entropy", "clip_fraction", "grad_norm", "lr", "tokens/text", "tokens/image", "ratio_mean",
+                "is_weight_mean", "loss/policy")
+
+
+def step_metrics(rewards, samples, learn: Dict[str, float], sync: Dict[str, float], info: Dict[str, float],
+                 prompt_errors: int, generate_s: float, reward_s: float) -> Dict[str, float]:
+    m: Dict[str, float] = {}
+    for comp in COMPONENTS:
+        vals = np.array([r.components[comp] for r in rewards]) if rewards else np.zeros(1)
+        m[f"reward/{comp}/mean"], m[f"reward/{comp}/std"] = float(vals.mean()), float(vals.std())
+    tot = np.array([r.total for r in rewards]) if rewards else np.zeros(1)
+    m["reward/total/mean"], m["reward/total/std"] = float(tot.mean()), float(tot.std())
+    m["rewards/nonfinite"] = float(sum(len(r.nonfinite) for r in rewards))
+    for k in LEARNER_KEYS:
+        if k in learn:
+            m[k] = float(learn[k])
+    gen_tokens = sum(len(s.token_ids) for _, s, _ in samples)
+    m["timing/generate_s"] = generate_s
+    m["timing/reward_s"] = reward_s
+    m["timing/learn_s"] = float(learn.get("timing/learn_s", 0.0))
+    m["timing/sync_s"] = float(sync.get("timing/sync_s", 0.0))
+    m["rollout/tokens_per_s"] = gen_tokens / max(generate_s, 1e-9)
+    m["rollout/tokens"] = float(gen_tokens)
+    m["rollout/truncated_fraction"] = float(np.mean([s.finish_reason == "length" for _, s, _ in samples])) if samples else 0.0
+    m["sync/seconds"] = float(sync.get("sync/seconds", 0.0))
+    m["sync/gb_per_s"] = float(sync.get("sync/gb_per_s", 0.0))
+    m["samples/count"] = float(len(samples))
+    m["samples/prompt_errors"] = float(prompt_errors)
+    m["samples/strict_format_rate"] = float(np.mean([p.strict_format for _, _, p in samples])) if samples else 0.0
+    m.update(info)
+    return m
+
+
+def step_line(step: int, total: int, m: Dict[str, float]) -> str:
+    return (f"step {step}/{total} | reward {m['reward/total/mean']:.3f} (fmt {m['reward/format/mean']:.2f} "
+            f"deg {m['reward/degradation/mean']:.2f} und {m['reward/understanding/mean']:.2f} "
+            f"gen {m['reward/generation/mean']:.2f}) | kl {m.get('kl', 0.0):.4f} | "
+            f"gen {m['timing/generate_s']:.1f}s rew {m['timing/reward_s']:.1f}s learn {m['timing/learn_s']:.1f}s "
+            f"sync {m['timing/sync_s']:.2f}s | lag {m['policy/version_lag']:.1f}")
