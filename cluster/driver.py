@@ -16,7 +16,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -75,7 +75,11 @@ def latest_checkpoint(run_dir: str) -> Optional[Path]:
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True,
+                 callbacks: Optional[List[Callable[[str, int, "GRPOTrainer"], None]]] = None):
+        """`callbacks(event, step, trainer)` run at "dispatched" (a step's prompts are out to
+        the rollout workers) and "step_end": monitoring and fault-injection hooks."""
+        self.callbacks = list(callbacks or [])
         self.cfg = cfg
         self.resume = resume
         self.progress = progress
@@ -231,6 +235,7 @@ class GRPOTrainer:
             pending = self._submit(start) if start < cfg.trainer.steps else None
             for step in range(start, cfg.trainer.steps):
                 handle, recs, t_gen = pending
+                self._emit("dispatched", step + 1)
                 results = self.rollout.collect(handle, self.learner, version)
                 gen_s = time.perf_counter() - t_gen
                 pending = None
@@ -255,6 +260,7 @@ class GRPOTrainer:
                     self._log_grid(step + 1, samples)
                 if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == cfg.trainer.steps:
                     self._save(step + 1, version)
+                self._emit("step_end", step + 1)
                 if pending is None and step + 1 < cfg.trainer.steps:
                     pending = self._submit(step + 1)
             bar.close()
@@ -264,6 +270,10 @@ class GRPOTrainer:
         summary = self._summary(time.perf_counter() - t_run)
         (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _emit(self, event: str, step: int) -> None:
+        for cb in self.callbacks:
+            cb(event, step, self)
 
     def _summary(self, wall_s: float) -> Dict[str, Any]:
         h = self.reward_history
