@@ -25,8 +25,13 @@ def iqa_python(cfg: EnvConfig) -> str:
     """The interpreter for pyiqa roles: config path, else .venv-iqa when installed, else ours."""
     if cfg.iqa_python != "auto":
         return cfg.iqa_python
-    candidate = IQA_VENV / "bin" / "python"
-    return str(candidate) if candidate.is_file() else sys.executable
+    # beside this checkout, or beside the running venv (a `ray job submit` job runs from an
+    # uploaded copy of the repository, but under the cluster's own interpreter)
+    for root in (REPO_ROOT, Path(sys.prefix).parent):
+        candidate = root / ".venv-iqa" / "bin" / "python"
+        if candidate.is_file():
+            return str(candidate)
+    return sys.executable
 
 
 def runtime_env_for_iqa(cfg: EnvConfig) -> Dict[str, Any]:

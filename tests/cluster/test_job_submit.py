@@ -1,0 +1,49 @@
+"""`ray job submit` against a local `ray start --head`: the plain command and `realsr-r1 submit`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.config import REPO_ROOT
+from cluster.transport import free_port
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+TRAIN_ARGS = ["trainer.steps=1", "trainer.prompts_per_step=2", "rollout.group_size=2", "trainer.sft=false",
+              "rollout.sampling.text_budget=64"]
+
+
+@pytest.fixture(scope="module")
+def head():
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    port, dash = free_port(), free_port()
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "6",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    yield f"http://127.0.0.1:{dash}", dict(env, RAY_AUTH_MODE="token")
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_plain_ray_job_submit_runs_training(head, tmp_path):
+    address, env = head
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+           "realsr-r1", "train", "--no-progress", f"run_dir={tmp_path}", f"data.output_dir={tmp_path / 'data'}", *TRAIN_ARGS]
+    out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "train: 1 GRPO steps" in out.stdout
+    assert (tmp_path / "train_summary.json").is_file()
+
+
+def test_realsr_submit_builds_and_runs_the_job(head, tmp_path):
+    address, env = head
+    cmd = [str(BIN / "realsr-r1"), "submit", "--address", address, f"run_dir={tmp_path}",
+           f"data.output_dir={tmp_path / 'data'}", *TRAIN_ARGS]
+    dry = subprocess.run(cmd + ["--dry-run"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0 and '"excludes"' in dry.stdout and ".venv" in dry.stdout
+    out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in (out.stdout + out.stderr)
+    assert (tmp_path / "train_summary.json").is_file()
