@@ -25,3 +25,19 @@ def tiny_vq(tiny_cfg):
     from vlcot.vq import VQTokenizer
 
     return VQTokenizer(tiny_cfg.vq)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private local Ray for one test module (4 logical CPUs: the actors time-share 2 cores)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tiny_policy, tmp_path_factory):
+    """The tiny policy saved in HF layout, as actors load it."""
+    return str(tiny_policy.save(tmp_path_factory.mktemp("policy") / "p"))

@@ -14,16 +14,8 @@ from learner.group import LearnerGroup
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tiny_policy, tmp_path_factory):
-    return str(tiny_policy.save(tmp_path_factory.mktemp("policy") / "p"))
 
 
 def grpo_batch(layout, step, n=4):

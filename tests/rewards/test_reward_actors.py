@@ -17,11 +17,6 @@ pytestmark = pytest.mark.slow
 LABELS = ["medium", "downsample", "heavy", "light", "upsample"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,8 @@ G = 3
 LOGPROB_TOL = 2e-4  # fp32 CPU: vLLM kernels vs a transformers forward of the same sequence
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tiny_policy, tmp_path_factory):
-    return str(tiny_policy.save(tmp_path_factory.mktemp("policy") / "p"))
 
 
 def rollout_cfg(engine):
