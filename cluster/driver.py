@@ -118,15 +118,20 @@ class GRPOTrainer:
         from learner.group import LearnerGroup
 
         cfg = self.cfg
+        from cluster.placement import RunPlacement, wanted
+
         start_ray(required_cpus(cfg))
         t0 = time.perf_counter()
-        self.learner = LearnerGroup(cfg.learner, str(self.policy_dir))
-        self.rewards = RewardPool(cfg.rewards, str(self.vq_dir), runtime_env_for_iqa(cfg.envs))
-        self.rollout = RolloutPool(cfg.rollout, str(self.policy_dir), cfg.image)
+        self.placement = RunPlacement(cfg) if wanted(cfg) else None
+        where = self.placement.for_role if self.placement else (lambda role: None)
+        self.learner = LearnerGroup(cfg.learner, str(self.policy_dir), placement=where("learner"))
+        self.rewards = RewardPool(cfg.rewards, str(self.vq_dir), runtime_env_for_iqa(cfg.envs), placement=where("rewards"))
+        self.rollout = RolloutPool(cfg.rollout, str(self.policy_dir), cfg.image, placement=where("rollout"))
         self.rollout.join_weight_group(self.learner)
         print(f"actors up in {time.perf_counter() - t0:.0f}s: {cfg.learner.num_workers} learner ranks "
               f"(ZeRO-{cfg.learner.zero_stage}), {cfg.rollout.num_workers} {cfg.rollout.engine} rollout workers, "
-              f"{cfg.rewards.num_workers} reward actors")
+              f"{cfg.rewards.num_workers} reward actors" + (f", placement group of {len(self.placement.bundles)} bundles"
+                                                            if self.placement else ""))
 
     def _sft(self) -> None:
         from learner.sft import build_sft_examples, run_sft
@@ -310,3 +315,5 @@ class GRPOTrainer:
                     actor.shutdown()
                 except Exception:
                     pass
+        if getattr(self, "placement", None) is not None:
+            self.placement.remove()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
 from ray.exceptions import RayActorError
@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 
 
 class RolloutPool:
-    def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, max_restarts: int = 3):
+    def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, max_restarts: int = 3,
+                 placement: Optional[Callable[[int], Dict[str, Any]]] = None):
         self.cfg, self.policy_dir, self.image_cfg = cfg, policy_dir, image_cfg
+        self.placement = placement
         self.max_restarts = max_restarts
         self.restarts = 0
         self.workers = [self._start(i) for i in range(cfg.num_workers)]
@@ -34,8 +36,9 @@ class RolloutPool:
         self.backend = "nccl" if cfg.gpus_per_worker > 0 else "gloo"
 
     def _start(self, index: int):
+        extra = self.placement(index) if self.placement else {}
         return RolloutWorker.options(num_cpus=self.cfg.cpus_per_worker, num_gpus=self.cfg.gpus_per_worker,
-                                     max_concurrency=1).remote(self.cfg, self.policy_dir, self.image_cfg, index)
+                                     max_concurrency=1, **extra).remote(self.cfg, self.policy_dir, self.image_cfg, index)
 
     # ---- weights ---------------------------------------------------------------------------
     def join_weight_group(self, learner) -> None:

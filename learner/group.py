@@ -92,14 +92,16 @@ class LearnerActor:
 
 
 class LearnerGroup:
-    def __init__(self, cfg: LearnerConfig, policy_dir: str, runtime_env: Optional[dict] = None):
+    def __init__(self, cfg: LearnerConfig, policy_dir: str, runtime_env: Optional[dict] = None,
+                 placement: Optional[Callable[[int], Dict[str, Any]]] = None):
+        """`placement(rank)` may add Ray scheduling options (a placement-group bundle)."""
         self.cfg = cfg
         port = _free_port()
         opts = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
         if runtime_env:
             opts["runtime_env"] = runtime_env
-        self.actors = [LearnerActor.options(**opts).remote(cfg, policy_dir, r, cfg.num_workers, port)
-                       for r in range(cfg.num_workers)]
+        self.actors = [LearnerActor.options(**opts, **(placement(r) if placement else {}))
+                       .remote(cfg, policy_dir, r, cfg.num_workers, port) for r in range(cfg.num_workers)]
         self.info = ray.get([a.setup.remote() for a in self.actors])
 
     @property

@@ -10,7 +10,7 @@ to `max_retries` times; restarts and retries are counted.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -66,19 +66,22 @@ class RewardActor:
 
 class RewardPool:
     def __init__(self, cfg: RewardsConfig, vq_dir: Optional[str], runtime_env: Optional[dict] = None,
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 600.0, placement: Optional[Callable[[int], Dict[str, Any]]] = None):
+        """`placement(slot)` may add Ray scheduling options (a placement-group bundle)."""
         self.cfg = cfg
+        self.placement = placement
         self.vq_dir = vq_dir
         self.runtime_env = runtime_env or {}
         self.timeout_s = timeout_s
         self.restarts = 0
         self.retries = 0
-        self.actors = [self._start() for _ in range(cfg.num_workers)]
+        self.actors = [self._start(i) for i in range(cfg.num_workers)]
         ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
 
-    def _start(self):
+    def _start(self, slot: int):
+        extra = self.placement(slot) if self.placement else {}
         return RewardActor.options(
-            num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus, runtime_env=self.runtime_env
+            num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus, runtime_env=self.runtime_env, **extra
         ).remote(self.cfg, self.vq_dir)
 
     def _replace(self, slot: int) -> None:
@@ -86,7 +89,7 @@ class RewardPool:
             ray.kill(self.actors[slot])
         except Exception:
             pass
-        self.actors[slot] = self._start()
+        self.actors[slot] = self._start(slot)
         self.restarts += 1
 
     def submit(self, batch: List[RewardInput], return_images: bool = False) -> Dict[str, Any]:

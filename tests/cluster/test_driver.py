@@ -38,9 +38,9 @@ def run_metrics(summary):
     return client, run
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_two_step_run_logs_every_metric(tmp_path, mode):
-    summary = GRPOTrainer(small(tmp_path, f"trainer.mode={mode}"), progress=False).run()
+@pytest.mark.parametrize("mode,placement", [("sync", "on"), ("async", "off")])
+def test_two_step_run_logs_every_metric(tmp_path, mode, placement):
+    summary = GRPOTrainer(small(tmp_path, f"trainer.mode={mode}", f"trainer.placement={placement}"), progress=False).run()
     assert summary["steps"] == 2
     client, run = run_metrics(summary)
     missing = [k for k in REQUIRED if k not in run.data.metrics]
