@@ -54,7 +54,7 @@ class TrainerConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     log_images_every: int = 5
-    placement: str = "auto"  # one Ray placement group for all actors: auto (when GPUs are asked for) | on | off
+    placement: str = "auto"  # one Ray placement group for all actors: auto (when GPUs are asked for) | enabled | disabled
 
 
 @dataclass
@@ -242,8 +242,8 @@ def validate(cfg: Config) -> None:
     t = cfg.trainer
     if t.mode not in ("sync", "async"):
         _fail("trainer.mode", f"{t.mode!r} not in ['sync', 'async']")
-    if t.placement not in ("auto", "on", "off"):
-        _fail("trainer.placement", f"{t.placement!r} not in ['auto', 'on', 'off']")
+    if t.placement not in ("auto", "enabled", "disabled"):
+        _fail("trainer.placement", f"{t.placement!r} not in ['auto', 'enabled', 'disabled']")
     if t.steps < 0 or t.prompts_per_step < 1 or t.checkpoint_every < 1 or t.max_staleness < 1:
         _fail("trainer", "steps >= 0, prompts_per_step >= 1, checkpoint_every >= 1 and max_staleness >= 1 are required")
     if (t.prompts_per_step * cfg.rollout.group_size) % cfg.learner.num_workers:

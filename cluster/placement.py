@@ -3,7 +3,7 @@
 On GPU clusters this reserves every actor's GPUs/CPUs atomically (no half-started run
 waiting for a GPU that another job took) and packs them (PACK: as few nodes as possible;
 `STRICT_PACK` keeps one node, e.g. for NVLink/SHM weight broadcast). Used when
-`trainer.placement` is "on", or "auto" and any role asks for GPUs.
+`trainer.placement` is "enabled", or "auto" and any role asks for GPUs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ Placement = Callable[[int], Dict[str, Any]]
 def wanted(cfg: Config) -> bool:
     mode = cfg.trainer.placement
     gpus = cfg.learner.num_gpus + cfg.rollout.gpus_per_worker + cfg.rewards.num_gpus
-    return mode == "on" or (mode == "auto" and gpus > 0)
+    return mode == "enabled" or (mode == "auto" and gpus > 0)
 
 
 def _bundle(cpus: float, gpus: float) -> Dict[str, float]:

@@ -32,6 +32,8 @@ def ray_local():
     """A private local Ray for one test module (4 logical CPUs: the actors time-share 2 cores)."""
     import ray
 
+    if ray.is_initialized():  # a previous module's run left one up
+        ray.shutdown()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

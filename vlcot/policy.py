@@ -95,6 +95,7 @@ class Policy:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, safe_serialization=True)
+        self.model.config.architectures = [STOCK_ARCHITECTURE]  # save_pretrained set it to our class name
         # save_pretrained records the Python class name; keep the stock architecture name
         # so transformers' Auto classes, vLLM registries and PURE tooling recognise it.
         cfg_file = path / "config.json"

@@ -17,6 +17,13 @@ from cluster.driver import GRPOTrainer, latest_checkpoint
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(autouse=True)
+def ray_down_after():
+    """The trainer starts a private Ray when none is running; leave none behind, even on failure."""
+    yield
+    ray.shutdown()
+
 REQUIRED = [f"reward/{c}/{s}" for c in ("format", "degradation", "understanding", "generation", "total")
             for s in ("mean", "std")] + [
     "adv/zero_std_fraction", "kl", "entropy", "clip_fraction", "grad_norm", "lr", "tokens/text", "tokens/image",
@@ -38,7 +45,7 @@ def run_metrics(summary):
     return client, run
 
 
-@pytest.mark.parametrize("mode,placement", [("sync", "on"), ("async", "off")])
+@pytest.mark.parametrize("mode,placement", [("sync", "enabled"), ("async", "disabled")])
 def test_two_step_run_logs_every_metric(tmp_path, mode, placement):
     summary = GRPOTrainer(small(tmp_path, f"trainer.mode={mode}", f"trainer.placement={placement}"), progress=False).run()
     assert summary["steps"] == 2
@@ -53,7 +60,6 @@ def test_two_step_run_logs_every_metric(tmp_path, mode, placement):
     assert {m.step: m.value for m in lag}[2] == (1.0 if mode == "async" else 0.0)
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in arts and "grids" in arts
-    ray.shutdown()
 
 
 def test_killed_rollout_worker_and_reward_actor_do_not_lose_samples(tmp_path):
@@ -72,7 +78,6 @@ def test_killed_rollout_worker_and_reward_actor_do_not_lose_samples(tmp_path):
     assert [m.value for m in sorted(counts, key=lambda m: m.step)] == [4.0, 4.0]  # none lost, none doubled
     assert run.data.metrics["rollout/worker_restarts"] == 1.0
     assert run.data.metrics["rewards/actor_restarts"] >= 1.0
-    ray.shutdown()
 
 
 def test_resume_after_the_driver_is_killed(tmp_path):
@@ -96,7 +101,6 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     client, run = run_metrics(summary)
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean"))
     assert steps[-1] == 3 and set(range(done + 1, 4)) <= set(steps)
-    ray.shutdown()
 
 
 def test_invalid_config_fails_before_any_actor(capsys):
