@@ -113,6 +113,7 @@ class WeightExtension:
 class VLLMEngine(RolloutEngine):
     def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, device: str = "cpu"):
         on_cpu = device == "cpu"
+        self.on_cpu = on_cpu
         if cfg.tensor_parallel_size == 1:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: tensors pass directly
         if on_cpu:
@@ -140,8 +141,12 @@ class VLLMEngine(RolloutEngine):
         from vllm import SamplingParams
 
         s = self.cfg.sampling
+        # Per-request seeds on the CPU backend crash vLLM 0.32 whenever a prefill is chunked
+        # (its CPU generators have no offset to rewind): there, sampling is seeded once per
+        # engine (rollout.seed) instead of per request.
         return SamplingParams(
-            n=n, temperature=0.0 if greedy else s.temperature, top_p=1.0 if greedy else s.top_p, seed=seed,
+            n=n, temperature=0.0 if greedy else s.temperature, top_p=1.0 if greedy else s.top_p,
+            seed=None if self.on_cpu else seed,
             max_tokens=self.max_new_tokens, logprobs=0, detokenize=False, stop_token_ids=[self.eos_token_id],
             extra_args={RULES_KEY: self._rules_json},
         )

@@ -169,3 +169,11 @@ def test_weights_broadcast_from_the_learner_reach_the_vllm_worker(workers, polic
         assert ray.get(w.generate.remote([prompts["rough_image"]], 1, 0, True))[0][0].version == 11
     finally:
         group.shutdown()
+
+
+def test_a_large_sampled_batch_with_chunked_prefill(workers, prompts):
+    """Enough prompts that vLLM chunks their prefills (the CPU backend cannot rewind a
+    per-request generator then, so the engine must not use per-request seeds there)."""
+    batch = [prompts["base"]] * 10
+    res = ray.get(workers["vllm"].generate.remote(batch, G, 3))
+    assert all(isinstance(r, list) and len(r) == G for r in res)
