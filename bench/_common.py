@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import numpy as np
 import skimage.data
 from PIL import Image
 

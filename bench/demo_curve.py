@@ -6,7 +6,6 @@ first vs the last 20% of GRPO steps.
 """
 
 import json
-import os
 import subprocess
 import sys
 import time

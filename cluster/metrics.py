@@ -9,7 +9,7 @@ samples/* counts; rewards/nonfinite.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Dict
 
 import numpy as np
 

@@ -8,7 +8,7 @@ waiting for a GPU that another job took) and packs them (PACK: as few nodes as p
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -119,10 +118,15 @@ class LearnerEngine:
     def _trim(batch: Dict[str, np.ndarray], idx: np.ndarray) -> Tuple[Dict[str, np.ndarray], int]:
         """Rows `idx`, columns cut to the longest real sequence; returns the first response
         target position (so prompt positions need no log-probs)."""
-        am = batch["attention_mask"][idx]
-        length = int(am.sum(1).max())
-        mb = {k: (v[idx][:, :length] if v.ndim == 2 and v.shape[1] == batch["attention_mask"].shape[1]
-                  else v[idx][:, :length - 1] if v.ndim == 2 else v[idx]) for k, v in batch.items()}
+        full = batch["attention_mask"].shape[1]
+        length = int(batch["attention_mask"][idx].sum(1).max())
+
+        def rows(v: np.ndarray) -> np.ndarray:
+            if v.ndim == 1:
+                return v[idx]
+            return v[idx][:, : length if v.shape[1] == full else length - 1]  # per-token or per-target columns
+
+        mb = {k: rows(v) for k, v in batch.items()}
         lm = mb["loss_mask"]
         starts = [int(np.argmax(row > 0)) for row in lm if row.any()]
         return mb, (min(starts) if starts else 0)

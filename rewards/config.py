@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 AGGREGATES = ("mean", "geomean", "min")
 PRESETS = ("offline", "published", "custom")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import ray
 
 from rollout.config import RolloutConfig
-from rollout.engine import PromptError, RolloutEngine, Sample
+from rollout.engine import RolloutEngine
 
 
 def make_engine(cfg: RolloutConfig, policy_dir: str, image_cfg, device: str = "cpu") -> RolloutEngine:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
-import numpy as np
 from PIL import Image
 
 from vlcot.config import ImageConfig
