@@ -8,6 +8,8 @@ overrides, and validates the whole configuration before doing any work.
     realsr-r1 sft [...]                                   cold-start SFT on traces built from the manifest
     realsr-r1 train [--resume] [...]                      GRPO (after cold-start SFT) on a local or joined Ray
     realsr-r1 submit [--address URL] [...]                the same training as a `ray job submit` job
+    realsr-r1 infer --checkpoint DIR --image IN [--out DIR]   super-resolve an image or a folder
+    realsr-r1 eval --checkpoint DIR [...] [--data NAME=LR[,HR]]  Table-1 metrics, CoT quality, grids
     realsr-r1 check-env [--ray]                           what each Python environment holds
     realsr-r1 show-config [...]                           print the resolved configuration
 """
@@ -18,6 +20,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from cluster.config import ConfigError, load_config, to_yaml
@@ -49,6 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", default="http://127.0.0.1:8265")
     sp.add_argument("--dry-run", action="store_true", help="print the command only")
     sp.add_argument("--resume", action="store_true")
+    sp = add("infer", "super-resolve one image or a folder with a checkpoint")
+    sp.add_argument("--checkpoint", required=True, help="HF policy folder, learner checkpoint (hf/) or run folder")
+    sp.add_argument("--image", required=True, help="an image file or a folder of images")
+    sp.add_argument("--out", default=None, help="output folder (default: <run_dir>/infer)")
+    sp.add_argument("--vq", default=None, help="VQ tokenizer folder (default: the nearest vq/ above the checkpoint)")
+    sp.add_argument("--no-progress", action="store_true")
+    sp = add("eval", "score test sets the way the paper's Table 1 does (one column per checkpoint)")
+    sp.add_argument("--checkpoint", action="append", default=[], help="[NAME=]DIR, repeatable")
+    sp.add_argument("--data", action="append", default=[],
+                    help="NAME=LR_DIR[,HR_DIR] or NAME=manifest.jsonl, repeatable (default: the built-in set)")
+    sp.add_argument("--sr", action="append", default=[], help="NAME=DIR of another method's outputs (by file stem)")
+    sp.add_argument("--no-bicubic", action="store_true", help="leave out the bicubic baseline column")
+    sp.add_argument("--vq", default=None)
+    sp.add_argument("--out", default=None, help="output folder (same as eval.out_dir=...)")
+    sp.add_argument("--no-progress", action="store_true")
     sp = add("check-env", "report the main and IQA environments (with --ray: from a Ray actor in the IQA env)")
     sp.add_argument("--ray", action="store_true")
     add("show-config", "print the resolved configuration")
@@ -63,8 +81,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         overrides.append(f"data.input_dir={args.input}")
     if args.command == "prepare-data" and args.out:
         overrides.append(f"data.output_dir={args.out}")
+    if args.command == "eval" and args.out:
+        overrides.append(f"eval.out_dir={args.out}")
+    config_path = args.config
+    if args.command in ("infer", "eval"):
+        from cluster.infer_job import pick_config_path, resolve_checkpoint
+
+        try:
+            ckpts = {}
+            for spec in getattr(args, "checkpoint") if args.command == "eval" else [args.checkpoint]:
+                name, path = spec.split("=", 1) if "=" in spec else (Path(spec.rstrip("/")).name, spec)
+                ckpts[name] = resolve_checkpoint(path, args.vq)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"realsr-r1: {exc}", file=sys.stderr)
+            return 2
+        if ckpts:
+            config_path = pick_config_path(args.config, next(iter(ckpts.values())))
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(config_path, overrides)
     except ConfigError as exc:
         print(f"realsr-r1: {exc}", file=sys.stderr)
         return 2
@@ -79,8 +113,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(summary.render())
         return 0 if summary.samples else 1
     if args.command == "init-policy":
-        from pathlib import Path
-
         from vlcot.policy import policy_from_config
         from vlcot.vq import vq_from_config
 
@@ -113,6 +145,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         cmd = build_submit_command(cfg, args.config, list(args.overrides), args.address, args.resume)
         print(" ".join(cmd))
         return 0 if args.dry_run else run_submit(cmd)
+    if args.command == "infer":
+        from cluster.infer_job import run_infer_job, summary_line
+
+        if not Path(args.image).exists():
+            print(f"realsr-r1: --image {args.image}: no such file or folder", file=sys.stderr)
+            return 2
+        summary = run_infer_job(cfg, next(iter(ckpts.values())), args.image,
+                                args.out or str(Path(cfg.run_dir) / "infer"), progress=not args.no_progress)
+        print(summary_line(summary))
+        return 0 if summary["written"] else 1
+    if args.command == "eval":
+        return _eval(cfg, args, ckpts)
     if args.command == "check-env":
         from cluster.envs import iqa_python, probe_environment
 
@@ -124,6 +168,36 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(report, indent=2))
         return 0
     return 2
+
+
+def _eval(cfg, args, ckpts) -> int:
+    from cluster.eval_job import Column, builtin_set, load_set, run_eval_job
+
+    try:
+        sets = [load_set(s) for s in args.data] or [builtin_set(cfg)]
+        columns = [Column(n, "checkpoint") for n in ckpts]
+        for spec in args.sr:
+            name, _, path = spec.partition("=")
+            if not name or not Path(path).is_dir():
+                raise ValueError(f"--sr {spec!r}: expected NAME=DIR with an existing folder")
+            columns.append(Column(name, "sr", path))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"realsr-r1: {exc}", file=sys.stderr)
+        return 2
+    if not args.no_bicubic:
+        columns.append(Column("Bicubic", "bicubic"))
+    if not ckpts and not args.sr:
+        print("realsr-r1: eval needs at least one --checkpoint or --sr", file=sys.stderr)
+        return 2
+    empty = [s.name for s in sets if not s.items]
+    if empty:
+        print(f"realsr-r1: eval set(s) {empty} have no usable images", file=sys.stderr)
+        return 2
+    summary = run_eval_job(cfg, sets, columns, ckpts, progress=not args.no_progress)
+    print(Path(summary["out_dir"], "table.md").read_text())
+    print(f"eval: {summary['images']} images x {len(columns)} columns; generation {summary['generate_s']:.1f}s, "
+          f"metrics {summary['metrics_s']:.1f}s; results in {summary['out_dir']}")
+    return 0
 
 
 if __name__ == "__main__":

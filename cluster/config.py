@@ -14,6 +14,8 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from evaluation.config import EvalConfig, InferConfig
+from evaluation.config import problems as evaluation_problems
 from learner.config import LearnerConfig
 from learner.config import problems as learner_problems
 from rewards.config import RewardsConfig
@@ -79,6 +81,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     envs: EnvConfig = field(default_factory=EnvConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):
@@ -237,8 +241,11 @@ def validate(cfg: Config) -> None:
         _fail("data.input_dir", f"not a directory: {data.input_dir}")
     if data.min_side < 1 or data.max_pixels < 1 or data.variants_per_image < 1:
         _fail("data", "min_side, max_pixels and variants_per_image must be >= 1")
-    for key, msg in reward_problems(cfg.rewards) + learner_problems(cfg.learner) + rollout_problems(cfg.rollout):
+    for key, msg in (reward_problems(cfg.rewards) + learner_problems(cfg.learner) + rollout_problems(cfg.rollout)
+                     + evaluation_problems(cfg.infer, cfg.eval)):
         _fail(key, msg)
+    if cfg.infer.tile_overlap >= im.lr_size:
+        _fail("infer.tile_overlap", f"must be smaller than the tile (image.lr_size {im.lr_size}), got {cfg.infer.tile_overlap}")
     t = cfg.trainer
     if t.mode not in ("sync", "async"):
         _fail("trainer.mode", f"{t.mode!r} not in ['sync', 'async']")

@@ -1,4 +1,5 @@
-"""The per-sample PNG logged every N steps: LR | rough | middle | final | HR, text below."""
+"""Image grids: the per-sample PNG logged every N training steps (LR | rough | middle |
+final | HR, text below) and the side-by-side comparison rows of `realsr-r1 eval`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ def sample_grid(lr: Image.Image, stages: Sequence[Optional[np.ndarray]], hr: Ima
     lines = lines[:24]
     canvas = Image.new("RGB", (cell * 5, cell + 16 + 12 * len(lines) + 8), "white")
     draw = ImageDraw.Draw(canvas)
+    _draw_cells(canvas, draw, tiles, labels, cell)
+    for j, line in enumerate(lines):
+        draw.text((4, cell + 20 + 12 * j), line, fill=(0, 0, 0))
+    return canvas
+
+
+def _draw_cells(canvas: Image.Image, draw: ImageDraw.ImageDraw, tiles: Sequence[Optional[Image.Image]],
+                labels: Sequence[str], cell: int) -> None:
     for i, (tile, label) in enumerate(zip(tiles, labels)):
         x = i * cell
         if tile is None:
@@ -29,6 +38,10 @@ def sample_grid(lr: Image.Image, stages: Sequence[Optional[np.ndarray]], hr: Ima
         else:
             canvas.paste(tile.convert("RGB").resize((cell, cell), Image.NEAREST), (x, 16))
         draw.text((x + 4, 2), label, fill=(0, 0, 0))
-    for j, line in enumerate(lines):
-        draw.text((4, cell + 20 + 12 * j), line, fill=(0, 0, 0))
+
+
+def comparison_row(images: Sequence[Optional[Image.Image]], labels: Sequence[str], cell: int = 192) -> Image.Image:
+    """One labelled cell per image (None drawn as a crossed grey cell), left to right."""
+    canvas = Image.new("RGB", (cell * len(images), cell + 16), "white")
+    _draw_cells(canvas, ImageDraw.Draw(canvas), images, labels, cell)
     return canvas

@@ -1,0 +1,364 @@
+"""`realsr-r1 eval`: super-resolve test sets with each checkpoint and score them like Table 1.
+
+    sets      --data NAME=LR_DIR[,HR_DIR] | NAME=manifest.jsonl   (default: the built-in set)
+    columns   --checkpoint [NAME=]DIR ...   plus --sr NAME=DIR (outputs of other methods,
+              matched by file stem) and a bicubic baseline (unless --no-bicubic)
+    work      eval.num_workers Ray actors per stage: generation (main environment) and
+              metrics (IQA environment); eval.num_workers=0 runs both in this process
+    outputs   <out>/table.md, table.csv, per_image.csv, grids/, <set>/<column>/{final,middle,rough,cot}/,
+              summary.json; all logged to MLflow
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from evaluation.cot import COT_LABELS, COT_METRICS, grade
+from evaluation.metrics import METRICS, MetricShard
+from evaluation.table import NOT_APPLICABLE, UNAVAILABLE, Block, Row, markdown, to_csv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalItem:
+    id: str
+    lr_path: str
+    hr_path: Optional[str] = None
+    labels: Optional[List[str]] = None
+    tags: Optional[List[str]] = None
+
+
+@dataclass
+class EvalSet:
+    name: str
+    items: List[EvalItem]
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def paired(self) -> bool:
+        return bool(self.items) and all(i.hr_path for i in self.items)
+
+
+@dataclass
+class Column:
+    name: str
+    kind: str  # checkpoint | sr | bicubic
+    path: str = ""
+
+
+def _named(spec: str, what: str) -> Tuple[str, str]:
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        if not name or not path:
+            raise ValueError(f"{what} {spec!r}: expected NAME=PATH")
+        return name, path
+    return Path(spec.rstrip("/")).name, spec
+
+
+def _sidecar(lr: Path) -> Dict[str, Any]:
+    f = lr.with_suffix(".json")
+    if not f.is_file():
+        return {}
+    try:
+        d = json.loads(f.read_text())
+    except ValueError:
+        return {}
+    labels = d.get("labels") or (d.get("degradation") or {}).get("labels")
+    return {"labels": list(labels) if labels else None, "tags": list(d.get("tags") or []) or None}
+
+
+def load_set(spec: str) -> EvalSet:
+    """NAME=manifest.jsonl, or NAME=LR_DIR[,HR_DIR] (paired by file stem; `<stem>.json`
+    beside an LR image may give `labels` and `tags`)."""
+    from evaluation.infer import list_inputs, output_names
+    from vlcot.data import read_manifest
+
+    name, path = _named(spec, "--data")
+    if path.endswith(".jsonl"):
+        rows = read_manifest(path)
+        items = [EvalItem(r["id"], r["lr_path"], r.get("hr_path"), list(r["degradation"]["labels"]),
+                          list(r.get("tags") or [])) for r in rows]
+        return EvalSet(name, items)
+    lr_dir, _, hr_dir = path.partition(",")
+    files, skipped = list_inputs(lr_dir)
+    hr_by_stem: Dict[str, Path] = {}
+    if hr_dir:
+        hr_files, _ = list_inputs(hr_dir)
+        hr_by_stem = {f.stem: f for f in hr_files}
+    items = []
+    for f, stem in zip(files, output_names(files)):
+        hr = hr_by_stem.get(f.stem)
+        if hr_dir and hr is None:
+            skipped.append((str(f), f"no HR image with stem {f.stem!r} in {hr_dir}"))
+            continue
+        items.append(EvalItem(stem, str(f), str(hr) if hr else None, **_sidecar(f)))
+    return EvalSet(name, items, skipped)
+
+
+def builtin_set(cfg) -> EvalSet:
+    from cluster.jobs import ensure_data
+
+    return load_set(f"builtin={ensure_data(cfg)}")
+
+
+# ---- generation ------------------------------------------------------------------------------
+def _bicubic(item: EvalItem, scale: float, out: Path) -> Optional[str]:
+    from vlcot.images import open_image
+
+    img, _, _ = open_image(item.lr_path)
+    if img is None:
+        return None
+    f = out / "final" / f"{item.id}.png"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.BICUBIC).save(f)
+    return str(f)
+
+
+def _find_sr(sr_dir: str, item: EvalItem) -> Optional[str]:
+    hits = sorted(p for p in Path(sr_dir).glob(f"{item.id}.*") if p.suffix.lower() != ".json")
+    return str(hits[0]) if hits else None
+
+
+def _generate(cfg, col: Column, ckpt, es: EvalSet, out: Path) -> List[Dict[str, Any]]:
+    """Checkpoint column: infer on every LR image, sharded over eval.num_workers actors."""
+    from evaluation.actors import InferWorker, shards
+    from evaluation.infer import SuperResolver, run_infer
+
+    files = [Path(i.lr_path) for i in es.items]
+    names = [i.id for i in es.items]
+    if cfg.eval.num_workers == 0:
+        return run_infer(SuperResolver(cfg, ckpt.policy_dir, ckpt.vq_dir), files, names, out, progress=False)
+    import ray
+
+    parts = shards(len(files), cfg.eval.num_workers)
+    actors = [InferWorker.options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus).remote(
+        cfg, str(ckpt.policy_dir), str(ckpt.vq_dir)) for _ in parts]
+    try:
+        refs = [a.run.remote([str(files[i]) for i in p], [names[i] for i in p], str(out)) for a, p in zip(actors, parts)]
+        return [r for chunk in ray.get(refs) for r in chunk]
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def _score(cfg, pairs: List[Tuple[str, Optional[str]]]) -> MetricShard:
+    """Every (SR, HR) pair of every column, sharded over metric actors in the IQA environment."""
+    from evaluation.actors import MetricWorker, shards
+    from evaluation.metrics import MetricSuite, score_pairs
+
+    ev = cfg.eval
+    if ev.num_workers == 0 or not pairs:
+        return score_pairs(MetricSuite(ev.metrics, ev.weights_dir, ev.crop_border), pairs)
+    import ray
+
+    from cluster.envs import runtime_env_for_iqa
+
+    parts = shards(len(pairs), ev.num_workers)
+    actors = [MetricWorker.options(num_cpus=ev.num_cpus, num_gpus=ev.num_gpus, runtime_env=runtime_env_for_iqa(cfg.envs))
+              .remote(ev.metrics, ev.weights_dir, ev.crop_border, max(1, int(ev.num_cpus))) for _ in parts]
+    try:
+        results = ray.get([a.score.remote([pairs[i] for i in p]) for a, p in zip(actors, parts)])
+    finally:
+        for a in actors:
+            ray.kill(a)
+    merged = MetricShard(status=results[0].status)
+    for r in results:
+        merged.values += r.values
+        merged.resized += r.resized
+        merged.unreadable += r.unreadable
+    return merged
+
+
+# ---- the job ---------------------------------------------------------------------------------
+def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkpoints: Dict[str, Any],
+                 progress: bool = True) -> Dict[str, Any]:
+    """`checkpoints`: column name -> ResolvedCheckpoint for the checkpoint columns."""
+    from cluster.jobs import start_ray
+
+    ev = cfg.eval
+    out = Path(ev.out_dir or Path(cfg.run_dir) / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    if ev.num_workers == 0:
+        import importlib.util
+
+        if importlib.util.find_spec("pyiqa") is None:
+            raise RuntimeError("eval.num_workers=0 scores in this process, which has no pyiqa; on CPU installs "
+                               "use eval.num_workers>=1 (metric actors run in the IQA environment)")
+    else:
+        start_ray(ev.num_workers * 2)
+    scale = cfg.image.hr_size / cfg.image.lr_size
+    t0 = time.perf_counter()
+    sr: Dict[Tuple[str, str], List[Optional[str]]] = {}
+    records: Dict[Tuple[str, str], List[Optional[Dict[str, Any]]]] = {}
+    gen_s: Dict[str, float] = {}
+    for col in columns:
+        tc = time.perf_counter()
+        for es in sets:
+            d = out / es.name / col.name
+            if col.kind == "checkpoint":
+                recs = _generate(cfg, col, checkpoints[col.name], es, d)
+                by_input = {r["input"]: r for r in recs}
+                rs = [by_input.get(i.lr_path) for i in es.items]
+                records[(es.name, col.name)] = [r if r and r["status"] == "ok" else None for r in rs]
+                sr[(es.name, col.name)] = [r["files"]["final"] if r and r["status"] == "ok" else None for r in rs]
+            elif col.kind == "bicubic":
+                sr[(es.name, col.name)] = [_bicubic(i, scale, d) for i in es.items]
+            else:
+                sr[(es.name, col.name)] = [_find_sr(col.path, i) for i in es.items]
+        gen_s[col.name] = time.perf_counter() - tc
+        print(f"eval: {col.name}: outputs ready in {gen_s[col.name]:.1f}s")
+    generate_s = time.perf_counter() - t0
+
+    keys = [(es, col) for col in columns for es in sets]
+    pairs, where = [], []
+    for es, col in keys:
+        for j, (item, path) in enumerate(zip(es.items, sr[(es.name, col.name)])):
+            if path:
+                pairs.append((path, item.hr_path))
+                where.append((es.name, col.name, j))
+    t1 = time.perf_counter()
+    scored = _score(cfg, pairs)
+    metrics_s = time.perf_counter() - t1
+    per_image: Dict[Tuple[str, str, int], Dict[str, Optional[float]]] = dict(zip(where, scored.values))
+
+    blocks, notes = _tabulate(cfg, sets, columns, sr, records, per_image, scored)
+    directions = {m: METRICS[m].higher_better for m in ev.metrics}
+    directions.update({k: True for k in COT_METRICS})
+    (out / "table.md").write_text(markdown(blocks, directions, notes))
+    (out / "table.csv").write_text(to_csv(blocks))
+    _write_per_image(out / "per_image.csv", sets, columns, per_image, records, ev.metrics)
+    grids = _grids(cfg, sets, columns, sr, out / "grids")
+    images = sum(len(es.items) for es in sets)
+    summary = {"out_dir": str(out), "sets": {es.name: {"images": len(es.items), "paired": es.paired,
+                                                        "skipped": es.skipped} for es in sets},
+               "columns": [c.name for c in columns], "generate_s": generate_s, "metrics_s": metrics_s,
+               "generate_s_by_column": gen_s, "scored_pairs": len(pairs), "num_workers": ev.num_workers,
+               "images": images, "metric_status": {k: vars(v) for k, v in scored.status.items()},
+               "missing_outputs": sum(1 for v in sr.values() for p in v if p is None),
+               "table": {f"{b.dataset}/{c}/{r.key}": (None if not isinstance(b.cells.get((r.key, c)), (int, float))
+                                                       else float(b.cells[(r.key, c)]))
+                         for b in blocks for r in b.rows for c in b.columns}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _track(cfg, summary, out, grids)
+    return summary
+
+
+def _mean(vals: Sequence[Optional[float]]) -> Optional[float]:
+    v = [x for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(v)) if v else None
+
+
+def _tabulate(cfg, sets, columns, sr, records, per_image, scored) -> Tuple[List[Block], List[str]]:
+    ev = cfg.eval
+    notes: List[str] = []
+    labels = {m: f"{scored.status[m].label if m in scored.status else METRICS[m].label}{METRICS[m].arrow}"
+              for m in ev.metrics}
+    for m in ev.metrics:
+        st = scored.status.get(m)
+        if st is not None and not st.available:
+            notes.append(f"{METRICS[m].label}: unavailable, {st.reason}")
+        elif st is not None and st.reason:
+            notes.append(f"{st.label}: {st.reason}")
+    if scored.resized:
+        notes.append(f"{scored.resized} outputs were bicubic-resized to their HR image's size before scoring")
+    if ev.crop_border:
+        notes.append(f"PSNR/SSIM on the Y channel with {ev.crop_border} border pixels cropped")
+    blocks = []
+    for es in sets:
+        rows = [Row(m, labels[m], 2 if m in ("psnr", "niqe", "musiq") else 4) for m in ev.metrics]
+        rows += [Row(k, COT_LABELS[k] + "↑", 3) for k in COT_METRICS]
+        b = Block(es.name, es.paired, len(es.items), rows, [c.name for c in columns])
+        for col in columns:
+            paths = sr[(es.name, col.name)]
+            missing = sum(p is None for p in paths)
+            if missing:
+                notes.append(f"{es.name}/{col.name}: {missing} of {len(paths)} images have no output (not scored)")
+            for m in ev.metrics:
+                st = scored.status.get(m)
+                if st is not None and not st.available:
+                    b.cells[(m, col.name)] = UNAVAILABLE
+                elif METRICS[m].full_reference and not es.paired:
+                    b.cells[(m, col.name)] = NOT_APPLICABLE
+                else:
+                    b.cells[(m, col.name)] = _mean([per_image.get((es.name, col.name, j), {}).get(m)
+                                                    for j in range(len(es.items))])
+            recs = records.get((es.name, col.name))
+            for k in COT_METRICS:
+                if recs is None:
+                    b.cells[(k, col.name)] = NOT_APPLICABLE
+                    continue
+                vals = [grade(r, i.labels, i.tags)[k] if r else (0.0 if k == "strict_format" else None)
+                        for r, i in zip(recs, es.items)]
+                v = _mean(vals)
+                b.cells[(k, col.name)] = v if v is not None else NOT_APPLICABLE
+        blocks.append(b)
+        if es.skipped:
+            notes.append(f"{es.name}: {len(es.skipped)} inputs skipped (first: {es.skipped[0][0]}: {es.skipped[0][1]})")
+    return blocks, notes
+
+
+def _write_per_image(path: Path, sets, columns, per_image, records, metrics: Sequence[str]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "column", "image", *metrics, *COT_METRICS])
+        for es in sets:
+            for col in columns:
+                recs = records.get((es.name, col.name))
+                for j, item in enumerate(es.items):
+                    vals = per_image.get((es.name, col.name, j), {})
+                    cot = grade(recs[j], item.labels, item.tags) if recs and recs[j] else {}
+                    w.writerow([es.name, col.name, item.id, *["" if vals.get(m) is None else vals[m] for m in metrics],
+                                *["" if cot.get(k) is None else cot[k] for k in COT_METRICS]])
+
+
+def _grids(cfg, sets, columns, sr, out: Path) -> List[Path]:
+    from cluster.grid import comparison_row
+    from vlcot.images import open_image
+
+    written = []
+    for es in sets:
+        for j, item in enumerate(es.items[: cfg.eval.grid_images]):
+            cells: List[Optional[Image.Image]] = [open_image(item.lr_path)[0]]
+            labels = ["LR"]
+            for col in columns:
+                p = sr[(es.name, col.name)][j]
+                cells.append(open_image(p)[0] if p else None)
+                labels.append(col.name)
+            if item.hr_path:
+                cells.append(open_image(item.hr_path)[0])
+                labels.append("HR")
+            f = out / f"{es.name}_{item.id}.png"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            comparison_row(cells, labels).save(f)
+            written.append(f)
+    return written
+
+
+def _track(cfg, summary: Dict[str, Any], out: Path, grids: List[Path]) -> None:
+    from cluster.tracking import Tracker
+
+    tr = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name or "eval", cfg.run_dir)
+    try:
+        tr.params({"eval.columns": ",".join(summary["columns"]), "eval.sets": ",".join(summary["sets"]),
+                   "eval.metrics": ",".join(cfg.eval.metrics), "eval.weights_dir": cfg.eval.weights_dir,
+                   "eval.num_workers": cfg.eval.num_workers, "infer.mode": cfg.infer.mode})
+        tr.metrics({f"eval/{k}": v for k, v in summary["table"].items() if v is not None and math.isfinite(v)}, step=0)
+        tr.metrics({"eval/generate_s": summary["generate_s"], "eval/metrics_s": summary["metrics_s"]}, step=0)
+        for name in ("table.md", "table.csv", "per_image.csv", "summary.json"):
+            tr.artifact(str(out / name))
+        for g in grids:
+            tr.artifact(str(g), "grids")
+    finally:
+        tr.close()
+    summary["mlflow_uri"], summary["mlflow_run_id"] = tr.uri, tr.run_id

@@ -1,0 +1,93 @@
+"""`realsr-r1 infer`: find what a checkpoint needs (policy, VQ tokenizer, its run's config)
+and super-resolve an image or a folder in this process."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from cluster.driver import CKPT_DIR, latest_checkpoint
+
+
+@dataclass
+class ResolvedCheckpoint:
+    policy_dir: Path  # HF layout (config.json + safetensors + tokenizer)
+    vq_dir: Path
+    run_config: Optional[Path]  # the config.yaml of the run that wrote it, when found
+
+
+def _ancestors(p: Path, levels: int = 4) -> List[Path]:
+    out = [p]
+    for _ in range(levels):
+        p = p.parent
+        out.append(p)
+    return out
+
+
+def resolve_checkpoint(path: str | Path, vq: str | Path | None = None) -> ResolvedCheckpoint:
+    """Accepts an HF policy folder, a learner checkpoint (with hf/), or a run folder (its
+    latest checkpoint). The VQ tokenizer is `vq` or the nearest `vq/` folder above the
+    checkpoint (where the trainer keeps it); the run config is the nearest config.yaml."""
+    p = Path(path).resolve()
+    if (p / "config.json").is_file():
+        policy = p
+    elif (p / "hf" / "config.json").is_file():
+        policy = p / "hf"
+    elif (p / CKPT_DIR).is_dir() and latest_checkpoint(str(p)) is not None:
+        policy = latest_checkpoint(str(p)) / "hf"  # type: ignore[operator]
+    else:
+        raise FileNotFoundError(f"--checkpoint {path}: not an HF policy folder (config.json), a checkpoint "
+                                f"folder (hf/config.json) or a run folder ({CKPT_DIR}/step_*)")
+    if vq is not None:
+        vq_dir = Path(vq)
+        if not (vq_dir / "vq_config.json").is_file():
+            raise FileNotFoundError(f"--vq {vq}: no vq_config.json there")
+    else:
+        found = [a / "vq" for a in _ancestors(policy) if (a / "vq" / "vq_config.json").is_file()]
+        if not found:
+            raise FileNotFoundError(f"no VQ tokenizer (vq/vq_config.json) in or above {policy}; pass --vq DIR")
+        vq_dir = found[0]
+    configs = [a / "config.yaml" for a in _ancestors(policy) if (a / "config.yaml").is_file()]
+    return ResolvedCheckpoint(policy, vq_dir, configs[0] if configs else None)
+
+
+def run_infer_job(cfg, ckpt: ResolvedCheckpoint, image: str, out_dir: str, progress: bool = True) -> Dict[str, Any]:
+    from evaluation.infer import SuperResolver, list_inputs, output_names, run_infer, write_skipped
+
+    files, skipped_names = list_inputs(image)
+    t0 = time.perf_counter()
+    resolver = SuperResolver(cfg, ckpt.policy_dir, ckpt.vq_dir)
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    records = run_infer(resolver, files, output_names(files), out_dir, progress=progress)
+    seconds = time.perf_counter() - t1
+    ok = [r for r in records if r["status"] == "ok"]
+    skipped = [{"input": p, "reason": why} for p, why in skipped_names] + [r for r in records if r["status"] != "ok"]
+    write_skipped(out_dir, skipped)
+    summary = {"written": len(ok), "skipped": len(skipped), "seconds": seconds, "load_s": load_s,
+               "images_per_s": len(ok) / seconds if seconds > 0 else 0.0, "out_dir": str(out_dir),
+               "policy": str(ckpt.policy_dir), "vq": str(ckpt.vq_dir), "mode": cfg.infer.mode, "engine": cfg.infer.engine,
+               "tiles": sum(len(r["tiles"]) for r in ok),
+               "fallback_tiles": sum(r["fallback_tiles"]["final_image"] for r in ok)}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "infer_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def pick_config_path(explicit: Optional[str], ckpt: ResolvedCheckpoint) -> Optional[str]:
+    """--config wins; else the run's own config.yaml; else the default."""
+    if explicit:
+        return explicit
+    return str(ckpt.run_config) if ckpt.run_config else None
+
+
+def summary_line(s: Dict[str, Any]) -> str:
+    return (f"infer: {s['written']} images written to {s['out_dir']} ({s['skipped']} skipped), {s['tiles']} tiles, "
+            f"{s['fallback_tiles']} final-image fallbacks, {s['images_per_s']:.2f} images/s "
+            f"({s['engine']} engine, {s['mode']} mode)")
+
+
+__all__: Sequence[str] = ("ResolvedCheckpoint", "resolve_checkpoint", "run_infer_job", "pick_config_path", "summary_line")
