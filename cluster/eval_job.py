@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from evaluation.cot import COT_LABELS, COT_METRICS, grade
+from evaluation.cot import COT_HIGHER_BETTER, COT_LABELS, COT_METRICS, grade
 from evaluation.metrics import METRICS, MetricShard
 from evaluation.table import NOT_APPLICABLE, UNAVAILABLE, Block, Row, markdown, to_csv
 
@@ -234,7 +234,7 @@ def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkp
 
     blocks, notes = _tabulate(cfg, sets, columns, sr, records, per_image, scored)
     directions = {m: METRICS[m].higher_better for m in ev.metrics}
-    directions.update({k: True for k in COT_METRICS})
+    directions.update(COT_HIGHER_BETTER)
     (out / "table.md").write_text(markdown(blocks, directions, notes))
     (out / "table.csv").write_text(to_csv(blocks))
     _write_per_image(out / "per_image.csv", sets, columns, per_image, records, ev.metrics)
@@ -251,6 +251,7 @@ def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkp
                          for b in blocks for r in b.rows for c in b.columns}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _track(cfg, summary, out, grids)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))  # now with the MLflow run
     return summary
 
 
@@ -277,7 +278,7 @@ def _tabulate(cfg, sets, columns, sr, records, per_image, scored) -> Tuple[List[
     blocks = []
     for es in sets:
         rows = [Row(m, labels[m], 2 if m in ("psnr", "niqe", "musiq") else 4) for m in ev.metrics]
-        rows += [Row(k, COT_LABELS[k] + "↑", 3) for k in COT_METRICS]
+        rows += [Row(k, COT_LABELS[k], 3) for k in COT_METRICS]
         b = Block(es.name, es.paired, len(es.items), rows, [c.name for c in columns])
         for col in columns:
             paths = sr[(es.name, col.name)]
@@ -298,8 +299,8 @@ def _tabulate(cfg, sets, columns, sr, records, per_image, scored) -> Tuple[List[
                 if recs is None:
                     b.cells[(k, col.name)] = NOT_APPLICABLE
                     continue
-                vals = [grade(r, i.labels, i.tags)[k] if r else (0.0 if k == "strict_format" else None)
-                        for r, i in zip(recs, es.items)]
+                missing_value = {"strict_format": 0.0, "fallback_rate": 1.0}.get(k)  # no output: no format, all fallback
+                vals = [grade(r, i.labels, i.tags)[k] if r else missing_value for r, i in zip(recs, es.items)]
                 v = _mean(vals)
                 b.cells[(k, col.name)] = v if v is not None else NOT_APPLICABLE
         blocks.append(b)

@@ -33,16 +33,19 @@ STAGE_DIRS = {"final_image": "final", "middle_image": "middle", "rough_image": "
 
 
 def list_inputs(path: str | Path) -> Tuple[List[Path], List[Tuple[str, str]]]:
-    """A file, or a folder's files (sorted, not recursive) -> (candidates, [(path, why skipped)])."""
+    """A file, or a folder's files (sorted, not recursive) -> (candidates, [(path, why skipped)]).
+    A `<stem>.json` beside an image is its sidecar (labels, tags), not a skipped file."""
     p = Path(path)
     if p.is_file():
         return [p], []
     if not p.is_dir():
         raise FileNotFoundError(f"no such image or folder: {p}")
     files, skipped = [], []
-    for f in sorted(p.iterdir()):
-        if f.name.startswith(".") or f.is_dir():
-            continue
+    entries = sorted(p.iterdir())
+    image_stems = {f.stem for f in entries if f.suffix.lower() in IMAGE_SUFFIXES}
+    for f in entries:
+        if f.name.startswith(".") or f.is_dir() or (f.suffix == ".json" and f.stem in image_stems):
+            continue  # hidden files, sub-folders, <stem>.json sidecars of images
         if f.suffix.lower() in IMAGE_SUFFIXES:
             files.append(f)
         else:

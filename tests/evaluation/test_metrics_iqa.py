@@ -1,0 +1,67 @@
+"""Eval metrics in the IQA environment (pyiqa), through the same Ray actor eval uses."""
+
+import numpy as np
+import pytest
+import ray
+import skimage.data
+from PIL import Image, ImageFilter
+
+from cluster.config import EnvConfig
+from cluster.envs import runtime_env_for_iqa
+from evaluation.actors import MetricWorker
+from evaluation.fidelity import psnr_y, ssim_y
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pair")
+    hr = Image.fromarray(skimage.data.chelsea()).resize((200, 136))
+    noisy = np.asarray(hr.filter(ImageFilter.GaussianBlur(1.5))).astype(np.float64)
+    noisy = np.clip(noisy + np.random.default_rng(0).normal(0, 8, noisy.shape), 0, 255).round().astype(np.uint8)
+    hr.save(d / "hr.png")
+    Image.fromarray(noisy).save(d / "sr.png")
+    return str(d / "sr.png"), str(d / "hr.png")
+
+
+def _pyiqa_direct(sr_path, hr_path):
+    import pyiqa
+    import torch
+    from PIL import Image
+
+    def t(p):
+        return torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+    x, y = t(sr_path), t(hr_path)
+    psnr = pyiqa.create_metric("psnr", test_y_channel=True, color_space="ycbcr", device="cpu")
+    ssim = pyiqa.create_metric("ssim", test_y_channel=True, color_space="ycbcr", device="cpu")
+    return float(psnr(x, y)), float(ssim(x, y))
+
+
+def test_psnr_ssim_match_pyiqa_called_directly(ray_local, pair):
+    direct = ray.remote(_pyiqa_direct).options(runtime_env=runtime_env_for_iqa(EnvConfig()))
+    want_psnr, want_ssim = ray.get(direct.remote(*pair))
+    sr, hr = (np.asarray(Image.open(p).convert("RGB")) for p in pair)
+    assert 18 < want_psnr < 35
+    assert psnr_y(sr, hr) == pytest.approx(want_psnr, abs=1e-4)
+    assert ssim_y(sr, hr) == pytest.approx(want_ssim, abs=1e-6)
+
+
+def test_offline_metrics_filled_learned_ones_unavailable_not_crashing(ray_local, pair, tmp_path):
+    (tmp_path / "musiq.pth").write_bytes(b"not a checkpoint")  # present but unusable
+    names = ["psnr", "ssim", "niqe", "lpips", "musiq", "topiq_nr"]
+    w = MetricWorker.options(runtime_env=runtime_env_for_iqa(EnvConfig())).remote(names, str(tmp_path), 0)
+    shard = ray.get(w.score.remote([pair, (pair[0], None), (str(tmp_path / "missing.png"), pair[1])]))
+    ray.kill(w)
+    st = shard.status
+    assert st["psnr"].available and st["ssim"].available and st["niqe"].available
+    assert st["niqe"].label == "NIQE*"  # no MATLAB pristine model in weights_dir: the built-in one, labelled
+    assert not st["lpips"].available and "lpips.pth" in st["lpips"].reason
+    assert not st["musiq"].available and "could not be built offline" in st["musiq"].reason
+    assert not st["topiq_nr"].available and "topiq_nr.pth" in st["topiq_nr"].reason
+    full, unpaired, unreadable = shard.values
+    assert 18 < full["psnr"] < 35 and 0 < full["ssim"] < 1 and 2 < full["niqe"] < 30
+    assert full["lpips"] is None and full["musiq"] is None
+    assert unpaired["psnr"] is None and unpaired["niqe"] == pytest.approx(full["niqe"])
+    assert all(v is None for v in unreadable.values()) and len(shard.unreadable) == 1
