@@ -7,6 +7,7 @@ showing as lines.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -14,13 +15,12 @@ import numpy as np
 
 
 def axis_starts(length: int, tile: int, overlap: int) -> List[int]:
-    """Tile origins along one axis of `length` (>= tile) covering it with >= `overlap` shared pixels."""
+    """Tile origins along one axis of `length` (>= tile): the fewest tiles that share at
+    least `overlap` pixels with their neighbour, spread evenly (equal overlaps)."""
     if length <= tile:
         return [0]
-    stride = max(1, tile - overlap)
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return starts
+    n = math.ceil((length - overlap) / max(1, tile - overlap))
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
 @dataclass
