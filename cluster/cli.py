@@ -85,13 +85,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         overrides.append(f"eval.out_dir={args.out}")
     config_path = args.config
     if args.command in ("infer", "eval"):
-        from cluster.infer_job import pick_config_path, resolve_checkpoint
+        from cluster.infer_job import pick_config_path, resolve_checkpoints
 
         try:
-            ckpts = {}
-            for spec in getattr(args, "checkpoint") if args.command == "eval" else [args.checkpoint]:
-                name, path = spec.split("=", 1) if "=" in spec else (Path(spec.rstrip("/")).name, spec)
-                ckpts[name] = resolve_checkpoint(path, args.vq)
+            ckpts = resolve_checkpoints(args.checkpoint if args.command == "eval" else [args.checkpoint], args.vq)
         except (FileNotFoundError, ValueError) as exc:
             print(f"realsr-r1: {exc}", file=sys.stderr)
             return 2
@@ -172,14 +169,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _eval(cfg, args, ckpts) -> int:
     from cluster.eval_job import Column, builtin_set, load_set, run_eval_job
+    from cluster.infer_job import named_path
 
     try:
         sets = [load_set(s) for s in args.data] or [builtin_set(cfg)]
         columns = [Column(n, "checkpoint") for n in ckpts]
         for spec in args.sr:
-            name, _, path = spec.partition("=")
-            if not name or not Path(path).is_dir():
-                raise ValueError(f"--sr {spec!r}: expected NAME=DIR with an existing folder")
+            name, path = named_path(spec, "--sr")
+            if not Path(path).is_dir() or name in [c.name for c in columns]:
+                raise ValueError(f"--sr {spec!r}: expected NAME=DIR with an existing folder and a new name")
             columns.append(Column(name, "sr", path))
     except (FileNotFoundError, ValueError) as exc:
         print(f"realsr-r1: {exc}", file=sys.stderr)

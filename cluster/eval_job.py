@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from cluster.infer_job import named_path
 from evaluation.cot import COT_HIGHER_BETTER, COT_LABELS, COT_METRICS, grade
 from evaluation.metrics import METRICS, MetricShard
 from evaluation.table import NOT_APPLICABLE, UNAVAILABLE, Block, Row, markdown, to_csv
@@ -57,15 +58,6 @@ class Column:
     path: str = ""
 
 
-def _named(spec: str, what: str) -> Tuple[str, str]:
-    if "=" in spec:
-        name, path = spec.split("=", 1)
-        if not name or not path:
-            raise ValueError(f"{what} {spec!r}: expected NAME=PATH")
-        return name, path
-    return Path(spec.rstrip("/")).name, spec
-
-
 def _sidecar(lr: Path) -> Dict[str, Any]:
     f = lr.with_suffix(".json")
     if not f.is_file():
@@ -84,7 +76,7 @@ def load_set(spec: str) -> EvalSet:
     from evaluation.infer import list_inputs, output_names
     from vlcot.data import read_manifest
 
-    name, path = _named(spec, "--data")
+    name, path = named_path(spec, "--data")
     if path.endswith(".jsonl"):
         rows = read_manifest(path)
         items = [EvalItem(r["id"], r["lr_path"], r.get("hr_path"), list(r["degradation"]["labels"]),

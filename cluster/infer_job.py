@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from cluster.driver import CKPT_DIR, latest_checkpoint
 
@@ -77,6 +77,27 @@ def run_infer_job(cfg, ckpt: ResolvedCheckpoint, image: str, out_dir: str, progr
     return summary
 
 
+def named_path(spec: str, what: str) -> Tuple[str, str]:
+    """'NAME=PATH' -> (NAME, PATH); a bare PATH is named after its last folder."""
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        if not name or not path:
+            raise ValueError(f"{what} {spec!r}: expected NAME=PATH")
+        return name, path
+    return Path(spec.rstrip("/")).name, spec
+
+
+def resolve_checkpoints(specs: Sequence[str], vq: Optional[str] = None) -> Dict[str, ResolvedCheckpoint]:
+    """--checkpoint [NAME=]DIR specs -> {name: ResolvedCheckpoint}; names must be distinct."""
+    out: Dict[str, ResolvedCheckpoint] = {}
+    for spec in specs:
+        name, path = named_path(spec, "--checkpoint")
+        if name in out:
+            raise ValueError(f"--checkpoint {spec!r}: the name {name!r} is taken; name it: NAME={path}")
+        out[name] = resolve_checkpoint(path, vq)
+    return out
+
+
 def pick_config_path(explicit: Optional[str], ckpt: ResolvedCheckpoint) -> Optional[str]:
     """--config wins; else the run's own config.yaml; else the default."""
     if explicit:
@@ -88,6 +109,3 @@ def summary_line(s: Dict[str, Any]) -> str:
     return (f"infer: {s['written']} images written to {s['out_dir']} ({s['skipped']} skipped), {s['tiles']} tiles, "
             f"{s['fallback_tiles']} final-image fallbacks, {s['images_per_s']:.2f} images/s "
             f"({s['engine']} engine, {s['mode']} mode)")
-
-
-__all__: Sequence[str] = ("ResolvedCheckpoint", "resolve_checkpoint", "run_infer_job", "pick_config_path", "summary_line")

@@ -73,9 +73,14 @@ def test_infer_resize_mode_and_tile_cap(run_dir, tmp_path):
             assert rec["prescale"] < 0.2 and rec["output_size"][0] == 4 * round(300 * rec["prescale"])
 
 
-def test_infer_checkpoint_errors_are_clear(tmp_path, capsys):
+def test_infer_and_eval_argument_errors_are_clear(run_dir, tmp_path, capsys):
     assert main(["infer", "--checkpoint", str(tmp_path), "--image", str(tmp_path)]) == 2
     assert "not an HF policy folder" in capsys.readouterr().err
+    policy = str(run_dir / "policy")
+    assert main(["eval", "--checkpoint", policy, "--checkpoint", policy]) == 2
+    assert "the name 'policy' is taken" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", policy, "--data", f"x={tmp_path / 'nope'}"]) == 2
+    assert "no such image or folder" in capsys.readouterr().err
 
 
 class _TraceEngine:
