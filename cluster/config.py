@@ -244,6 +244,8 @@ def validate(cfg: Config) -> None:
     for key, msg in (reward_problems(cfg.rewards) + learner_problems(cfg.learner) + rollout_problems(cfg.rollout)
                      + evaluation_problems(cfg.infer, cfg.eval)):
         _fail(key, msg)
+    if cfg.infer.engine == "vllm" and cfg.rollout.sampling.cfg_scale != 1.0:
+        _fail("infer.engine", "rollout.sampling.cfg_scale asks for classifier-free guidance, which only the hf engine runs")
     if cfg.infer.tile_overlap >= im.lr_size:
         _fail("infer.tile_overlap", f"must be smaller than the tile (image.lr_size {im.lr_size}), got {cfg.infer.tile_overlap}")
     t = cfg.trainer

@@ -76,8 +76,6 @@ class SuperResolver:
             device = "cuda" if inf.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         rcfg = copy.deepcopy(cfg.rollout)
         rcfg.engine, rcfg.group_size, rcfg.seed = inf.engine, 1, inf.seed
-        if rcfg.engine == "vllm":
-            rcfg.sampling.cfg_scale = 1.0
         _, tokenizer, self.layout = load_policy_meta(policy_dir, cfg.policy, cfg.image, cfg.vq)
         self.codec = HFTextCodec(tokenizer, self.layout)
         self.vq = VQTokenizer.load(vq_dir)

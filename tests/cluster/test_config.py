@@ -86,6 +86,18 @@ def test_bad_reward_values_name_the_key(override, key):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize("overrides,key", [
+    (["infer.mode=crop"], "infer.mode"),
+    (["infer.tile_overlap=32"], "infer.tile_overlap"),  # not smaller than the 32-px tile
+    (["infer.engine=vllm", "rollout.engine=hf", "rollout.sampling.cfg_scale=0.8"], "infer.engine"),
+    (["eval.metrics=[psnr,fid]"], "eval.metrics"),
+    (["eval.num_workers=-1"], "eval"),
+])
+def test_bad_infer_and_eval_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=overrides)
+
+
 def test_gpu_cluster_config_validates_when_its_files_exist(tmp_path):
     """configs/pure-7b.yaml names local checkpoints; with stand-in files at those paths it
     validates, and without them it fails naming the first missing one."""

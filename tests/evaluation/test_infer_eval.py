@@ -172,3 +172,20 @@ def test_eval_paired_and_unpaired_table_grids_and_mlflow(run_dir, tmp_path, caps
     run = MlflowClient(summary["mlflow_uri"]).get_run(summary["mlflow_run_id"])
     assert run.data.metrics["eval/paired/Bicubic/psnr"] == pytest.approx(float(rows[("paired", "PSNR↑")]["Bicubic"]))
     assert "| Metric | tiny | Bicubic |" in capsys.readouterr().out
+
+
+def test_infer_with_the_vllm_engine_in_its_own_process(run_dir, tmp_path):
+    """vLLM patches the HF model classes of its process, so this runs the CLI as a subprocess."""
+    import subprocess
+    import sys
+
+    img = tmp_path / "one.png"
+    Image.fromarray(skimage.data.astronaut()).resize((40, 30)).save(img)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "infer", "--checkpoint", str(run_dir / "policy"),
+                           "--image", str(img), "--out", str(out), "--no-progress", "infer.engine=vllm", *FAST], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(vllm engine, tile mode)" in proc.stdout
+    assert Image.open(out / "final" / "one.png").size == (160, 120)
+    rec = json.loads((out / "cot" / "one.json").read_text())
+    assert len(rec["tiles"]) == 4 and all(t["tokens"] > 0 for t in rec["tiles"])
