@@ -25,7 +25,7 @@ from PIL import Image
 
 from cluster.infer_job import named_path
 from evaluation.cot import COT_HIGHER_BETTER, COT_LABELS, COT_METRICS, grade
-from evaluation.metrics import METRICS, MetricShard
+from evaluation.metrics import METRICS, MetricShard, MetricStatus
 from evaluation.table import NOT_APPLICABLE, UNAVAILABLE, Block, Row, markdown, to_csv
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def _find_sr(sr_dir: str, item: EvalItem) -> Optional[str]:
     return str(hits[0]) if hits else None
 
 
-def _generate(cfg, col: Column, ckpt, es: EvalSet, out: Path) -> List[Dict[str, Any]]:
+def _generate(cfg, ckpt, es: EvalSet, out: Path) -> List[Dict[str, Any]]:
     """Checkpoint column: infer on every LR image, sharded over eval.num_workers actors."""
     from evaluation.actors import InferWorker, shards
     from evaluation.infer import SuperResolver, run_infer
@@ -150,7 +150,9 @@ def _score(cfg, pairs: List[Tuple[str, Optional[str]]]) -> MetricShard:
     from evaluation.metrics import MetricSuite, score_pairs
 
     ev = cfg.eval
-    if ev.num_workers == 0 or not pairs:
+    if not pairs:
+        return MetricShard(status={m: MetricStatus(m, METRICS[m].label, False, "no outputs to score") for m in ev.metrics})
+    if ev.num_workers == 0:
         return score_pairs(MetricSuite(ev.metrics, ev.weights_dir, ev.crop_border), pairs)
     import ray
 
@@ -176,6 +178,8 @@ def _score(cfg, pairs: List[Tuple[str, Optional[str]]]) -> MetricShard:
 def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkpoints: Dict[str, Any],
                  progress: bool = True) -> Dict[str, Any]:
     """`checkpoints`: column name -> ResolvedCheckpoint for the checkpoint columns."""
+    from tqdm import tqdm
+
     from cluster.jobs import start_ray
 
     ev = cfg.eval
@@ -194,12 +198,12 @@ def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkp
     sr: Dict[Tuple[str, str], List[Optional[str]]] = {}
     records: Dict[Tuple[str, str], List[Optional[Dict[str, Any]]]] = {}
     gen_s: Dict[str, float] = {}
-    for col in columns:
+    for col in tqdm(columns, desc="eval columns", disable=not progress):
         tc = time.perf_counter()
         for es in sets:
             d = out / es.name / col.name
             if col.kind == "checkpoint":
-                recs = _generate(cfg, col, checkpoints[col.name], es, d)
+                recs = _generate(cfg, checkpoints[col.name], es, d)
                 by_input = {r["input"]: r for r in recs}
                 rs = [by_input.get(i.lr_path) for i in es.items]
                 records[(es.name, col.name)] = [r if r and r["status"] == "ok" else None for r in rs]
@@ -209,7 +213,7 @@ def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkp
             else:
                 sr[(es.name, col.name)] = [_find_sr(col.path, i) for i in es.items]
         gen_s[col.name] = time.perf_counter() - tc
-        print(f"eval: {col.name}: outputs ready in {gen_s[col.name]:.1f}s")
+        tqdm.write(f"eval: {col.name}: outputs ready in {gen_s[col.name]:.1f}s")
     generate_s = time.perf_counter() - t0
 
     keys = [(es, col) for col in columns for es in sets]
@@ -263,6 +267,9 @@ def _tabulate(cfg, sets, columns, sr, records, per_image, scored) -> Tuple[List[
             notes.append(f"{METRICS[m].label}: unavailable, {st.reason}")
         elif st is not None and st.reason:
             notes.append(f"{st.label}: {st.reason}")
+    if scored.unreadable:
+        path, why = scored.unreadable[0]
+        notes.append(f"{len(scored.unreadable)} images could not be read and were not scored (first: {path}: {why})")
     if scored.resized:
         notes.append(f"{scored.resized} outputs were bicubic-resized to their HR image's size before scoring")
     if ev.crop_border:
