@@ -188,4 +188,4 @@ def test_infer_with_the_vllm_engine_in_its_own_process(run_dir, tmp_path):
     assert "(vllm engine, tile mode)" in proc.stdout
     assert Image.open(out / "final" / "one.png").size == (160, 120)
     rec = json.loads((out / "cot" / "one.json").read_text())
-    assert len(rec["tiles"]) == 4 and all(t["tokens"] > 0 for t in rec["tiles"])
+    assert len(rec["tiles"]) == 2 and all(t["tokens"] > 0 for t in rec["tiles"])  # 40 px: two tiles; 30: one
