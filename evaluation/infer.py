@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -82,23 +83,22 @@ class SuperResolver:
         self.engine = make_engine(rcfg, str(policy_dir), cfg.image, device)
         self.tile = cfg.image.lr_size
         self.scale = cfg.image.hr_size / cfg.image.lr_size
-        self.calls = 0
 
     # ---- one image ---------------------------------------------------------------------------
-    def _generate(self, tiles: List[Image.Image]) -> List[Any]:
+    def _generate(self, tiles: List[Image.Image], seed: int) -> List[Any]:
         im = self.cfg.image
         out: List[Any] = []
-        for i in range(0, len(tiles), self.cfg.infer.batch_tiles):
+        for k, i in enumerate(range(0, len(tiles), self.cfg.infer.batch_tiles)):
             chunk = tiles[i:i + self.cfg.infer.batch_tiles]
             codes = self.vq.encode_images(chunk, im.prompt_size)
             prompts = [build_prompt(c, self.codec, self.layout) for c in codes]
-            seed = self.cfg.infer.seed + self.calls
-            self.calls += 1
-            out.extend(self.engine.generate(prompts, n=1, seed=seed, greedy=self.cfg.infer.greedy))
+            out.extend(self.engine.generate(prompts, n=1, seed=seed + k, greedy=self.cfg.infer.greedy))
         return out
 
-    def super_resolve(self, img: Image.Image) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
-        """RGB image -> ({stage: uint8 image}, record for the JSON)."""
+    def super_resolve(self, img: Image.Image, seed: Optional[int] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+        """RGB image -> ({stage: uint8 image}, record for the JSON). `seed` defaults to
+        infer.seed; `run_file` derives one per file name, so an image's output does not
+        depend on which actor or in which order it was processed (HF engine)."""
         inf = self.cfg.infer
         w0, h0 = img.size
         record: Dict[str, Any] = {"input_size": [w0, h0], "mode": inf.mode, "scale": self.scale, "prescale": 1.0}
@@ -121,7 +121,7 @@ class SuperResolver:
         padded = plan.pad(lr)
         boxes = plan.boxes()
         tiles = [Image.fromarray(padded[y0:y1, x0:x1]) for x0, y0, x1, y1 in boxes]
-        results = self._generate(tiles)
+        results = self._generate(tiles, self.cfg.infer.seed if seed is None else seed)
         stage_tiles: Dict[str, List[np.ndarray]] = {s: [] for s in IMAGE_STAGES}
         tile_records = []
         for box, tile, res in zip(boxes, tiles, results):
@@ -171,7 +171,7 @@ class SuperResolver:
             return {"status": "skipped", "input": str(path), "reason": why}
         t0 = time.perf_counter()
         try:
-            images, record = self.super_resolve(img)
+            images, record = self.super_resolve(img, (self.cfg.infer.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31)
         except Exception as exc:  # one bad image must not stop a folder
             log.exception("infer failed on %s", path)
             return {"status": "skipped", "input": str(path), "reason": f"{type(exc).__name__}: {exc}"}

@@ -56,6 +56,13 @@ def test_infer_folder_of_odd_sizes_and_modes(run_dir, inputs, tmp_path, capsys):
     summary = json.loads((out / "infer_summary.json").read_text())
     assert summary["written"] == 4 and summary["skipped"] == 2
     assert "4 images written" in capsys.readouterr().out
+    # an image's output depends on its name and the seed, not on what else was in the folder
+    # (so eval's shards over actors reproduce a one-process run)
+    alone = tmp_path / "alone"
+    assert main(["infer", "--checkpoint", str(run_dir / "policy"), "--image", str(inputs / "odd.png"), "--out",
+                 str(alone), "--no-progress", *FAST]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(alone / "final" / "odd.png")),
+                                  np.asarray(Image.open(out / "final" / "odd.png")))
 
 
 def test_infer_resize_mode_and_tile_cap(run_dir, tmp_path):
@@ -110,10 +117,10 @@ def test_well_formed_traces_are_decoded_and_blended_without_fallback(tiny_cfg, r
     fake = _TraceEngine(r)
     original = r._generate
 
-    def generate(tiles):
+    def generate(tiles, seed):
         fake.tiles = tiles
         r.engine = fake
-        return original(tiles)
+        return original(tiles, seed)
 
     r._generate = generate
     img = Image.fromarray(skimage.data.astronaut()).resize((50, 37))
