@@ -108,4 +108,10 @@ def test_invalid_config_fails_before_any_actor(capsys):
     assert "trainer.mode" in capsys.readouterr().err
     assert cli_main(["train", "rollout.group_size=3", "trainer.prompts_per_step=1"]) == 2
     assert "learner.num_workers" in capsys.readouterr().err
+    # overrides after a flag are still overrides (and still validated); a stray word is not
+    assert cli_main(["train", "--no-progress", "trainer.mode=fast"]) == 2
+    assert "trainer.mode" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["train", "trainer.steps=1", "--no-progress", "fast"])
+    assert "unrecognized arguments: fast" in capsys.readouterr().err
     assert not ray.is_initialized()

@@ -17,8 +17,6 @@ pytestmark = pytest.mark.slow
 LABELS = ["medium", "downsample", "heavy", "light", "upsample"]
 
 
-
-
 @pytest.fixture(scope="module")
 def vq_dir(tiny_vq, tmp_path_factory):
     return str(tiny_vq.save(tmp_path_factory.mktemp("vq") / "vq"))
