@@ -121,15 +121,9 @@ class MetricSuite:
         return MetricStatus(spec.name, label, True, note)
 
     def _tensor(self, img: np.ndarray, min_size: int = 0):
-        import torch
-        import torch.nn.functional as F
+        from rewards.iqa import to_unit_tensor, upsample_short_side
 
-        x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-        if min_size and min(x.shape[-2:]) < min_size:
-            s = min_size / min(x.shape[-2:])
-            x = F.interpolate(x, size=(round(x.shape[-2] * s), round(x.shape[-1] * s)), mode="bicubic",
-                              align_corners=False).clamp(0, 1)
-        return x.to(self.device)
+        return upsample_short_side(to_unit_tensor([img]), min_size).to(self.device)
 
     def score(self, sr: np.ndarray, hr: Optional[np.ndarray]) -> Dict[str, Optional[float]]:
         """uint8 [H, W, 3] SR (and HR, same size) -> {metric: value}; None where the metric is

@@ -32,6 +32,21 @@ def _option(v: str):
             return v
 
 
+def to_unit_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 [H, W, 3] images (same size) -> float [N, 3, H, W] in [0, 1]."""
+    return torch.stack([torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                        for im in images])
+
+
+def upsample_short_side(x: torch.Tensor, min_size: int) -> torch.Tensor:
+    """Bicubic-upsample [N, 3, H, W] so the short side is at least `min_size` (0 = as is)."""
+    if not min_size or min(x.shape[-2:]) >= min_size:
+        return x
+    s = min_size / min(x.shape[-2:])
+    size = (round(x.shape[-2] * s), round(x.shape[-1] * s))
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
 def normalise(value: float, best: float, worst: float) -> float:
     return float(min(1.0, max(0.0, (value - worst) / (best - worst))))
 
@@ -65,9 +80,6 @@ class IQAScorer:
         if cfg.fidelity.metric:
             self.fidelity = pyiqa.create_metric(cfg.fidelity.metric, device=self.device, as_loss=False)
 
-    @staticmethod
-    def _to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
-        return torch.stack([torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1) for im in images])
 
     @torch.no_grad()
     def _run(self, metric, x: torch.Tensor, ref: Optional[torch.Tensor] = None) -> List[float]:
@@ -81,21 +93,16 @@ class IQAScorer:
         to count and replace."""
         if not len(images):
             return []
-        x = self._to_tensor(images)
+        x = to_unit_tensor(images)
         raw: Dict[str, List[float]] = {}
         for spec, metric in zip(self.specs, self.metrics):
-            xi = x
-            if spec.min_size and min(x.shape[-2:]) < spec.min_size:
-                s = spec.min_size / min(x.shape[-2:])
-                size = (round(x.shape[-2] * s), round(x.shape[-1] * s))
-                xi = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
-            raw[spec.name] = self._run(metric, xi)
+            raw[spec.name] = self._run(metric, upsample_short_side(x, spec.min_size))
         fid_raw: List[Optional[float]] = [None] * len(images)
         if self.fidelity is not None and refs is not None:
             for i, ref in enumerate(refs):
                 if ref is None:
                     continue
-                r = self._to_tensor([ref])
+                r = to_unit_tensor([ref])
                 if r.shape[-2:] != x.shape[-2:]:
                     r = F.interpolate(r, size=x.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
                 fid_raw[i] = self._run(self.fidelity, x[i:i + 1], r)[0]
