@@ -122,23 +122,30 @@ def _find_sr(sr_dir: str, item: EvalItem) -> Optional[str]:
     return str(hits[0]) if hits else None
 
 
-def _generate(cfg, ckpt, es: EvalSet, out: Path) -> List[Dict[str, Any]]:
-    """Checkpoint column: infer on every LR image, sharded over eval.num_workers actors."""
+def _generate(cfg, ckpt, sets: Sequence[EvalSet], outs: Sequence[Path]) -> List[List[Dict[str, Any]]]:
+    """Checkpoint column: infer on every LR image of every set (outputs under the set's
+    folder in `outs`). One engine per actor for the whole column, shared by the sets; each
+    set's images are sharded over the eval.num_workers actors."""
     from evaluation.actors import InferWorker, shards
     from evaluation.infer import SuperResolver, run_infer
 
-    files = [Path(i.lr_path) for i in es.items]
-    names = [i.id for i in es.items]
+    jobs = [([Path(i.lr_path) for i in es.items], [i.id for i in es.items], out) for es, out in zip(sets, outs)]
     if cfg.eval.num_workers == 0:
-        return run_infer(SuperResolver(cfg, ckpt.policy_dir, ckpt.vq_dir), files, names, out, progress=False)
+        resolver = SuperResolver(cfg, ckpt.policy_dir, ckpt.vq_dir)
+        return [run_infer(resolver, files, names, out, progress=False) for files, names, out in jobs]
     import ray
 
-    parts = shards(len(files), cfg.eval.num_workers)
+    most = max(len(files) for files, _, _ in jobs)
     actors = [InferWorker.options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus).remote(
-        cfg, str(ckpt.policy_dir), str(ckpt.vq_dir)) for _ in parts]
+        cfg, str(ckpt.policy_dir), str(ckpt.vq_dir)) for _ in shards(most, cfg.eval.num_workers)]
     try:
-        refs = [a.run.remote([str(files[i]) for i in p], [names[i] for i in p], str(out)) for a, p in zip(actors, parts)]
-        return [r for chunk in ray.get(refs) for r in chunk]
+        results = []
+        for files, names, out in jobs:
+            parts = shards(len(files), len(actors))
+            refs = [a.run.remote([str(files[i]) for i in p], [names[i] for i in p], str(out))
+                    for a, p in zip(actors, parts)]
+            results.append([r for chunk in ray.get(refs) for r in chunk])
+        return results
     finally:
         for a in actors:
             ray.kill(a)
@@ -200,17 +207,18 @@ def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkp
     gen_s: Dict[str, float] = {}
     for col in tqdm(columns, desc="eval columns", disable=not progress):
         tc = time.perf_counter()
-        for es in sets:
-            d = out / es.name / col.name
-            if col.kind == "checkpoint":
-                recs = _generate(cfg, checkpoints[col.name], es, d)
+        if col.kind == "checkpoint":
+            per_set = _generate(cfg, checkpoints[col.name], sets, [out / es.name / col.name for es in sets])
+            for es, recs in zip(sets, per_set):
                 by_input = {r["input"]: r for r in recs}
                 rs = [by_input.get(i.lr_path) for i in es.items]
                 records[(es.name, col.name)] = [r if r and r["status"] == "ok" else None for r in rs]
                 sr[(es.name, col.name)] = [r["files"]["final"] if r and r["status"] == "ok" else None for r in rs]
-            elif col.kind == "bicubic":
+        for es in sets:
+            d = out / es.name / col.name
+            if col.kind == "bicubic":
                 sr[(es.name, col.name)] = [_bicubic(i, scale, d) for i in es.items]
-            else:
+            elif col.kind == "sr":
                 sr[(es.name, col.name)] = [_find_sr(col.path, i) for i in es.items]
         gen_s[col.name] = time.perf_counter() - tc
         tqdm.write(f"eval: {col.name}: outputs ready in {gen_s[col.name]:.1f}s")
