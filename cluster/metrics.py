@@ -49,8 +49,9 @@ def step_metrics(rewards, samples, learn: Dict[str, float], sync: Dict[str, floa
 
 
 def step_line(step: int, total: int, m: Dict[str, float]) -> str:
+    kl = f"{m['kl']:.4f}" if "kl" in m else "off"  # no reference policy: no KL to report
     return (f"step {step}/{total} | reward {m['reward/total/mean']:.3f} (fmt {m['reward/format/mean']:.2f} "
             f"deg {m['reward/degradation/mean']:.2f} und {m['reward/understanding/mean']:.2f} "
-            f"gen {m['reward/generation/mean']:.2f}) | kl {m.get('kl', 0.0):.4f} | "
+            f"gen {m['reward/generation/mean']:.2f}) | kl {kl} | "
             f"gen {m['timing/generate_s']:.1f}s rew {m['timing/reward_s']:.1f}s learn {m['timing/learn_s']:.1f}s "
             f"sync {m['timing/sync_s']:.2f}s | lag {m['policy/version_lag']:.1f}")

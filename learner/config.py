@@ -18,7 +18,11 @@ class GRPOConfig:
     norm_tokens: int = 0  # seq-mean-token-sum-norm constant; 0 = padded length
     adv_eps: float = 1e-6
     adv_std_normalize: bool = True  # False = Dr. GRPO
-    kl_coef: float = 0.0  # 0 = no reference model at all
+    kl_coef: float = 0.0  # 0 = no KL term in the loss (and no reference model unless kl_monitor)
+    # Keep the frozen reference policy even at kl_coef 0, only to report `kl` (how far GRPO has
+    # moved the policy). Costs one more copy of the weights and one more forward per micro-batch;
+    # without it `kl` is not reported at all rather than logged as a meaningless 0.
+    kl_monitor: bool = False
     kl_estimator: str = "k3"
     tis_cap: float = 2.0  # truncated IS weight cap for rollout-vs-learner log-prob mismatch; 0 = off
     # Image tokens outnumber text ~25:1 in a full trace (4,164 + 1,060 + 276 image tokens vs

@@ -65,7 +65,7 @@ class LearnerEngine:
                                                config=self._ds_config(with_optimizer=True))
         self.device = self.engine.device
         self.ref = None
-        if cfg.grpo.kl_coef > 0:
+        if cfg.grpo.kl_coef > 0 or cfg.grpo.kl_monitor:
             ref = load_policy(self.policy_dir).model.eval()
             for p in ref.parameters():
                 p.requires_grad_(False)
@@ -178,9 +178,8 @@ class LearnerEngine:
         ntok = max(tot["tokens"], 1.0)
         counts = self._allreduce([float((batch["loss_mask"] * batch["is_image"]).sum()),
                                   float((batch["loss_mask"] * (1 - batch["is_image"])).sum())])
-        return {
+        out = {
             "loss/policy": tot["pg_loss"] / (g.ppo_epochs * g.minibatches),
-            "kl": tot["kl"] / ntok,
             "entropy": tot["entropy"] / ntok,
             "clip_fraction": tot["clip"] / ntok,
             "ratio_mean": tot["ratio"] / ntok,
@@ -192,6 +191,9 @@ class LearnerEngine:
             "timing/learn_s": time.perf_counter() - t0,
             "optimizer_steps": float(len(grad_norms)),
         }
+        if self.ref is not None:  # KL to the reference (the policy GRPO started from)
+            out["kl"] = tot["kl"] / ntok
+        return out
 
     def _grpo_minibatch(self, batch, idx: np.ndarray, norm_tokens: int, sums: Dict[str, float]) -> float:
         g = self.cfg.grpo
@@ -219,7 +221,8 @@ class LearnerEngine:
                 with torch.no_grad():
                     ref_logp, _ = self._logp(self.ref.module if hasattr(self.ref, "module") else self.ref, mb, start, False)
                 kl = kl_penalty(logp, ref_logp, g.kl_estimator)
-                loss = loss + g.kl_coef * aggregate(kl, mask, g.loss_agg, tw, denom, norm_tokens)
+                if g.kl_coef > 0:
+                    loss = loss + g.kl_coef * aggregate(kl, mask, g.loss_agg, tw, denom, norm_tokens)
                 sums["kl"] += float((kl.detach() * mask).sum())
             n_tok = float(mask.sum())
             sums["tokens"] += n_tok
