@@ -37,6 +37,7 @@ from vlcot.trace import build_prompt, parse_response
 log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
 DRIVER_STATE = "driver_state.json"
+SFT_POLICY = "sft/hf"  # the cold-start SFT result: GRPO's starting point and its KL reference
 
 
 class DataCursor:
@@ -148,8 +149,19 @@ class GRPOTrainer:
         hist = run_sft(self.learner, prompts, responses, cfg.learner.sft, self.tokenizer.pad_token_id or 0,
                        self.image_ids, seed=cfg.seed, on_step=on_step)
         self.learner.set_lr(cfg.learner.lr)
+        self.learner.save_policy(str(self.run_dir / SFT_POLICY))
         print(f"cold-start SFT: {len(hist)} steps on {len(prompts)} traces, loss {hist[0]['loss/sft']:.3f} -> "
-              f"{hist[-1]['loss/sft']:.3f} in {time.perf_counter() - t0:.0f}s")
+              f"{hist[-1]['loss/sft']:.3f} in {time.perf_counter() - t0:.0f}s; policy in {self.run_dir / SFT_POLICY}")
+
+    def _reference_is_sft(self) -> None:
+        """The KL reference (when there is one) is the policy GRPO starts from: after in-run SFT
+        that is the SFT result, not the initial policy the learner was built from. Read from disk
+        so a resumed run gets the same reference."""
+        sft = self.run_dir / SFT_POLICY
+        if sft.is_dir():
+            self.learner.set_reference(str(sft))
+        else:
+            log.warning("no %s in this run (made before it was saved): the KL reference is the initial policy", sft)
 
     # ---- one step ----------------------------------------------------------------------------
     def _submit(self, step: int) -> Tuple[Dict[str, Any], List[int], float]:
@@ -233,8 +245,10 @@ class GRPOTrainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             self.tracker.artifact(str(self.run_dir / "config.yaml"))
         try:
-            if not self.resume and cfg.trainer.sft and cfg.learner.sft.steps > 0:
-                self._sft()
+            if cfg.trainer.sft and cfg.learner.sft.steps > 0:
+                if not self.resume:
+                    self._sft()
+                self._reference_is_sft()
             self.rollout.sync(self.learner, version)
             bar = tqdm(total=cfg.trainer.steps, initial=start, desc="grpo", disable=not self.progress)
             pending = self._submit(start) if start < cfg.trainer.steps else None

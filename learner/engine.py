@@ -65,16 +65,33 @@ class LearnerEngine:
                                                config=self._ds_config(with_optimizer=True))
         self.device = self.engine.device
         self.ref = None
-        if cfg.grpo.kl_coef > 0 or cfg.grpo.kl_monitor:
-            ref = load_policy(self.policy_dir).model.eval()
-            for p in ref.parameters():
-                p.requires_grad_(False)
-            if cfg.zero_stage == 3:
-                self.ref, *_ = deepspeed.initialize(model=ref, config=self._ds_config(with_optimizer=False))
-            else:
-                self.ref = ref.to(self.device, self.dtype)
+        self.set_reference(self.policy_dir)
         self.step_count = 0
         self.version = 0
+
+    def set_reference(self, hf_dir: Optional[str] = None) -> bool:
+        """(Re)build the frozen reference policy of the KL term / monitor: from an HF policy
+        folder, or (None) from the current weights, e.g. right after cold-start SFT, so the
+        reference is the policy GRPO starts from. No-op (False) when no reference is wanted."""
+        import deepspeed
+
+        from vlcot.policy import load_policy
+
+        g = self.cfg.grpo
+        if not (g.kl_coef > 0 or g.kl_monitor):
+            return False
+        state = self.full_state_dict() if hf_dir is None else None
+        ref = load_policy(hf_dir or self.policy_dir).model.eval()
+        if state is not None:
+            ref.load_state_dict(state, strict=False)
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        self.ref = None  # drop the old copy before building the new one
+        if self.cfg.zero_stage == 3:
+            self.ref, *_ = deepspeed.initialize(model=ref, config=self._ds_config(with_optimizer=False))
+        else:
+            self.ref = ref.to(self.device, self.dtype)
+        return True
 
     # ---- configuration -----------------------------------------------------------------------
     def _ds_config(self, with_optimizer: bool) -> Dict[str, Any]:
@@ -296,17 +313,23 @@ class LearnerEngine:
         """HF-layout safetensors (+ tokenizer) in `path/hf`, DeepSpeed model+optimizer state in
         `path/ds`, learner step and version in `path/learner_state.json`. All ranks call."""
         path_ = Path(path)
+        self.save_policy(str(path_ / "hf"))
+        self.engine.save_checkpoint(str(path_ / "ds"), tag=DS_TAG, client_state={"step_count": self.step_count})
+        if self.rank == 0:
+            state = {"step_count": self.step_count, "version": self.version, **(extra_state or {})}
+            (path_ / STATE_FILE).write_text(json.dumps(state, indent=2))
+        self.dist.barrier()
+
+    def save_policy(self, path: str) -> None:
+        """The current weights as an HF policy folder (rank 0 writes; all ranks call, since
+        ZeRO-3 gathers)."""
         sd = self.full_state_dict()
         if self.rank == 0:
             from vlcot.policy import Policy, load_policy
 
             base = load_policy(self.policy_dir)
             base.model.load_state_dict(sd, strict=False)
-            Policy(base.model, base.tokenizer, base.layout).save(path_ / "hf")
-        self.engine.save_checkpoint(str(path_ / "ds"), tag=DS_TAG, client_state={"step_count": self.step_count})
-        if self.rank == 0:
-            state = {"step_count": self.step_count, "version": self.version, **(extra_state or {})}
-            (path_ / STATE_FILE).write_text(json.dumps(state, indent=2))
+            Policy(base.model, base.tokenizer, base.layout).save(Path(path))
         self.dist.barrier()
 
     def load(self, path: str) -> Dict[str, Any]:

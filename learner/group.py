@@ -90,6 +90,12 @@ class LearnerActor:
     def load(self, path: str) -> Dict[str, Any]:
         return self.engine.load(path)
 
+    def save_policy(self, path: str) -> None:
+        self.engine.save_policy(path)
+
+    def set_reference(self, hf_dir: Optional[str] = None) -> bool:
+        return self.engine.set_reference(hf_dir)
+
 
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, policy_dir: str, runtime_env: Optional[dict] = None,
@@ -144,6 +150,14 @@ class LearnerGroup:
 
     def load(self, path: str) -> Dict[str, Any]:
         return self._all("load", path)[0]
+
+    def save_policy(self, path: str) -> None:
+        """The current weights as an HF policy folder."""
+        self._all("save_policy", path)
+
+    def set_reference(self, hf_dir: Optional[str] = None) -> bool:
+        """Rebuild the KL reference from `hf_dir`, or from the current weights (None)."""
+        return self._all("set_reference", hf_dir)[0]
 
     def shutdown(self) -> None:
         for a in self.actors:

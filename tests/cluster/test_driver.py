@@ -62,6 +62,17 @@ def test_two_step_run_logs_every_metric(tmp_path, mode, placement):
     assert "config.yaml" in arts and "grids" in arts
 
 
+def test_kl_reference_after_in_run_sft_is_the_sft_policy(tmp_path):
+    """GRPO's KL is measured from where GRPO starts: the SFT result saved in the run, not the
+    initial policy the learner ranks were built from (kl would be large at step 1 then)."""
+    summary = GRPOTrainer(small(tmp_path, "trainer.sft=true", "learner.sft.steps=4", "trainer.steps=1",
+                                "learner.grpo.kl_monitor=true"), progress=False).run()
+    client, run = run_metrics(summary)
+    kl = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "kl")}
+    assert abs(kl[1]) < 1e-6, kl
+    assert (tmp_path / "sft" / "hf" / "config.json").is_file()
+
+
 def test_killed_rollout_worker_and_reward_actor_do_not_lose_samples(tmp_path):
     killed = {}
 
