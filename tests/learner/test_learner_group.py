@@ -70,6 +70,41 @@ def test_kl_monitor_reports_the_distance_from_the_start_without_changing_the_upd
     assert all(np.allclose(states[True][n], states[False][n], rtol=0, atol=1e-7) for n in states[False])
 
 
+def _response_logp(model, prompt, response):
+    import torch
+
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    return float(logp[len(prompt) - 1:].gather(-1, ids[0, len(prompt):, None]).sum())
+
+
+def test_grpo_step_raises_the_better_response_and_lowers_the_worse(ray_local, policy_dir, tiny_policy):
+    """The whole learner path (packing, shifted log-probs, loss sign, ZeRO step) moves the
+    policy towards the positive-advantage response of a group and away from the other."""
+    import copy
+
+    import torch
+
+    layout = tiny_policy.layout
+    rng = np.random.default_rng(7)
+    prompt = [int(t) for t in rng.integers(3, 600, 12)]
+    good = [int(t) for t in rng.integers(3, 600, 4)] + [layout.image_start] + [int(t) for t in rng.choice(layout.image_code_ids, 6)]
+    bad = [int(t) for t in rng.integers(3, 600, 4)] + [layout.image_start] + [int(t) for t in rng.choice(layout.image_code_ids, 6)]
+    model = copy.deepcopy(tiny_policy.model).float().eval()
+    before = (_response_logp(model, prompt, good), _response_logp(model, prompt, bad))
+    group = LearnerGroup(LearnerConfig(num_workers=2, zero_stage=2, lr=1e-3), policy_dir)
+    try:
+        group.grpo_step(pack_grpo([prompt, prompt], [good, bad], [1.0, -1.0], image_token_ids=layout.image_span_ids()))
+        state = group.full_state_dict()
+    finally:
+        group.shutdown()
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+    after = (_response_logp(model, prompt, good), _response_logp(model, prompt, bad))
+    assert after[0] > before[0] + 1e-3, (before, after)
+    assert after[1] < before[1] - 1e-3, (before, after)
+
+
 @ray.remote(num_cpus=0)
 class Receiver:
     """Receiving end of the broadcast, as a rollout worker runs it."""
