@@ -69,10 +69,10 @@ class LearnerEngine:
         self.step_count = 0
         self.version = 0
 
-    def set_reference(self, hf_dir: Optional[str] = None) -> bool:
-        """(Re)build the frozen reference policy of the KL term / monitor: from an HF policy
-        folder, or (None) from the current weights, e.g. right after cold-start SFT, so the
-        reference is the policy GRPO starts from. No-op (False) when no reference is wanted."""
+    def set_reference(self, hf_dir: str) -> bool:
+        """(Re)build the frozen reference policy of the KL term / monitor from an HF policy
+        folder: the policy GRPO starts from (the driver passes the in-run SFT result). No-op
+        (False) when no reference is wanted."""
         import deepspeed
 
         from vlcot.policy import load_policy
@@ -80,10 +80,7 @@ class LearnerEngine:
         g = self.cfg.grpo
         if not (g.kl_coef > 0 or g.kl_monitor):
             return False
-        state = self.full_state_dict() if hf_dir is None else None
-        ref = load_policy(hf_dir or self.policy_dir).model.eval()
-        if state is not None:
-            ref.load_state_dict(state, strict=False)
+        ref = load_policy(hf_dir).model.eval()
         for p in ref.parameters():
             p.requires_grad_(False)
         self.ref = None  # drop the old copy before building the new one

@@ -93,7 +93,7 @@ class LearnerActor:
     def save_policy(self, path: str) -> None:
         self.engine.save_policy(path)
 
-    def set_reference(self, hf_dir: Optional[str] = None) -> bool:
+    def set_reference(self, hf_dir: str) -> bool:
         return self.engine.set_reference(hf_dir)
 
 
@@ -155,8 +155,8 @@ class LearnerGroup:
         """The current weights as an HF policy folder."""
         self._all("save_policy", path)
 
-    def set_reference(self, hf_dir: Optional[str] = None) -> bool:
-        """Rebuild the KL reference from `hf_dir`, or from the current weights (None)."""
+    def set_reference(self, hf_dir: str) -> bool:
+        """Rebuild the KL reference of every rank from the HF policy folder `hf_dir`."""
         return self._all("set_reference", hf_dir)[0]
 
     def shutdown(self) -> None:
