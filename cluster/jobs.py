@@ -53,19 +53,36 @@ def required_cpus(cfg: Config) -> int:
                      + cfg.rewards.num_workers * cfg.rewards.num_cpus)
 
 
+_PRIVATE_RAY: Optional[str] = None  # GCS address of the local Ray start_ray started in this process
+
+
 def start_ray(num_cpus: Optional[int] = None) -> None:
     """Join the cluster this job was submitted to (RAY_ADDRESS, set by `ray job submit`),
     else start a private local one. A local one advertises at least `num_cpus` logical
-    CPUs: on a small machine the actors time-share the cores instead of waiting forever."""
+    CPUs: on a small machine the actors time-share the cores instead of waiting forever.
+    A private Ray that an earlier job of this process started too small is restarted bigger
+    (its jobs have shut their actors down); a smaller cluster we joined gets a warning, since
+    the actors will wait until it grows."""
     import ray
 
+    global _PRIVATE_RAY
+    need = num_cpus or 0
     if ray.is_initialized():
-        return
+        have = ray.cluster_resources().get("CPU", 0)
+        if have >= need:
+            return
+        if ray.get_runtime_context().gcs_address != _PRIVATE_RAY:
+            log.warning("the Ray cluster advertises %g CPUs, this job's actors ask for %d: they wait until it grows",
+                        have, need)
+            return
+        log.warning("restarting this process's local Ray: it has %g CPUs, this job asks for %d", have, need)
+        ray.shutdown()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
     else:
-        ray.init(address="local", num_cpus=max(num_cpus or 0, os.cpu_count() or 1), include_dashboard=False,
+        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=False)
+        _PRIVATE_RAY = ray.get_runtime_context().gcs_address
 
 
 def run_sft_job(cfg: Config, out_dir: Optional[Path] = None, progress: bool = True) -> Dict[str, object]:

@@ -76,7 +76,12 @@ class RewardPool:
         self.restarts = 0
         self.retries = 0
         self.actors = [self._start(i) for i in range(cfg.num_workers)]
-        ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
+        try:
+            ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"reward actors not ready after {timeout_s:.0f}s: each asks for num_cpus={cfg.num_cpus}, "
+                f"num_gpus={cfg.num_gpus}; the cluster has {ray.available_resources()} free") from None
 
     def _start(self, slot: int):
         extra = self.placement(slot) if self.placement else {}
