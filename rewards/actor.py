@@ -78,7 +78,7 @@ class RewardPool:
         self.actors = [self._start(i) for i in range(cfg.num_workers)]
         try:
             ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
+        except GetTimeoutError:
             raise RuntimeError(
                 f"reward actors not ready after {timeout_s:.0f}s: each asks for num_cpus={cfg.num_cpus}, "
                 f"num_gpus={cfg.num_gpus}; the cluster has {ray.available_resources()} free") from None
