@@ -18,7 +18,6 @@ from cluster.config import load_config  # noqa: E402
 from cluster.jobs import ensure_policy_dir  # noqa: E402
 from rollout.worker import RolloutWorker  # noqa: E402
 from vlcot.policy import load_policy_meta  # noqa: E402
-from vlcot.text_tokenizer import HFTextCodec  # noqa: E402
 from vlcot.trace import build_prompt  # noqa: E402
 
 
@@ -31,8 +30,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(overrides=["run_dir=runs/bench-rollout", *args.overrides])
     pdir = str(ensure_policy_dir(cfg))
-    _, tok, layout = load_policy_meta(pdir)
-    codec = HFTextCodec(tok, layout)
+    meta = load_policy_meta(pdir)
+    layout, codec = meta.layout, meta.codec
     side = cfg.image.prompt_size // 8
     prompts = [build_prompt(np.random.default_rng(i).integers(0, layout.codebook_size, (side, side)), codec, layout)
                for i in range(args.prompts)]

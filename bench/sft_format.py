@@ -33,7 +33,7 @@ def strict_rate(policy, state, prompts, responses, hr_size):
     ok, valid = 0, 0
     for p, r in zip(prompts, responses):
         out = policy.model.generate(torch.tensor([p]), max_new_tokens=len(r) + 32, do_sample=False,
-                                    eos_token_id=policy.tokenizer.eos_token_id, pad_token_id=policy.tokenizer.pad_token_id)
+                                    eos_token_id=policy.codec.end_token_id, pad_token_id=policy.tokenizer.pad_token_id)
         parsed = parse_response(out[0, len(p):].tolist(), policy.codec, policy.layout, hr_size=hr_size)
         ok += parsed.strict_format
         valid += parsed.valid

@@ -7,6 +7,7 @@ key and what is allowed, before anything is started.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -23,6 +24,7 @@ from rollout.config import RolloutConfig
 from rollout.config import problems as rollout_problems
 from rewards.config import problems as reward_problems
 from vlcot.config import DataConfig, DegradationConfig, ImageConfig, OrderConfig, PolicyConfig, VQConfig
+from vlcot.conversation import conversation_problems
 from vlcot.kernels import KERNEL_TYPES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -183,6 +185,43 @@ def _validate_order(prefix: str, o: OrderConfig) -> None:
         _fail(f"{prefix}.jpeg_quality", f"quality must be <= 100, got {list(o.jpeg_quality)}")
 
 
+def _validate_checkpoint(cfg: Config) -> None:
+    """What can be checked against a local policy folder before anything starts."""
+    path = Path(cfg.policy.checkpoint)
+    if not (path / "config.json").is_file():
+        _fail("policy.checkpoint", f"{path} is not an HF-layout directory with config.json")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        _fail("policy.checkpoint", f"{path / 'config.json'} cannot be read: {exc}")
+    arch = (raw.get("architectures") or [""])[0]
+    if arch and arch != "ChameleonForConditionalGeneration":
+        _fail("policy.checkpoint", f"{path} declares architecture {arch!r}; convert a released Lumina-mGPT / PURE "
+              f"folder once with: realsr-r1 import-policy --src {path} --out DIR")
+    limit = int(raw.get("max_position_embeddings") or 0)
+    if limit and cfg.rollout.max_model_len > limit:
+        _fail("rollout.max_model_len", f"{cfg.rollout.max_model_len} exceeds the policy's max_position_embeddings "
+              f"{limit} ({path / 'config.json'}): set it to at most {limit}")
+
+
+def _validate_gpu_sharing(cfg: Config) -> None:
+    """NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): a fractional GPU request
+    lets Ray put two NCCL ranks (learner ranks, or learner rank 0 and a rollout worker in the
+    weight group) on one device."""
+    r, lr = cfg.rollout, cfg.learner
+    if 0 < lr.num_gpus < 1:
+        _fail("learner.num_gpus", f"{lr.num_gpus} shares a GPU between learner ranks, whose NCCL group refuses "
+              "two ranks on one GPU: use 1 (one GPU per rank)")
+    if 0 < r.gpus_per_worker < 1:
+        _fail("rollout.gpus_per_worker", f"{r.gpus_per_worker} lets a rollout worker share a GPU with another member "
+              "of the NCCL weight group (learner rank 0 or a worker), which NCCL refuses: use whole GPUs (1); a "
+              "same-GPU (CUDA IPC) weight path is not implemented")
+    if r.engine == "vllm" and r.tensor_parallel_size > 1:
+        _fail("rollout.tensor_parallel_size", f"{r.tensor_parallel_size}: weight updates pass tensors to an in-process "
+              "vLLM engine, which tensor parallelism moves into other processes; use 1 and scale with "
+              "rollout.num_workers")
+
+
 def validate(cfg: Config) -> None:
     im = cfg.image
     for name in ("hr_size", "lr_size", "prompt_size", "patch_px"):
@@ -209,12 +248,16 @@ def validate(cfg: Config) -> None:
         _fail("vq", "codebook_size >= 2, codebook_dim >= 1 and layers_per_block >= 1 are required")
     if vq.checkpoint and not Path(vq.checkpoint).exists():
         _fail("vq.checkpoint", f"no such file or directory: {vq.checkpoint}")
+    if vq.weights not in ("model", "ema"):
+        _fail("vq.weights", f"{vq.weights!r} not in ['model', 'ema']")
 
     pol = cfg.policy
     if pol.dtype not in DTYPES:
         _fail("policy.dtype", f"{pol.dtype!r} not in {list(DTYPES)}")
-    if pol.checkpoint and not (Path(pol.checkpoint) / "config.json").is_file():
-        _fail("policy.checkpoint", f"{pol.checkpoint} is not an HF-layout directory with config.json")
+    for key, msg in conversation_problems(pol.conversation):
+        _fail(key, msg)
+    if pol.checkpoint:
+        _validate_checkpoint(cfg)
     m = pol.model
     if m.hidden_size % m.num_attention_heads or m.num_attention_heads % m.num_key_value_heads:
         _fail("policy.model", "hidden_size must divide by num_attention_heads, which must divide by num_key_value_heads")
@@ -244,6 +287,7 @@ def validate(cfg: Config) -> None:
     for key, msg in (reward_problems(cfg.rewards) + learner_problems(cfg.learner) + rollout_problems(cfg.rollout)
                      + evaluation_problems(cfg.infer, cfg.eval)):
         _fail(key, msg)
+    _validate_gpu_sharing(cfg)
     if cfg.infer.engine == "vllm" and cfg.rollout.sampling.cfg_scale != 1.0:
         _fail("infer.engine", "rollout.sampling.cfg_scale asks for classifier-free guidance, which only the hf engine runs")
     if cfg.infer.tile_overlap >= im.lr_size:

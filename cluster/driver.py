@@ -92,7 +92,6 @@ class GRPOTrainer:
     # ---- setup -------------------------------------------------------------------------------
     def _prepare(self) -> None:
         from vlcot.policy import load_policy_meta
-        from vlcot.text_tokenizer import HFTextCodec
         from vlcot.vq import VQTokenizer
 
         cfg = self.cfg
@@ -102,8 +101,8 @@ class GRPOTrainer:
         self.policy_dir = ensure_policy_dir(cfg)
         self.vq_dir = ensure_vq_dir(cfg)
         self.vq = VQTokenizer.load(self.vq_dir)
-        _, self.tokenizer, self.layout = load_policy_meta(self.policy_dir, cfg.policy, cfg.image, cfg.vq)
-        self.codec = HFTextCodec(self.tokenizer, self.layout)
+        meta = load_policy_meta(self.policy_dir, cfg.policy, cfg.image, cfg.vq)
+        self.tokenizer, self.layout, self.codec = meta.tokenizer, meta.layout, meta.codec
         from vlcot.images import open_image
 
         self.prompt_ids: List[List[int]] = []
@@ -127,7 +126,8 @@ class GRPOTrainer:
         where = self.placement.for_role if self.placement else (lambda role: None)
         self.learner = LearnerGroup(cfg.learner, str(self.policy_dir), placement=where("learner"))
         self.rewards = RewardPool(cfg.rewards, str(self.vq_dir), runtime_env_for_iqa(cfg.envs), placement=where("rewards"))
-        self.rollout = RolloutPool(cfg.rollout, str(self.policy_dir), cfg.image, placement=where("rollout"))
+        self.rollout = RolloutPool(cfg.rollout, str(self.policy_dir), cfg.image, cfg.policy,
+                                   placement=where("rollout"))
         self.rollout.join_weight_group(self.learner)
         print(f"actors up in {time.perf_counter() - t0:.0f}s: {cfg.learner.num_workers} learner ranks "
               f"(ZeRO-{cfg.learner.zero_stage}), {cfg.rollout.num_workers} {cfg.rollout.engine} rollout workers, "

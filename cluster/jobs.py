@@ -93,14 +93,14 @@ def run_sft_job(cfg: Config, out_dir: Optional[Path] = None, progress: bool = Tr
     from learner.group import LearnerGroup
     from learner.sft import build_sft_examples, run_sft
     from vlcot.data import read_manifest
-    from vlcot.policy import load_policy
+    from vlcot.policy import load_policy_meta
     from vlcot.vq import VQTokenizer
 
     manifest = ensure_data(cfg)
     policy_dir = ensure_policy_dir(cfg)
     vq = VQTokenizer.load(ensure_vq_dir(cfg))
-    policy = load_policy(policy_dir, cfg.policy, cfg.image, cfg.vq)
-    prompts, responses, skipped = build_sft_examples(read_manifest(manifest), vq, policy.codec, policy.layout, cfg.image)
+    meta = load_policy_meta(policy_dir, cfg.policy, cfg.image, cfg.vq)  # no weights: only the format is needed here
+    prompts, responses, skipped = build_sft_examples(read_manifest(manifest), vq, meta.codec, meta.layout, cfg.image)
     print(f"sft: {len(prompts)} examples from {manifest}" + (f", {len(skipped)} skipped" if skipped else ""))
     start_ray(max(2, cfg.learner.num_workers))
     group = LearnerGroup(cfg.learner, str(policy_dir))
@@ -115,8 +115,8 @@ def run_sft_job(cfg: Config, out_dir: Optional[Path] = None, progress: bool = Tr
                        f"{m['timing/step_s']:.2f}s")
 
     try:
-        history = run_sft(group, prompts, responses, cfg.learner.sft, pad_id=policy.tokenizer.pad_token_id or 0,
-                          image_ids=policy.layout.image_span_ids(), seed=cfg.seed, on_step=on_step)
+        history = run_sft(group, prompts, responses, cfg.learner.sft, pad_id=meta.tokenizer.pad_token_id or 0,
+                          image_ids=meta.layout.image_span_ids(), seed=cfg.seed, on_step=on_step)
         out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "sft"
         group.save(str(out), {"phase": "sft", "examples": len(prompts)})
     finally:

@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class RolloutPool:
-    def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, max_restarts: int = 3,
+    def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, policy_cfg=None, max_restarts: int = 3,
                  placement: Optional[Callable[[int], Dict[str, Any]]] = None):
-        self.cfg, self.policy_dir, self.image_cfg = cfg, policy_dir, image_cfg
+        self.cfg, self.policy_dir, self.image_cfg, self.policy_cfg = cfg, policy_dir, image_cfg, policy_cfg
         self.placement = placement
         self.max_restarts = max_restarts
         self.restarts = 0
@@ -38,7 +38,8 @@ class RolloutPool:
     def _start(self, index: int):
         extra = self.placement(index) if self.placement else {}
         return RolloutWorker.options(num_cpus=self.cfg.cpus_per_worker, num_gpus=self.cfg.gpus_per_worker,
-                                     max_concurrency=1, **extra).remote(self.cfg, self.policy_dir, self.image_cfg, index)
+                                     max_concurrency=1, **extra).remote(self.cfg, self.policy_dir, self.image_cfg,
+                                                                        self.policy_cfg, index)
 
     # ---- weights ---------------------------------------------------------------------------
     def join_weight_group(self, learner) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -116,22 +117,12 @@ class WeightTransport:
         return SyncStats(version, total, time.perf_counter() - t0, len(buckets))
 
     # ---- receiver -------------------------------------------------------------------------
-    def receive(self) -> Tuple[int, Iterator[Tuple[str, torch.Tensor]]]:
-        """(version, iterator over (name, tensor)). Consume the iterator fully: buckets
-        arrive as it advances, so a consumer can load each bucket before the next lands."""
+    def receive(self) -> Tuple[int, "BucketStream"]:
+        """(version, stream of (name, tensor)). Consume the stream fully: buckets arrive as it
+        advances, so a consumer that loads each tensor and lets go of it holds about two
+        buckets at a time (the stream measures how many were alive at once)."""
         header = pickle.loads(self._bcast_bytes(None))
-        metas, buckets = header["metas"], header["buckets"]
-
-        def stream():
-            for bucket in buckets:
-                dtype = getattr(torch, metas[bucket[0]][2])
-                sizes = [_numel(metas[i][1]) for i in bucket]
-                flat = self._bcast(torch.empty(sum(sizes), dtype=dtype, device=self.device))
-                for i, piece in zip(bucket, torch.split(flat, sizes)):
-                    name, shape, _ = metas[i]
-                    yield name, piece.view(shape)
-
-        return header["version"], stream()
+        return header["version"], BucketStream(self, header["metas"], header["buckets"])
 
     def receive_all(self) -> Tuple[int, Dict[str, torch.Tensor]]:
         version, it = self.receive()
@@ -140,6 +131,44 @@ class WeightTransport:
     def close(self) -> None:
         self.pg = None
         self.store = None
+
+
+class BucketStream:
+    """Iterator over the (name, tensor) pairs of one broadcast, bucket by bucket.
+
+    `peak_live_buckets` / `peak_live_bytes`: the most received buckets still referenced (by
+    the stream or by its consumer, e.g. vLLM's loader) at the moment a new one is allocated.
+    The stream keeps one handle on each bucket's storage and reads its use count, so the
+    bound on the receiver's memory is measured, not assumed; a bucket only the stream still
+    holds is released before the next is allocated.
+    """
+
+    def __init__(self, transport: WeightTransport, metas: Sequence[TensorMeta], buckets: List[List[int]]):
+        self._transport, self._metas, self._buckets = transport, metas, buckets
+        self._held: List[torch.UntypedStorage] = []
+        self.peak_live_buckets = 0
+        self.peak_live_bytes = 0
+
+    def _track(self, flat: torch.Tensor) -> None:
+        self._held = [st for st in self._held if torch._C._storage_Use_Count(st._cdata) > 1]
+        self._held.append(flat.untyped_storage())
+        self.peak_live_buckets = max(self.peak_live_buckets, len(self._held))
+        self.peak_live_bytes = max(self.peak_live_bytes, sum(st.nbytes() for st in self._held))
+
+    def __iter__(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        metas = self._metas
+        for bucket in self._buckets:
+            dtype = getattr(torch, metas[bucket[0]][2])
+            sizes = [_numel(metas[i][1]) for i in bucket]
+            flat = torch.empty(sum(sizes), dtype=dtype, device=self._transport.device)
+            self._track(flat)
+            pieces = torch.split(self._transport._bcast(flat), sizes)
+            del flat  # from here only the pieces handed out keep the bucket alive
+            for k, i in enumerate(bucket):
+                name, shape, _ = metas[i]
+                yield name, pieces[k].view(shape)
+            del pieces
+        self._held = []
 
 
 def free_port() -> int:

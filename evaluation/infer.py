@@ -68,7 +68,6 @@ class SuperResolver:
 
         from rollout.worker import make_engine
         from vlcot.policy import load_policy_meta
-        from vlcot.text_tokenizer import HFTextCodec
         from vlcot.vq import VQTokenizer
 
         self.cfg = cfg
@@ -77,10 +76,10 @@ class SuperResolver:
             device = "cuda" if inf.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         rcfg = copy.deepcopy(cfg.rollout)
         rcfg.engine, rcfg.group_size, rcfg.seed = inf.engine, 1, inf.seed
-        _, tokenizer, self.layout = load_policy_meta(policy_dir, cfg.policy, cfg.image, cfg.vq)
-        self.codec = HFTextCodec(tokenizer, self.layout)
+        meta = load_policy_meta(policy_dir, cfg.policy, cfg.image, cfg.vq)
+        self.layout, self.codec = meta.layout, meta.codec
         self.vq = VQTokenizer.load(vq_dir)
-        self.engine = make_engine(rcfg, str(policy_dir), cfg.image, device)
+        self.engine = make_engine(rcfg, str(policy_dir), cfg.image, cfg.policy, device)
         self.tile = cfg.image.lr_size
         self.scale = cfg.image.hr_size / cfg.image.lr_size
 

@@ -62,6 +62,7 @@ class LearnerConfig:
     seed: int = 0
     ds_shm_comm: bool = False  # CPU only: DeepSpeed's shared-memory collective op (JIT-compiles 40-100 s)
     bucket_mb: int = 256  # weight-broadcast bucket size
+    save_shard_mb: int = 2048  # safetensors shard size of saved policies (rank 0 holds one shard while saving)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
@@ -82,7 +83,7 @@ def problems(cfg: LearnerConfig, prefix: str = "learner") -> List[Tuple[str, str
     for key in ("clip_low", "clip_high", "kl_coef", "tis_cap", "text_token_weight", "image_token_weight"):
         if getattr(g, key) < 0:
             out.append((f"{prefix}.grpo.{key}", "must be >= 0"))
-    for key in ("num_workers", "micro_batch_size", "logprob_chunk", "bucket_mb"):
+    for key in ("num_workers", "micro_batch_size", "logprob_chunk", "bucket_mb", "save_shard_mb"):
         if getattr(cfg, key) < 1:
             out.append((f"{prefix}.{key}", "must be >= 1"))
     if g.ppo_epochs < 1 or g.minibatches < 1:

@@ -55,7 +55,7 @@ class LearnerEngine:
 
         from vlcot.policy import load_policy
 
-        policy = load_policy(self.policy_dir)
+        policy = load_policy(self.policy_dir, dtype=self.dtype)  # never an fp32 copy of a bf16 model
         self.layout = policy.layout
         model = policy.model
         if cfg.gradient_checkpointing:
@@ -80,7 +80,7 @@ class LearnerEngine:
         g = self.cfg.grpo
         if not (g.kl_coef > 0 or g.kl_monitor):
             return False
-        ref = load_policy(hf_dir).model.eval()
+        ref = load_policy(hf_dir, dtype=self.dtype).model.eval()
         for p in ref.parameters():
             p.requires_grad_(False)
         self.ref = None  # drop the old copy before building the new one
@@ -318,15 +318,13 @@ class LearnerEngine:
         self.dist.barrier()
 
     def save_policy(self, path: str) -> None:
-        """The current weights as an HF policy folder (rank 0 writes; all ranks call, since
-        ZeRO-3 gathers)."""
-        sd = self.full_state_dict()
-        if self.rank == 0:
-            from vlcot.policy import Policy, load_policy
+        """The current weights as an HF policy folder, in the learner's dtype, streamed shard by
+        shard (rank 0 writes; every rank walks the parameters, since ZeRO-3 gathers are
+        collective). Config and tokenizer files are copied from the policy folder."""
+        from vlcot.shards import write_policy_folder
 
-            base = load_policy(self.policy_dir)
-            base.model.load_state_dict(sd, strict=False)
-            Policy(base.model, base.tokenizer, base.layout).save(Path(path))
+        write_policy_folder(path, self.iter_full_params(), self.policy_dir, self.dtype,
+                            max_shard_bytes=self.cfg.save_shard_mb << 20, write=self.rank == 0)
         self.dist.barrier()
 
     def load(self, path: str) -> Dict[str, Any]:

@@ -25,7 +25,7 @@ class Sample:
     sample_index: int
     token_ids: List[int]
     logprobs: List[float]
-    finish_reason: str  # "stop" (end-of-sequence) | "length"
+    finish_reason: str  # "stop" (the conversation's end token) | "length"
     version: int
 
 
@@ -57,11 +57,11 @@ class Throughput:
 
 
 class RolloutEngine(ABC):
-    def __init__(self, cfg: RolloutConfig, rules: SpanRules, layout, eos_token_id: int):
+    def __init__(self, cfg: RolloutConfig, rules: SpanRules, layout, end_token_id: int):
         self.cfg = cfg
         self.rules = rules
         self.layout = layout
-        self.eos_token_id = eos_token_id
+        self.end_token_id = end_token_id  # the conversation's end token: generation stops there
         self.version = 0
         self.throughput = Throughput()
 

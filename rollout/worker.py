@@ -19,26 +19,28 @@ from rollout.config import RolloutConfig
 from rollout.engine import RolloutEngine
 
 
-def make_engine(cfg: RolloutConfig, policy_dir: str, image_cfg, device: str = "cpu") -> RolloutEngine:
+def make_engine(cfg: RolloutConfig, policy_dir: str, image_cfg, policy_cfg=None, device: str = "cpu") -> RolloutEngine:
+    """`policy_cfg` (a `vlcot.config.PolicyConfig`) gives the conversation format and dtype;
+    None = the checkpoint's own conversation preset."""
     if cfg.engine == "vllm":
         from rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(cfg, policy_dir, image_cfg, device)
+        return VLLMEngine(cfg, policy_dir, image_cfg, policy_cfg, device)
     from rollout.hf_engine import HFEngine
 
-    return HFEngine(cfg, policy_dir, image_cfg, device)
+    return HFEngine(cfg, policy_dir, image_cfg, policy_cfg, device)
 
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, worker_index: int = 0):
+    def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, policy_cfg=None, worker_index: int = 0):
         import torch
 
         self.cfg = cfg
         self.index = worker_index
         device = "cuda" if cfg.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-        self.engine = make_engine(cfg, policy_dir, image_cfg, device)
+        self.engine = make_engine(cfg, policy_dir, image_cfg, policy_cfg, device)
         self.transport = None
 
     def ready(self) -> Dict[str, Any]:
@@ -62,7 +64,8 @@ class RolloutWorker:
         t0 = time.perf_counter()
         version, stream = self.transport.receive()
         n = self.engine.update_weights(stream, version)
-        return {"version": float(version), "tensors": float(n), "seconds": time.perf_counter() - t0}
+        return {"version": float(version), "tensors": float(n), "seconds": time.perf_counter() - t0,
+                "peak_live_buckets": float(stream.peak_live_buckets), "peak_live_bytes": float(stream.peak_live_bytes)}
 
     def update_weights(self, named_tensors: Dict[str, Any], version: int) -> int:
         """Direct path (tests, small models): numpy or torch tensors by name."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
+from vlcot.conversation import ConversationConfig
+
 
 @dataclass
 class ImageConfig:
@@ -38,6 +40,7 @@ class VQConfig:
     z_channels: int = 256
     norm_num_groups: int = 32
     checkpoint: str = ""
+    weights: str = "model"  # which weights of a LlamaGen training checkpoint: model (as PURE loads) | ema
     seed: int = 0
 
 
@@ -79,7 +82,8 @@ class PolicyConfig:
     checkpoint: str = ""  # local dir with config.json + safetensors; empty = build from `model`
     model: TextModelConfig = field(default_factory=TextModelConfig)
     special_tokens: SpecialTokenIds = field(default_factory=SpecialTokenIds)
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    conversation: ConversationConfig = field(default_factory=ConversationConfig)
+    dtype: str = "float32"  # float32 | bfloat16 | float16: what the policy is loaded in (learner, hf engine)
 
 
 @dataclass

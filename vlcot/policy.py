@@ -5,10 +5,11 @@ was released without image generation). RealSR-R1's policy must write image toke
 `UnmaskedChameleonForConditionalGeneration` computes the same logits without that mask;
 weights and config stay in the stock HF layout (loadable by transformers and vLLM).
 
-A checkpoint directory holds config.json + safetensors + the text tokenizer. Ours carry
-their image-token layout in config.json (`realsr_token_layout`); a real PURE / Lumina-mGPT
-checkpoint gets it from `PolicyConfig.special_tokens` plus the `IMGIMG...Z` names in its
-`vocabulary_map`.
+A checkpoint directory holds config.json + safetensors + the text tokenizer. Ours (and
+released ones after `realsr-r1 import-policy`) carry their image-token layout in config.json
+(`realsr_token_layout`) and name their conversation preset (`realsr_conversation`); a folder
+without the layout gets it from `PolicyConfig.special_tokens` plus the `IMGIMG...Z` names in
+its `vocabulary_map`.
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ from transformers import AutoTokenizer, ChameleonConfig, ChameleonForConditional
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlcot.config import ImageConfig, PolicyConfig, VQConfig
+from vlcot.conversation import CHECKPOINT_KEY, Conversation, resolve_conversation
 from vlcot.layout import TokenLayout, image_code_name
 from vlcot.text_tokenizer import HFTextCodec, train_bpe_tokenizer
 
 LAYOUT_KEY = "realsr_token_layout"
 STOCK_ARCHITECTURE = "ChameleonForConditionalGeneration"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Chameleon's own VQGAN is part of the architecture but never run by this policy (it reads
+# LlamaGen codes as tokens): built tiny and frozen, so both engines load it at no cost.
+MINIMAL_CHAMELEON_VQ = dict(embed_dim=8, num_embeddings=16, latent_channels=8, base_channels=32,
+                            channel_multiplier=[1], num_res_blocks=1, resolution=32, attn_resolutions=[])
 
 
 class UnmaskedChameleonForConditionalGeneration(ChameleonForConditionalGeneration):
@@ -82,14 +88,29 @@ def freeze_unused(model) -> None:
 
 
 @dataclass
+class PolicyMeta:
+    """What a checkpoint says about itself, without its weights."""
+
+    config: ChameleonConfig
+    tokenizer: Any
+    layout: TokenLayout
+    conversation: Conversation
+
+    @property
+    def codec(self) -> HFTextCodec:
+        return HFTextCodec(self.tokenizer, self.layout, self.conversation)
+
+
+@dataclass
 class Policy:
     model: UnmaskedChameleonForConditionalGeneration
     tokenizer: Any
     layout: TokenLayout
+    conversation: Conversation
 
     @property
     def codec(self) -> HFTextCodec:
-        return HFTextCodec(self.tokenizer, self.layout)
+        return HFTextCodec(self.tokenizer, self.layout, self.conversation)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -101,6 +122,7 @@ class Policy:
         cfg_file = path / "config.json"
         raw = json.loads(cfg_file.read_text())
         raw["architectures"] = [STOCK_ARCHITECTURE]
+        raw[CHECKPOINT_KEY] = self.conversation.name
         cfg_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
         self.tokenizer.save_pretrained(path)
         return path
@@ -171,8 +193,7 @@ def build_tiny_policy(policy_cfg: PolicyConfig, image: ImageConfig, vq: VQConfig
         vocabulary_map=vocab_map,
         # Chameleon's own VQGAN is part of the architecture but unused here (the policy reads
         # LlamaGen codes as tokens): keep it minimal.
-        vq_config=dict(embed_dim=8, num_embeddings=16, latent_channels=8, base_channels=32,
-                       channel_multiplier=[1], num_res_blocks=1, resolution=32, attn_resolutions=[]),
+        vq_config=MINIMAL_CHAMELEON_VQ,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     setattr(config, LAYOUT_KEY, _layout_dict(layout))
@@ -182,37 +203,47 @@ def build_tiny_policy(policy_cfg: PolicyConfig, image: ImageConfig, vq: VQConfig
     model = UnmaskedChameleonForConditionalGeneration(config).to(_DTYPES[policy_cfg.dtype])
     freeze_unused(model)
     model.eval()
-    return Policy(model=model, tokenizer=tokenizer, layout=layout)
+    return Policy(model=model, tokenizer=tokenizer, layout=layout,
+                  conversation=resolve_conversation(policy_cfg.conversation))
+
+
+def _read_config(path: Path) -> ChameleonConfig:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"policy checkpoint {path} has no config.json (expected an HF-layout directory)")
+    config = ChameleonConfig.from_pretrained(path)
+    arch = (config.architectures or [STOCK_ARCHITECTURE])[0]
+    if arch != STOCK_ARCHITECTURE:
+        raise ValueError(f"policy checkpoint {path} declares architecture {arch!r}; a released Lumina-mGPT / PURE "
+                         f"folder must be converted once: realsr-r1 import-policy --src {path} --out DIR")
+    return config
 
 
 def load_policy_meta(path: str | Path, policy_cfg: PolicyConfig | None = None, image: ImageConfig | None = None,
-                     vq: VQConfig | None = None):
-    """(config, tokenizer, layout) of a checkpoint without building the model (cheap; and
-    safe in a process where vLLM has patched the transformers model classes)."""
+                     vq: VQConfig | None = None) -> PolicyMeta:
+    """A checkpoint's config, tokenizer, token layout and conversation format, without building
+    the model (cheap; and safe in a process where vLLM has patched the transformers classes)."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"policy checkpoint {path} has no config.json (expected an HF-layout directory)")
-    config = ChameleonConfig.from_pretrained(path)
-    layout = _layout_from_config(config, policy_cfg or PolicyConfig(), image or ImageConfig(), vq or VQConfig())
-    return config, AutoTokenizer.from_pretrained(path, local_files_only=True), layout
+    policy_cfg = policy_cfg or PolicyConfig()
+    config = _read_config(path)
+    layout = _layout_from_config(config, policy_cfg, image or ImageConfig(), vq or VQConfig())
+    conversation = resolve_conversation(policy_cfg.conversation, getattr(config, CHECKPOINT_KEY, None))
+    return PolicyMeta(config, AutoTokenizer.from_pretrained(path, local_files_only=True), layout, conversation)
 
 
 def load_policy(path: str | Path, policy_cfg: PolicyConfig | None = None, image: ImageConfig | None = None,
-                vq: VQConfig | None = None) -> Policy:
-    """Load a local HF-layout Chameleon-family checkpoint (ours, PURE or Lumina-mGPT)."""
+                vq: VQConfig | None = None, dtype: torch.dtype | None = None) -> Policy:
+    """Load a local HF-layout Chameleon-family checkpoint (ours, or a released one after
+    `import-policy`) in `dtype` (default `policy_cfg.dtype`): weights are read in that dtype,
+    never as an fp32 copy first."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"policy checkpoint {path} has no config.json (expected an HF-layout directory)")
     policy_cfg = policy_cfg or PolicyConfig()
-    config = ChameleonConfig.from_pretrained(path)
-    layout = _layout_from_config(config, policy_cfg, image or ImageConfig(), vq or VQConfig())
+    meta = load_policy_meta(path, policy_cfg, image, vq)
     model = UnmaskedChameleonForConditionalGeneration.from_pretrained(
-        path, config=config, dtype=_DTYPES[policy_cfg.dtype], local_files_only=True
+        path, config=meta.config, dtype=dtype or _DTYPES[policy_cfg.dtype], local_files_only=True
     )
     freeze_unused(model)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return Policy(model=model, tokenizer=tokenizer, layout=layout)
+    return Policy(model=model, tokenizer=meta.tokenizer, layout=meta.layout, conversation=meta.conversation)
 
 
 def policy_from_config(policy_cfg: PolicyConfig, image: ImageConfig, vq: VQConfig) -> Policy:

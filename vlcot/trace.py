@@ -44,25 +44,15 @@ SLOTS = ("blur", "resize", "noise", "compression", "final_resize")
 SLOT_WORDS = {"blur": LEVELS, "resize": RESIZES, "noise": LEVELS, "compression": LEVELS, "final_resize": RESIZES}
 _LEVEL_NOUN = {"blur": "blur", "noise": "noise", "compression": "compression"}
 
-PROMPT_PREFIX = (
-    "Here is a low-resolution image with unknown real-world degradation:\n"
-)
-PROMPT_SUFFIX = (
-    "\nRestore it to high resolution, reasoning first. Perceive the degradation and name it in "
-    "<degradation></degradation> as five items: blur level, resize, noise level, compression "
-    "level, final resize. Then understand the content and restore it step by step from coarse "
-    "to fine: <rough_understand></rough_understand> then <rough_image></rough_image> at a "
-    "quarter of the target resolution, <middle_understand></middle_understand> then "
-    "<middle_image></middle_image> at half, <final_understand></final_understand> then "
-    "<final_image></final_image> at full resolution.\nAssistant: "
-)
-
-
 class TextCodec(Protocol):
-    """What the trace code needs from a text tokenizer."""
+    """What the trace code needs from a text tokenizer in one conversation format."""
 
     bos_token_id: int
-    eos_token_id: int
+    end_token_id: int  # ends a response (the conversation's end token)
+
+    def prompt_around(self, image_span: List[int]) -> List[int]:
+        """BOS + the user turn with `image_span` in place of the image + the response opener."""
+        ...
 
     def encode_text(self, text: str) -> List[int]: ...
 
@@ -136,7 +126,7 @@ class ParsedTrace:
     degradation: List[Optional[str]]  # five slot words, None where not parsed
     strict_format: bool  # the published full-match check
     skeleton: str  # decoded text with image spans as <image:k> placeholders
-    finished: bool  # an end-of-sequence token was seen
+    finished: bool  # the conversation's end token was seen
     num_image_spans: int = 0
     num_image_tokens: int = 0
     num_text_tokens: int = 0
@@ -165,16 +155,11 @@ class ParsedTrace:
 
 # ---- prompt and serialisation ----------------------------------------------------------
 def build_prompt(lr_codes: np.ndarray, codec: TextCodec, layout: TokenLayout) -> List[int]:
-    """The RL user prompt: instruction text around the LR image span, ending at the answer."""
-    return (
-        [codec.bos_token_id]
-        + codec.encode_text(PROMPT_PREFIX)
-        + layout.image_span(lr_codes)
-        + codec.encode_text(PROMPT_SUFFIX)
-    )
+    """The RL user prompt in the codec's conversation format, ending where the response starts."""
+    return codec.prompt_around(layout.image_span(lr_codes))
 
 
-def serialise_response(trace: Trace, codec: TextCodec, layout: TokenLayout, add_eos: bool = True) -> List[int]:
+def serialise_response(trace: Trace, codec: TextCodec, layout: TokenLayout, add_end: bool = True) -> List[int]:
     """A full trace -> response token ids (the SFT target after the prompt)."""
     ids: List[int] = []
     for stage in STAGES:
@@ -186,8 +171,8 @@ def serialise_response(trace: Trace, codec: TextCodec, layout: TokenLayout, add_
         else:
             ids += codec.encode_text(getattr(trace, stage))
         ids += codec.encode_text(f"</{stage}>")
-    if add_eos:
-        ids.append(codec.eos_token_id)
+    if add_end:
+        ids.append(codec.end_token_id)
     return ids
 
 
@@ -260,10 +245,10 @@ def parse_response(
         tokens = np.asarray([int(t) for t in token_ids], dtype=np.int64).reshape(-1)
     except (TypeError, ValueError, OverflowError) as exc:
         return _empty_parse(f"token ids are not integers: {exc}")
-    eos_at = np.nonzero(tokens == codec.eos_token_id)[0]
-    finished = len(eos_at) > 0
+    end_at = np.nonzero(tokens == codec.end_token_id)[0]
+    finished = len(end_at) > 0
     if finished:
-        tokens = tokens[: int(eos_at[0])]
+        tokens = tokens[: int(end_at[0])]
 
     skeleton_parts: List[str] = []
     spans: List[Tuple[Optional[np.ndarray], str]] = []
@@ -289,7 +274,7 @@ def parse_response(
     if not finished:
         for st in stages.values():
             if not st.valid and ("missing" in st.reason or "not closed" in st.reason):
-                st.reason += " (response ended without end-of-sequence: truncated?)"
+                st.reason += " (response ended without the end token: truncated?)"
     return ParsedTrace(
         stages=stages,
         degradation=degradation,

@@ -10,7 +10,9 @@ projections into linear weights). Pixels are in [-1, 1].
 
 from __future__ import annotations
 
+import argparse
 import json
+import pickle
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -125,14 +127,41 @@ class VQTokenizer(nn.Module):
             return model.eval()
         if not path.is_file():
             raise FileNotFoundError(f"VQ checkpoint not found: {path}")
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-        for key in ("ema", "model", "state_dict"):
-            if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
-                ckpt = ckpt[key]
-                break
-        model = cls(cfg or VQConfig())
-        model.load_state_dict(llamagen_to_diffusers(ckpt), strict=True)
+        cfg = cfg or VQConfig()
+        model = cls(cfg)
+        model.load_state_dict(llamagen_to_diffusers(read_llamagen_weights(path, cfg.weights)), strict=True)
         return model.eval()
+
+
+# What a LlamaGen `vq_train.py` checkpoint pickles besides tensors: its argparse Namespace
+# (`args`). torch.load(weights_only=True) refuses any other global, so a user's file never
+# runs code; weights_only=False is never used.
+SAFE_GLOBALS = [argparse.Namespace]
+WEIGHT_ENTRIES = ("model", "ema")
+
+
+def read_llamagen_weights(path: str | Path, which: str = "model") -> Dict[str, torch.Tensor]:
+    """The VQ state dict inside a LlamaGen checkpoint: the `which` entry (model | ema) of a
+    training checkpoint ({model, optimizer, steps, args[, ema]}), or the file itself when it
+    is a bare state dict."""
+    if which not in WEIGHT_ENTRIES:
+        raise ValueError(f"vq.weights {which!r} not in {list(WEIGHT_ENTRIES)}")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"VQ checkpoint {path} holds objects other than tensors and a training Namespace; it is "
+                         f"not loaded (weights_only): {str(exc).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"VQ checkpoint {path} is not a dict of weights")
+    if any(k in ckpt for k in WEIGHT_ENTRIES + ("state_dict",)):
+        if isinstance(ckpt.get(which), dict):
+            return ckpt[which]
+        if which == "model" and isinstance(ckpt.get("state_dict"), dict):
+            return ckpt["state_dict"]
+        have = [k for k in WEIGHT_ENTRIES + ("state_dict",) if isinstance(ckpt.get(k), dict)]
+        raise ValueError(f"VQ checkpoint {path} has no {which!r} weights (vq.weights); it holds {have}")
+    return ckpt
 
 
 def vq_from_config(cfg: VQConfig) -> VQTokenizer:

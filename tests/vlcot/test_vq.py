@@ -155,3 +155,35 @@ def test_llamagen_mapping_rejects_unknown_keys(tiny_cfg, tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="VQ checkpoint not found"):
         VQTokenizer.load(tmp_path / "nope.pt")
+
+
+def test_loads_a_llamagen_training_checkpoint_with_args_and_ema(tiny_cfg, tmp_path):
+    """LlamaGen's vq_train.py saves {model, optimizer, steps, args (a Namespace)[, ema]}: it loads
+    with weights_only (the Namespace allow-listed), `model` by default as PURE does, `ema` on request."""
+    import argparse
+    import dataclasses
+
+    model_sd = llamagen_state_dict(tiny_cfg.vq, seed=1)
+    ema_sd = llamagen_state_dict(tiny_cfg.vq, seed=2)
+    path = tmp_path / "vq_ds8_c2i.pt"
+    torch.save({"model": model_sd, "ema": ema_sd, "optimizer": {"state": {}}, "steps": 400000,
+                "args": argparse.Namespace(vq_model="VQ-8", codebook_size=16384, lr=1e-4)}, path)
+    got = VQTokenizer.load(path, tiny_cfg.vq).state_dict()["codebook.weight"]
+    assert torch.equal(got, model_sd["quantize.embedding.weight"])
+    ema_cfg = dataclasses.replace(tiny_cfg.vq, weights="ema")
+    got = VQTokenizer.load(path, ema_cfg).state_dict()["codebook.weight"]
+    assert torch.equal(got, ema_sd["quantize.embedding.weight"])
+    torch.save({"model": model_sd}, tmp_path / "no_ema.pt")
+    with pytest.raises(ValueError, match="no 'ema' weights"):
+        VQTokenizer.load(tmp_path / "no_ema.pt", ema_cfg)
+
+
+class _Payload:  # a global that is not allow-listed: must never be unpickled
+    pass
+
+
+def test_vq_file_with_other_objects_is_refused(tiny_cfg, tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": llamagen_state_dict(tiny_cfg.vq), "extra": _Payload()}, path)
+    with pytest.raises(ValueError, match="not loaded"):
+        VQTokenizer.load(path, tiny_cfg.vq)
