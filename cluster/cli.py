@@ -5,6 +5,7 @@ overrides, and validates the whole configuration before doing any work.
 
     realsr-r1 prepare-data [--config F] [key=value ...]   HQ images -> LR, labels, manifest
     realsr-r1 init-policy --out DIR [...]                 write the tiny policy + VQ tokenizer
+    realsr-r1 import-policy --src DIR --out DIR           convert a released PURE / Lumina-mGPT folder once
     realsr-r1 sft [...]                                   cold-start SFT on traces built from the manifest
     realsr-r1 train [--resume] [...]                      GRPO (after cold-start SFT) on a local or joined Ray
     realsr-r1 submit [--address URL] [...]                the same training as a `ray job submit` job
@@ -42,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true")
     sp = add("init-policy", "build the configured policy and VQ tokenizer and save them (HF layout)")
     sp.add_argument("--out", required=True)
+    sp = add("import-policy", "convert a released PURE / Lumina-mGPT checkpoint folder into this project's HF layout")
+    sp.add_argument("--src", required=True, help="the downloaded folder (config.json, safetensors shards, tokenizer file)")
+    sp.add_argument("--out", required=True, help="new folder for the converted policy (point policy.checkpoint here)")
+    sp.add_argument("--tokenizer", default=None, help="tokenizer JSON naming the image codes (default: "
+                    "<src>/text_tokenizer.json, then <src>/tokenizer.json)")
+    sp.add_argument("--shard-mb", type=int, default=4096, help="output shard size in MB")
     sp = add("sft", "cold-start SFT of the policy on VLCoT traces synthesised from the manifest")
     sp.add_argument("--out", default=None, help="checkpoint folder (default: <run_dir>/sft)")
     sp.add_argument("--no-progress", action="store_true")
@@ -125,6 +132,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         vq_from_config(cfg.vq).save(out / "vq")
         print(f"policy -> {out / 'policy'}  ({sum(p.numel() for p in policy.model.parameters()):,} params)")
         print(f"vq     -> {out / 'vq'}")
+        return 0
+    if args.command == "import-policy":
+        from vlcot.importer import ImportRefused, import_policy
+
+        try:
+            report = import_policy(args.src, args.out, codebook_size=cfg.vq.codebook_size,
+                                   max_grid=cfg.policy.special_tokens.max_grid, patch_px=cfg.image.patch_px,
+                                   tokenizer_file=args.tokenizer, max_shard_bytes=args.shard_mb << 20)
+        except ImportRefused as exc:
+            print(f"realsr-r1 import-policy: refused, nothing written: {exc}", file=sys.stderr)
+            return 2
+        print(report.render())
+        print(f"use it with: policy.checkpoint={args.out} (configs/pure-7b.yaml)")
         return 0
     if args.command == "sft":
         from cluster.jobs import run_sft_job

@@ -63,6 +63,7 @@ class ImportReport:
     bytes: int = 0
     shards: List[str] = field(default_factory=list)
     seconds: float = 0.0
+    check_seconds: float = 0.0  # the checks before anything is written (config, tokenizer, every shard header)
     peak_shard_bytes: int = 0
 
     def render(self) -> str:
@@ -262,6 +263,7 @@ def import_policy(src: str | Path, out: str | Path, *, codebook_size: int = 1638
         plan = _plan(src, codebook_size, max_grid, patch_px, Path(tokenizer_file) if tokenizer_file else None)
     except FileNotFoundError as exc:
         raise ImportRefused(str(exc)) from None
+    checked = time.perf_counter()
     tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -293,4 +295,5 @@ def import_policy(src: str | Path, out: str | Path, *, codebook_size: int = 1638
         raise
     return ImportReport(src=str(src), out=str(out), changes=plan.changes, tensors=len(plan.keys),
                         bytes=writer.total_bytes, shards=shards, seconds=time.perf_counter() - t0,
+                        check_seconds=checked - t0,
                         peak_shard_bytes=writer.peak_pending_bytes)
