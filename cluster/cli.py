@@ -96,6 +96,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         overrides.append(f"data.output_dir={args.out}")
     if args.command == "eval" and args.out:
         overrides.append(f"eval.out_dir={args.out}")
+    if args.command == "import-policy":
+        overrides.append("policy.checkpoint=''")  # the folder it is about to write need not exist yet
     config_path = args.config
     if args.command in ("infer", "eval"):
         from cluster.infer_job import pick_config_path, resolve_checkpoints

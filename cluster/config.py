@@ -23,7 +23,8 @@ from rewards.config import RewardsConfig
 from rollout.config import RolloutConfig
 from rollout.config import problems as rollout_problems
 from rewards.config import problems as reward_problems
-from vlcot.config import DataConfig, DegradationConfig, ImageConfig, OrderConfig, PolicyConfig, VQConfig
+from vlcot.config import (STOCK_ARCHITECTURE, DataConfig, DegradationConfig, ImageConfig, OrderConfig, PolicyConfig,
+                          VQConfig)
 from vlcot.conversation import conversation_problems
 from vlcot.kernels import KERNEL_TYPES
 
@@ -195,7 +196,7 @@ def _validate_checkpoint(cfg: Config) -> None:
     except (OSError, json.JSONDecodeError) as exc:
         _fail("policy.checkpoint", f"{path / 'config.json'} cannot be read: {exc}")
     arch = (raw.get("architectures") or [""])[0]
-    if arch and arch != "ChameleonForConditionalGeneration":
+    if arch and arch != STOCK_ARCHITECTURE:
         _fail("policy.checkpoint", f"{path} declares architecture {arch!r}; convert a released Lumina-mGPT / PURE "
               f"folder once with: realsr-r1 import-policy --src {path} --out DIR")
     limit = int(raw.get("max_position_embeddings") or 0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pickle
 import time
-import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -140,8 +139,11 @@ class BucketStream:
     the stream or by its consumer, e.g. vLLM's loader) at the moment a new one is allocated.
     The stream keeps one handle on each bucket's storage and reads its use count, so the
     bound on the receiver's memory is measured, not assumed; a bucket only the stream still
-    holds is released before the next is allocated.
+    holds is released before the next is allocated. Where torch lacks the (private) use-count
+    call, nothing is held and both peaks stay -1 (unknown).
     """
+
+    _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
     def __init__(self, transport: WeightTransport, metas: Sequence[TensorMeta], buckets: List[List[int]]):
         self._transport, self._metas, self._buckets = transport, metas, buckets
@@ -150,7 +152,10 @@ class BucketStream:
         self.peak_live_bytes = 0
 
     def _track(self, flat: torch.Tensor) -> None:
-        self._held = [st for st in self._held if torch._C._storage_Use_Count(st._cdata) > 1]
+        if self._use_count is None:
+            self.peak_live_buckets = self.peak_live_bytes = -1
+            return
+        self._held = [st for st in self._held if self._use_count(st._cdata) > 1]
         self._held.append(flat.untyped_storage())
         self.peak_live_buckets = max(self.peak_live_buckets, len(self._held))
         self.peak_live_bytes = max(self.peak_live_bytes, sum(st.nbytes() for st in self._held))

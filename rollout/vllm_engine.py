@@ -33,8 +33,8 @@ import torch
 from rollout.config import RolloutConfig
 from rollout.engine import RolloutEngine, Sample
 from rollout.rules import Masks, SpanRules, SpanState, constrain_row, initial_state
+from vlcot.config import STOCK_ARCHITECTURE
 
-ARCHITECTURE = "ChameleonForConditionalGeneration"
 RULES_KEY = "realsr_vlcot_rules"
 
 
@@ -42,8 +42,8 @@ def register_policy() -> None:
     """Out-of-tree registration: the Chameleon architecture -> vLLM's transformers backend."""
     from vllm import ModelRegistry
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "vllm.model_executor.models.transformers:TransformersForCausalLM")
+    if STOCK_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(STOCK_ARCHITECTURE, "vllm.model_executor.models.transformers:TransformersForCausalLM")
 
 
 try:  # the logits-processor base class only exists where vLLM is installed

@@ -75,6 +75,11 @@ class SpecialTokenIds:
     max_grid: int = 64
 
 
+# The transformers class name every policy folder declares (transformers' Auto classes and
+# vLLM's registry resolve it); released xllmx folders declare another until imported.
+STOCK_ARCHITECTURE = "ChameleonForConditionalGeneration"
+
+
 @dataclass
 class PolicyConfig:
     """Where the policy comes from: a local HF-layout checkpoint, or built tiny from config."""

@@ -114,7 +114,8 @@ class _Plan:
 def _plan(src: Path, codebook_size: int, max_grid: int, patch_px: int, tokenizer_file: Optional[Path]) -> _Plan:
     from transformers import ChameleonConfig
 
-    from vlcot.policy import MINIMAL_CHAMELEON_VQ, STOCK_ARCHITECTURE, UnmaskedChameleonForConditionalGeneration
+    from vlcot.config import STOCK_ARCHITECTURE
+    from vlcot.policy import LAYOUT_KEY, MINIMAL_CHAMELEON_VQ, UnmaskedChameleonForConditionalGeneration
 
     if not src.is_dir():
         _refuse(f"--src {src} is not a folder")
@@ -167,7 +168,7 @@ def _plan(src: Path, codebook_size: int, max_grid: int, patch_px: int, tokenizer
     # ---- the converted config and the shapes it needs -------------------------------------------
     new_raw = dict(raw)
     new_raw.update(architectures=[STOCK_ARCHITECTURE], vocabulary_map=vocab, vq_config=MINIMAL_CHAMELEON_VQ)
-    new_raw["realsr_token_layout"] = layout
+    new_raw[LAYOUT_KEY] = layout
     new_raw[CHECKPOINT_KEY] = "lumina"
     config = ChameleonConfig(**{k: v for k, v in new_raw.items() if k not in ("architectures",)})
     with torch.device("meta"):

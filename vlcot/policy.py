@@ -23,13 +23,12 @@ import torch
 from transformers import AutoTokenizer, ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlcot.config import ImageConfig, PolicyConfig, VQConfig
+from vlcot.config import STOCK_ARCHITECTURE, ImageConfig, PolicyConfig, VQConfig
 from vlcot.conversation import CHECKPOINT_KEY, Conversation, resolve_conversation
 from vlcot.layout import TokenLayout, image_code_name
 from vlcot.text_tokenizer import HFTextCodec, train_bpe_tokenizer
 
 LAYOUT_KEY = "realsr_token_layout"
-STOCK_ARCHITECTURE = "ChameleonForConditionalGeneration"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Chameleon's own VQGAN is part of the architecture but never run by this policy (it reads
 # LlamaGen codes as tokens): built tiny and frozen, so both engines load it at no cost.

@@ -40,6 +40,10 @@ def test_overrides_apply():
     ("vq.norm_num_groups=7", "vq.norm_num_groups"),
     ("data.input_dir=/no/such/folder", "data.input_dir"),
     ("envs.iqa_python=/no/python", "envs.iqa_python"),
+    ("vq.weights=latest", "vq.weights"),
+    ("policy.conversation.preset=chatml", "policy.conversation.preset"),
+    ("policy.conversation.instruction=no image here", "policy.conversation"),
+    ("learner.save_shard_mb=0", "learner.save_shard_mb"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -104,7 +108,8 @@ def test_gpu_cluster_config_validates_when_its_files_exist(tmp_path):
     with pytest.raises(ConfigError, match="vq.checkpoint"):
         load_config(CONFIG_DIR / "pure-7b.yaml")
     (tmp_path / "policy").mkdir()
-    (tmp_path / "policy" / "config.json").write_text("{}")
+    (tmp_path / "policy" / "config.json").write_text('{"architectures": ["ChameleonForConditionalGeneration"], '
+                                                     '"max_position_embeddings": 11776}')
     (tmp_path / "vq.pt").write_bytes(b"")
     (tmp_path / "hq").mkdir()
     iqa = tmp_path / "iqa"
@@ -116,7 +121,30 @@ def test_gpu_cluster_config_validates_when_its_files_exist(tmp_path):
         f"vq.checkpoint={tmp_path / 'vq.pt'}", f"policy.checkpoint={tmp_path / 'policy'}",
         f"data.input_dir={tmp_path / 'hq'}", f"rewards.generation.weights_dir={iqa}"])
     assert cfg.learner.zero_stage == 3 and cfg.learner.num_workers == 4
+    assert cfg.policy.conversation.preset == "lumina" and cfg.rollout.max_model_len == 11776
     gpus = cfg.learner.num_workers * cfg.learner.num_gpus + cfg.rollout.num_workers * cfg.rollout.gpus_per_worker \
         + cfg.rewards.num_workers * cfg.rewards.num_gpus
     assert gpus == 8
     assert (cfg.trainer.prompts_per_step * cfg.rollout.group_size) % cfg.learner.num_workers == 0
+
+
+@pytest.mark.parametrize("overrides,key,fix", [
+    (["rollout.gpus_per_worker=0.5"], "rollout.gpus_per_worker", "whole GPUs"),
+    (["learner.num_gpus=0.5"], "learner.num_gpus", "use 1"),
+    (["rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size", "use 1 and scale with rollout.num_workers"),
+])
+def test_nccl_on_shared_gpus_and_tensor_parallel_are_refused_with_the_fix(overrides, key, fix):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    assert key in str(err.value) and fix in str(err.value)
+    load_config(overrides=["rollout.gpus_per_worker=1", "learner.num_gpus=1"])  # whole GPUs are fine
+
+
+def test_conversation_presets_resolve_with_overrides():
+    from vlcot.conversation import ConversationConfig, resolve_conversation
+
+    assert resolve_conversation(ConversationConfig()).name == "realsr"  # no checkpoint preference
+    assert resolve_conversation(ConversationConfig(), "lumina").end_token == "<reserved08706>"
+    conv = resolve_conversation(ConversationConfig(preset="lumina", end_token="</s>"), "realsr")
+    assert (conv.name, conv.turn_separator, conv.end_token) == ("lumina", "<reserved08706>", "</s>")
+    assert conv.instruction.startswith("Perceive the degradation, understand the image content")

@@ -85,3 +85,21 @@ def test_config_rejects_cfg_with_vllm():
     assert any("cfg_scale" in k for k, _ in problems(cfg))
     cfg.engine = "hf"
     assert problems(cfg) == []
+
+
+def test_vllm_processor_refuses_async_scheduling_placeholders(rules, tiny_policy):
+    """vLLM's async scheduling can show -1 placeholders among a request's output tokens; the
+    span state machine would read one as a token, so the processor stops with the cause."""
+    pytest.importorskip("vllm")
+    from rollout.vllm_engine import VLCoTLogitsProcessor
+
+    proc = VLCoTLogitsProcessor(None, torch.device("cpu"), False)
+    layout = tiny_policy.layout
+    outputs = [layout.image_start, rules.grid_base + 1]
+    proc.active[0] = (rules, Masks(rules, "cpu"), SpanState(), outputs)
+    logits = torch.zeros(1, rules.vocab_size)
+    proc.apply(logits)  # real tokens: the state advances to the width grid token, which is forced
+    assert torch.isfinite(logits[0]).sum() == 1 and torch.isfinite(logits[0, rules.grid_base + 1])
+    outputs.append(-1)
+    with pytest.raises(RuntimeError, match="placeholder .* async scheduling"):
+        proc.apply(torch.zeros(1, rules.vocab_size))

@@ -150,3 +150,17 @@ def test_config_checks_max_model_len_against_the_checkpoint(imported):
     with pytest.raises(ConfigError, match="rollout.max_model_len.*11776"):
         load_config(None, [f"policy.checkpoint={imported[0]}", "rollout.max_model_len=12288"])
     assert load_config(None, [f"policy.checkpoint={imported[0]}", "rollout.max_model_len=11776"])
+
+
+def test_cli_imports_and_refuses(released, tmp_path, capsys):
+    from cluster.cli import main
+
+    out = tmp_path / "cli-out"
+    assert main(["import-policy", "--src", str(released), "--out", str(out), "--shard-mb", "8",
+                 "--config", "configs/pure-7b.yaml", "vq.checkpoint=''", "data.input_dir=''",
+                 "rewards.generation.preset=offline"]) == 0
+    printed = capsys.readouterr().out
+    assert "ChameleonXLLMXForConditionalGeneration -> ChameleonForConditionalGeneration" in printed
+    assert f"policy.checkpoint={out}" in printed and (out / "config.json").is_file()
+    assert main(["import-policy", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "refused, nothing written" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -57,6 +57,21 @@ def test_prompt_holds_the_lr_span(tiny_policy):
     codes, why = layout.parse_image_span(ids[start:ids.index(layout.image_end) + 1])
     np.testing.assert_array_equal(codes, lr)
     assert "<degradation>" in codec.decode_text(ids[ids.index(layout.image_end) + 1:])
+    # the tiny policy speaks the `realsr` format: the prompt ends with its role words, a
+    # response with </s>
+    assert codec.conversation.name == "realsr"
+    assert codec.decode_text(ids[-12:]).endswith("resolution.\nAssistant: ")
+    assert codec.end_token_id == tiny_policy.tokenizer.convert_tokens_to_ids("</s>")
+
+
+def test_a_conversation_token_missing_from_the_vocabulary_is_named(tiny_policy):
+    import dataclasses
+
+    from vlcot.text_tokenizer import HFTextCodec
+
+    bad = dataclasses.replace(tiny_policy.conversation, end_token="<reserved08706>")
+    with pytest.raises(ValueError, match=r"end_token '<reserved08706>' is not a token .*policy.conversation.end_token"):
+        HFTextCodec(tiny_policy.tokenizer, tiny_policy.layout, bad)
 
 
 def test_wrong_resolution_and_order(tiny_policy):
