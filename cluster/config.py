@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from evaluation.config import EvalConfig, InferConfig
 from evaluation.config import problems as evaluation_problems
+from learner.advantages import ADVANTAGE_ESTIMATORS
 from learner.config import LearnerConfig
 from learner.config import problems as learner_problems
 from rewards.config import RewardsConfig
@@ -289,6 +290,11 @@ def validate(cfg: Config) -> None:
                      + evaluation_problems(cfg.infer, cfg.eval)):
         _fail(key, msg)
     _validate_gpu_sharing(cfg)
+    estimator = ADVANTAGE_ESTIMATORS.get(cfg.learner.grpo.advantage)
+    if cfg.rollout.group_size < estimator.min_group_size:
+        _fail("rollout.group_size", f"{cfg.rollout.group_size}: advantage estimator {cfg.learner.grpo.advantage!r} "
+              f"compares the samples of one prompt and needs >= {estimator.min_group_size} (with fewer, every "
+              "advantage is exactly 0 and nothing is learned)")
     if cfg.infer.engine == "vllm" and cfg.rollout.sampling.cfg_scale != 1.0:
         _fail("infer.engine", "rollout.sampling.cfg_scale asks for classifier-free guidance, which only the hf engine runs")
     if cfg.infer.tile_overlap >= im.lr_size:

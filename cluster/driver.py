@@ -27,7 +27,7 @@ from cluster.metrics import step_metrics, step_line
 from cluster.rollout_pool import RolloutPool
 from cluster.tracking import Tracker
 from learner.batch import pack_grpo
-from learner.grpo import group_advantages
+from learner.advantages import estimate_advantages
 from rewards.actor import RewardPool
 from rewards.scoring import RewardInput
 from rollout.engine import PromptError
@@ -192,8 +192,8 @@ class GRPOTrainer:
         lags = np.array([version - s.version for _, s, _ in samples])
         keep = np.nonzero(lags <= self.cfg.trainer.max_staleness)[0]
         total = np.array([r.total for r in rewards])
-        adv, stats = group_advantages(torch.tensor(total[keep]), torch.tensor(np.asarray(groups)[keep]),
-                                      g.adv_eps, g.adv_std_normalize)
+        adv, stats = estimate_advantages(g.advantage, torch.tensor(total[keep]),
+                                         torch.tensor(np.asarray(groups)[keep]), g.adv_eps)
         world = self.cfg.learner.num_workers
         n = len(keep) - len(keep) % world
         order = np.argsort(np.abs(adv.numpy()), kind="stable")[::-1][:n]  # drop the least informative

@@ -5,19 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
-from learner.grpo import KL_ESTIMATORS, LOSS_AGG_MODES
+from learner.advantages import ADVANTAGE_ESTIMATORS
+from learner.grpo import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 
 
 @dataclass
 class GRPOConfig:
-    """Released RealSR-R1: lr 2e-6, no KL, no clipping, (r - mean)/(std + eps)."""
+    """Released RealSR-R1: lr 2e-6, no KL, no clipping, (r - mean)/(std + eps).
+
+    `advantage`, `policy_loss`, `loss_agg` and `kl_estimator` name registered entries
+    (learner/advantages.py, learner/grpo.py); config validation lists them."""
 
     clip_low: float = 0.2
     clip_high: float = 0.2  # > clip_low = "clip-higher"
     loss_agg: str = "seq-mean-token-mean"  # the released code's aggregation
     norm_tokens: int = 0  # seq-mean-token-sum-norm constant; 0 = padded length
+    advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp_baseline
     adv_eps: float = 1e-6
-    adv_std_normalize: bool = True  # False = Dr. GRPO
+    policy_loss: str = "clipped"  # clipped (PPO-style, clip_low/clip_high) | unclipped
     kl_coef: float = 0.0  # 0 = no KL term in the loss (and no reference model unless kl_monitor)
     # Keep the frozen reference policy even at kl_coef 0, only to report `kl` (how far GRPO has
     # moved the policy). Costs one more copy of the weights and one more forward per micro-batch;
@@ -72,10 +77,10 @@ def problems(cfg: LearnerConfig, prefix: str = "learner") -> List[Tuple[str, str
     g = cfg.grpo
     if cfg.zero_stage not in (2, 3):
         out.append((f"{prefix}.zero_stage", f"must be 2 or 3, got {cfg.zero_stage}"))
-    if g.loss_agg not in LOSS_AGG_MODES:
-        out.append((f"{prefix}.grpo.loss_agg", f"{g.loss_agg!r} not in {list(LOSS_AGG_MODES)}"))
-    if g.kl_estimator not in KL_ESTIMATORS:
-        out.append((f"{prefix}.grpo.kl_estimator", f"{g.kl_estimator!r} not in {list(KL_ESTIMATORS)}"))
+    for key, registry in (("advantage", ADVANTAGE_ESTIMATORS), ("policy_loss", POLICY_LOSSES),
+                          ("loss_agg", AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS)):
+        if getattr(g, key) not in registry:
+            out.append((f"{prefix}.grpo.{key}", f"{getattr(g, key)!r} not in {registry.names()}"))
     if g.recompute_old_logp not in ("auto", "always", "never"):
         out.append((f"{prefix}.grpo.recompute_old_logp", f"{g.recompute_old_logp!r} not in ['auto', 'always', 'never']"))
     if cfg.dtype not in ("auto", "float32", "bfloat16"):

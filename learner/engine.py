@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from learner.config import LearnerConfig
-from learner.grpo import aggregate, kl_penalty, policy_loss, token_type_weights, truncated_is_weights
+from learner.grpo import AGGREGATIONS, POLICY_LOSSES, aggregate, kl_penalty, token_type_weights, truncated_is_weights
 from learner.logprobs import sequence_logprobs
 
 STATE_FILE = "learner_state.json"
@@ -213,9 +213,8 @@ class LearnerEngine:
         g = self.cfg.grpo
         lm, img = batch["loss_mask"][idx], batch["is_image"][idx].astype(bool)
         w = np.where(img, g.image_token_weight, g.text_token_weight) * lm
-        local = {"token-mean": float(w.sum()), "seq-mean-token-mean": float((lm.sum(1) > 0).sum()),
-                 "seq-mean-token-sum-norm": float(len(idx) * norm_tokens)}[g.loss_agg]
-        denom = self._allreduce([local])[0]
+        denom = self._allreduce([AGGREGATIONS.get(g.loss_agg).local_denominator(lm, w, norm_tokens)])[0]
+        loss_fn = POLICY_LOSSES.get(g.policy_loss)
         micro = self._micro_batches(idx)
         for k, midx in enumerate(micro):
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
@@ -229,7 +228,7 @@ class LearnerEngine:
             if g.tis_cap > 0 and "rollout_logp" in mb:
                 is_w = truncated_is_weights(old, self._tensor(mb["rollout_logp"][:, sl], torch.float32), g.tis_cap)
             tw = token_type_weights(self._tensor(mb["is_image"][:, sl]).bool(), g.text_token_weight, g.image_token_weight)
-            loss, st = policy_loss(logp, old, adv, mask, g.clip_low, g.clip_high, g.loss_agg, tw, is_w, denom, norm_tokens)
+            loss, st = loss_fn(logp, old, adv, mask, g.clip_low, g.clip_high, g.loss_agg, tw, is_w, denom, norm_tokens)
             sums["pg_loss"] += float(loss.detach())
             if self.ref is not None:
                 with torch.no_grad():

@@ -7,78 +7,85 @@ side effects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k3")
-
-
-# ---- advantages -------------------------------------------------------------------------------
-@dataclass
-class AdvantageStats:
-    num_groups: int
-    zero_std_groups: int  # groups whose rewards are all equal: no learning signal
-
-    @property
-    def zero_std_fraction(self) -> float:
-        return self.zero_std_groups / max(1, self.num_groups)
-
-
-def group_advantages(
-    rewards: torch.Tensor, group_index: torch.Tensor, eps: float = 1e-6, std_normalize: bool = True,
-    zero_std_tol: float = 1e-8,
-) -> Tuple[torch.Tensor, AdvantageStats]:
-    """Group-relative advantages.
-
-    rewards: [N] float; group_index: [N] int (samples of one prompt share an index).
-    Returns advantages [N] = (r - mean_g) / (std_g + eps) with the unbiased per-group std
-    (as torch.std, the released code), or r - mean_g when `std_normalize` is False
-    (Dr. GRPO). A group whose rewards are all equal (or of size 1) gets exactly 0.
-    """
-    rewards = rewards.double()
-    _, inv = torch.unique(group_index, return_inverse=True)
-    g = int(inv.max()) + 1 if len(inv) else 0
-    count = torch.zeros(g, dtype=torch.float64).index_add_(0, inv, torch.ones_like(rewards))
-    mean = torch.zeros(g, dtype=torch.float64).index_add_(0, inv, rewards) / count
-    centred = rewards - mean[inv]
-    sq = torch.zeros(g, dtype=torch.float64).index_add_(0, inv, centred**2)
-    std = torch.sqrt(sq / (count - 1).clamp_min(1))
-    flat = (std <= zero_std_tol) | (count < 2)
-    adv = centred / (std[inv] + eps) if std_normalize else centred
-    adv = torch.where(flat[inv], torch.zeros_like(adv), adv)
-    return adv.float(), AdvantageStats(num_groups=g, zero_std_groups=int(flat.sum()))
+from learner.registry import Registry
 
 
 # ---- aggregation ------------------------------------------------------------------------------
+class Aggregation:
+    """How per-token values [N, T] reduce to a scalar, and the normaliser that makes the
+    reduction global when a batch is split over micro-batches and ranks: each rank computes
+    `local_denominator` on its shard, the learner all-reduces the sum and passes it back as
+    `denominator`."""
+
+    def reduce(self, values: torch.Tensor, mw: torch.Tensor, m: torch.Tensor, denominator: Optional[float],
+               norm_tokens: Optional[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def local_denominator(self, loss_mask: np.ndarray, weights: np.ndarray, norm_tokens: int) -> float:
+        """loss_mask [n, T] (0/1), weights [n, T] (token weight x loss_mask) of this shard."""
+        raise NotImplementedError
+
+
+AGGREGATIONS: Registry[Aggregation] = Registry("loss aggregation")
+
+
+class TokenMean(Aggregation):
+    """sum(v*m*w) / sum(m*w) over all tokens."""
+
+    def reduce(self, values, mw, m, denominator, norm_tokens):
+        denom = mw.sum() if denominator is None else torch.tensor(float(denominator), dtype=values.dtype)
+        return (values * mw).sum() / denom.clamp_min(1e-12)
+
+    def local_denominator(self, loss_mask, weights, norm_tokens):
+        return float(weights.sum())
+
+
+class SeqMeanTokenMean(Aggregation):
+    """Mean over sequences of sum_t(v*m*w) / sum_t(m*w) (the released RealSR-R1)."""
+
+    def reduce(self, values, mw, m, denominator, norm_tokens):
+        per_seq = (values * mw).sum(-1) / mw.sum(-1).clamp_min(1e-12)
+        per_seq = per_seq * (m.sum(-1) > 0)
+        denom = values.shape[0] if denominator is None else denominator
+        return per_seq.sum() / max(float(denom), 1e-12)
+
+    def local_denominator(self, loss_mask, weights, norm_tokens):
+        return float((loss_mask.sum(1) > 0).sum())
+
+
+class SeqMeanTokenSumNorm(Aggregation):
+    """sum(v*m*w) / (N * norm_tokens) (Dr. GRPO; norm_tokens defaults to T)."""
+
+    def reduce(self, values, mw, m, denominator, norm_tokens):
+        denom = values.shape[0] * (norm_tokens or values.shape[-1]) if denominator is None else denominator
+        return (values * mw).sum() / max(float(denom), 1e-12)
+
+    def local_denominator(self, loss_mask, weights, norm_tokens):
+        return float(len(loss_mask) * norm_tokens)
+
+
+AGGREGATIONS.register("token-mean")(TokenMean())
+AGGREGATIONS.register("seq-mean-token-mean")(SeqMeanTokenMean())
+AGGREGATIONS.register("seq-mean-token-sum-norm")(SeqMeanTokenSumNorm())
+
+
 def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, weights: Optional[torch.Tensor] = None,
               denominator: Optional[float] = None, norm_tokens: Optional[int] = None) -> torch.Tensor:
-    """Reduce per-token values [N, T] to a scalar.
-
-    token-mean: sum(v*m*w) / sum(m*w) over all tokens.
-    seq-mean-token-mean: mean over sequences of sum_t(v*m*w) / sum_t(m*w) (released RealSR-R1).
-    seq-mean-token-sum-norm: sum(v*m*w) / (N * norm_tokens) (Dr. GRPO; norm_tokens defaults to T).
+    """Reduce per-token values [N, T] to a scalar with the registered aggregation `mode`.
 
     `weights` [N, T] scales each token (e.g. text vs image tokens). `denominator` replaces
     the normaliser (the token count, sequence count or N*norm_tokens) with a global value
     when the batch is split over micro-batches and ranks.
     """
+    agg = AGGREGATIONS.get(mode)
     m = mask.to(values.dtype)
     mw = m if weights is None else m * weights.to(values.dtype)
-    if mode == "token-mean":
-        denom = mw.sum() if denominator is None else torch.tensor(float(denominator), dtype=values.dtype)
-        return (values * mw).sum() / denom.clamp_min(1e-12)
-    if mode == "seq-mean-token-mean":
-        per_seq = (values * mw).sum(-1) / mw.sum(-1).clamp_min(1e-12)
-        per_seq = per_seq * (m.sum(-1) > 0)
-        denom = values.shape[0] if denominator is None else denominator
-        return per_seq.sum() / max(float(denom), 1e-12)
-    if mode == "seq-mean-token-sum-norm":
-        denom = values.shape[0] * (norm_tokens or values.shape[-1]) if denominator is None else denominator
-        return (values * mw).sum() / max(float(denom), 1e-12)
-    raise ValueError(f"loss aggregation {mode!r} not in {LOSS_AGG_MODES}")
+    return agg.reduce(values, mw, m, denominator, norm_tokens)
 
 
 # ---- policy loss ------------------------------------------------------------------------------
@@ -88,6 +95,11 @@ def truncated_is_weights(learner_old_logp: torch.Tensor, rollout_logp: torch.Ten
     return torch.exp(learner_old_logp - rollout_logp).clamp(max=cap).detach()
 
 
+PolicyLoss = Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+
+
+@POLICY_LOSSES.register("clipped")
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -126,19 +138,42 @@ def policy_loss(
     return loss, stats
 
 
-# ---- KL to the reference ----------------------------------------------------------------------
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate [N, T] from sampled-token log-probs.
+@POLICY_LOSSES.register("unclipped")
+def unclipped_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, mode="token-mean",
+                          token_weights=None, is_weights=None, denominator=None, norm_tokens=None):
+    """-r A with no clipping (the released RealSR-R1 objective: one update per batch, so r = 1
+    in value and only its gradient matters). Same arguments and statistics as `policy_loss`."""
+    return policy_loss(logp, old_logp, advantages, mask, float("inf"), float("inf"), mode, token_weights,
+                       is_weights, denominator, norm_tokens)
 
-    k1 = logp - ref_logp (unbiased, high variance, can be negative);
-    k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased, non-negative, low variance).
-    """
-    if estimator == "k1":
-        return logp - ref_logp
-    if estimator == "k3":
-        d = (ref_logp - logp).clamp(-20, 20)
-        return torch.exp(d) - d - 1.0
-    raise ValueError(f"KL estimator {estimator!r} not in {KL_ESTIMATORS}")
+
+# ---- KL to the reference ----------------------------------------------------------------------
+KL_ESTIMATORS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("KL estimator")
+
+
+@KL_ESTIMATORS.register("k1")
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """logp - ref_logp: unbiased, high variance, can be negative."""
+    return logp - ref_logp
+
+
+@KL_ESTIMATORS.register("k2")
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """(logp - ref_logp)^2 / 2: biased, non-negative, low variance."""
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+@KL_ESTIMATORS.register("k3")
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """exp(ref - logp) - (ref - logp) - 1: unbiased, non-negative, low variance."""
+    d = (ref_logp - logp).clamp(-20, 20)
+    return torch.exp(d) - d - 1.0
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate [N, T] from sampled-token log-probs with the
+    registered `estimator`."""
+    return KL_ESTIMATORS.get(estimator)(logp, ref_logp)
 
 
 def token_type_weights(is_image: torch.Tensor, text_weight: float, image_weight: float) -> Optional[torch.Tensor]:

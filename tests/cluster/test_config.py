@@ -44,6 +44,9 @@ def test_overrides_apply():
     ("policy.conversation.preset=chatml", "policy.conversation.preset"),
     ("policy.conversation.instruction=no image here", "policy.conversation"),
     ("learner.save_shard_mb=0", "learner.save_shard_mb"),
+    ("learner.grpo.advantage=ppo", "learner.grpo.advantage"),
+    ("learner.grpo.policy_loss=dpo", "learner.grpo.policy_loss"),
+    ("rollout.group_size=1", "rollout.group_size"),                          # every advantage would be 0
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:

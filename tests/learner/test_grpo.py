@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from learner.grpo import aggregate, group_advantages, kl_penalty, policy_loss, token_type_weights, truncated_is_weights
+from learner.advantages import group_advantages
+from learner.grpo import aggregate, kl_penalty, policy_loss, token_type_weights, truncated_is_weights
 from learner.logprobs import selected_logprobs, sequence_logprobs
 
 
@@ -119,3 +120,46 @@ def test_sequence_logprobs_match_full_forward(tiny_policy):
     full = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     mine, _ = sequence_logprobs(model, ids, mask, start=5, chunk=7)
     torch.testing.assert_close(mine, full[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_registered_advantage_estimators_by_hand():
+    from learner.advantages import ADVANTAGE_ESTIMATORS, estimate_advantages
+
+    assert {"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"} <= set(ADVANTAGE_ESTIMATORS.names())
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.5, 2.0, 4.0, 3.0])
+    gi = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2])
+    # RLOO: r_i minus the mean of the other samples of its group
+    rloo, stats = estimate_advantages("rloo", r, gi)
+    want = [1 - 0, 0 - 1, 0, 0, 0, 2 - 3.5, 4 - 2.5, 3 - 3.0]
+    torch.testing.assert_close(rloo, torch.tensor(want))
+    assert stats.num_groups == 3 and stats.zero_std_groups == 1
+    # REINFORCE++-baseline: group-centred, then one std over the whole batch
+    centred = torch.tensor([0.5, -0.5, 0, 0, 0, -1.0, 1.0, 0.0])
+    rpp, _ = estimate_advantages("reinforce_pp_baseline", r, gi, eps=0.0)
+    torch.testing.assert_close(rpp, centred / centred.std())
+    torch.testing.assert_close(estimate_advantages("dr_grpo", r, gi)[0], centred)
+    torch.testing.assert_close(estimate_advantages("grpo", r, gi, eps=0.0)[0],
+                               group_advantages(r, gi, eps=0.0)[0])
+    with pytest.raises(ValueError, match=r"advantage estimator 'ppo' not in \['grpo'"):
+        estimate_advantages("ppo", r, gi)
+
+
+def test_registered_losses_and_kl():
+    from learner.grpo import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+    import numpy as np
+
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))
+    old, mask = torch.zeros(1, 3), torch.ones(1, 3)
+    loss, st = POLICY_LOSSES.get("unclipped")(logp, old, torch.tensor([1.0]), mask)
+    assert loss.item() == pytest.approx(-(1.5 + 0.5 + 1.0) / 3) and st["clip_fraction"].item() == 0
+    d = torch.tensor([[0.5, -1.0]])
+    torch.testing.assert_close(KL_ESTIMATORS.get("k2")(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])),
+                               0.5 * d ** 2)
+    # each aggregation owns its global denominator: the sum of the shards' equals the whole batch's
+    lm = np.array([[1, 1, 0], [0, 0, 0], [1, 0, 0]], dtype=np.float32)
+    w = lm * np.array([[1.0, 0.5, 1.0], [1, 1, 1], [2.0, 1, 1]], dtype=np.float32)
+    for name, whole in (("token-mean", 3.5), ("seq-mean-token-mean", 2.0), ("seq-mean-token-sum-norm", 3 * 3)):
+        agg = AGGREGATIONS.get(name)
+        assert agg.local_denominator(lm, w, 3) == pytest.approx(whole), name
+        parts = agg.local_denominator(lm[:1], w[:1], 3) + agg.local_denominator(lm[1:], w[1:], 3)
+        assert parts == pytest.approx(whole), name

@@ -1,0 +1,27 @@
+"""The advantage estimator is chosen by one config line and reaches the learner's batch."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from cluster.config import load_config
+from cluster.driver import GRPOTrainer
+from rollout.engine import Sample
+
+
+@pytest.mark.parametrize("estimator,want", [
+    # rewards per group: [1, 0, 0.5, 0.5] and [2, 4, 3, 3]
+    ("rloo", [1 - 1 / 3, 0 - 2 / 3, 0.5 - 0.5, 0.5 - 0.5, 2 - 10 / 3, 4 - 8 / 3, 3 - 3, 3 - 3]),
+    ("dr_grpo", [0.5, -0.5, 0, 0, -1, 1, 0, 0]),
+])
+def test_one_config_line_selects_the_estimator_in_the_driver(tmp_path, estimator, want):
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"learner.grpo.advantage={estimator}", "rollout.group_size=4"])
+    trainer = GRPOTrainer(cfg, progress=False)
+    trainer.prompt_ids = [[1, 2, 3], [1, 2, 4]]
+    trainer.tokenizer, trainer.image_ids = SimpleNamespace(pad_token_id=0), np.array([], dtype=np.int64)
+    rewards = [1.0, 0.0, 0.5, 0.5, 2.0, 4.0, 3.0, 3.0]
+    samples = [(k // 4, Sample(k // 4, k % 4, [5, 6], [-1.0, -1.0], "stop", 0), None) for k in range(8)]
+    batch, info = trainer._train_batch(samples, [SimpleNamespace(total=r) for r in rewards], [0] * 4 + [1] * 4, 0)
+    np.testing.assert_allclose(batch["advantages"], np.asarray(want, dtype=np.float32), atol=1e-6)
+    assert info["samples/trained"] == 8
