@@ -268,7 +268,7 @@ class GRPOTrainer:
                 learn = self.learner.grpo_step(batch)
                 version += 1
                 sync = self.rollout.sync(self.learner, version)
-                m = step_metrics(rewards, samples, learn, sync, info, errors, gen_s, reward_s)
+                m = step_metrics(rewards, samples, learn, sync, info, errors, gen_s, reward_s, list(cfg.rewards.weights))
                 m["rewards/actor_restarts"] = float(self.rewards.restarts)
                 m["rollout/worker_restarts"] = float(self.rollout.restarts)
                 self.tracker.metrics(m, step=step + 1)

@@ -1,6 +1,7 @@
 """Per-step metrics of the GRPO driver: stable names (the MLflow keys) and the console line.
 
-reward/<component>/mean|std for format, degradation, understanding, generation and total;
+reward/<name>/mean|std for every reward named in rewards.weights (the published four:
+format, degradation, understanding, generation; plus any plug-in) and total;
 adv/zero_std_fraction; kl, entropy, clip_fraction, grad_norm, lr (learner);
 tokens/text, tokens/image; timing/generate_s, timing/reward_s, timing/learn_s,
 timing/sync_s; rollout/tokens_per_s; sync/seconds, sync/gb_per_s; policy/version_lag;
@@ -9,20 +10,23 @@ samples/* counts; rewards/nonfinite.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Sequence
 
 import numpy as np
-
-from rewards.scoring import COMPONENTS
 
 LEARNER_KEYS = ("kl", "entropy", "clip_fraction", "grad_norm", "lr", "tokens/text", "tokens/image", "ratio_mean",
                 "is_weight_mean", "loss/policy")
 
 
+def reward_metric_names(reward_names: Sequence[str]):
+    """The reward metric keys a step logs, for these rewards (rewards.weights' keys)."""
+    return [f"reward/{c}/{s}" for c in (*reward_names, "total") for s in ("mean", "std")]
+
+
 def step_metrics(rewards, samples, learn: Dict[str, float], sync: Dict[str, float], info: Dict[str, float],
-                 prompt_errors: int, generate_s: float, reward_s: float) -> Dict[str, float]:
+                 prompt_errors: int, generate_s: float, reward_s: float, reward_names: Sequence[str]) -> Dict[str, float]:
     m: Dict[str, float] = {}
-    for comp in COMPONENTS:
+    for comp in reward_names:
         vals = np.array([r.components[comp] for r in rewards]) if rewards else np.zeros(1)
         m[f"reward/{comp}/mean"], m[f"reward/{comp}/std"] = float(vals.mean()), float(vals.std())
     tot = np.array([r.total for r in rewards]) if rewards else np.zeros(1)
@@ -50,8 +54,8 @@ def step_metrics(rewards, samples, learn: Dict[str, float], sync: Dict[str, floa
 
 def step_line(step: int, total: int, m: Dict[str, float]) -> str:
     kl = f"{m['kl']:.4f}" if "kl" in m else "off"  # no reference policy: no KL to report
-    return (f"step {step}/{total} | reward {m['reward/total/mean']:.3f} (fmt {m['reward/format/mean']:.2f} "
-            f"deg {m['reward/degradation/mean']:.2f} und {m['reward/understanding/mean']:.2f} "
-            f"gen {m['reward/generation/mean']:.2f}) | kl {kl} | "
+    parts = " ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in m.items()
+                     if k.startswith("reward/") and k.endswith("/mean") and k != "reward/total/mean")
+    return (f"step {step}/{total} | reward {m['reward/total/mean']:.3f} ({parts}) | kl {kl} | "
             f"gen {m['timing/generate_s']:.1f}s rew {m['timing/reward_s']:.1f}s learn {m['timing/learn_s']:.1f}s "
             f"sync {m['timing/sync_s']:.2f}s | lag {m['policy/version_lag']:.1f}")

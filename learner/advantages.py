@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Tuple
 
 import torch
 
-from learner.registry import Registry
+from vlcot.registry import Registry
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from learner.registry import Registry
+from vlcot.registry import Registry
 
 
 # ---- aggregation ------------------------------------------------------------------------------

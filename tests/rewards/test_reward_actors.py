@@ -85,7 +85,7 @@ def test_killed_actor_is_replaced_and_the_batch_still_scores(ray_local, vq_dir, 
 
 def test_semantic_understanding_in_the_reward_env(ray_local, tiny_policy):
     cfg = small_cfg(num_workers=1, understanding_mode="semantic")
-    cfg.weights.generation = 0.0
+    cfg.weights["generation"] = 0.0
     p = RewardPool(cfg, None, runtime_env_for_iqa(EnvConfig()))
     try:
         sample = RewardInput("k", parsed_of(make_trace(rough="A kitten sleeps on a sofa."), tiny_policy), LABELS,
@@ -95,3 +95,11 @@ def test_semantic_understanding_in_the_reward_env(ray_local, tiny_policy):
         assert r.details["understanding"]["missed"] == ["airplane"]
     finally:
         p.shutdown()
+
+
+def test_a_plugin_that_cannot_load_stops_the_pool_with_its_key(ray_local, tmp_path):
+    (tmp_path / "bad_reward.py").write_text("import no_such_module_here\n")
+    cfg = small_cfg(num_workers=1, weights={"format": 1.0, "mine": 1.0},
+                    plugins={"mine": f"{tmp_path / 'bad_reward.py'}:score"})
+    with pytest.raises(RuntimeError, match=r"failed to start.*rewards.plugins.mine: cannot load.*no_such_module_here"):
+        RewardPool(cfg, None, runtime_env_for_iqa(EnvConfig()), timeout_s=120)

@@ -102,7 +102,7 @@ class IdentityVQ:
 
 def test_weights_totals_and_nonfinite(tiny_policy):
     cfg = RewardsConfig()
-    cfg.weights.format, cfg.weights.degradation, cfg.weights.understanding, cfg.weights.generation = 1.0, 2.0, 0.5, 3.0
+    cfg.weights.update(format=1.0, degradation=2.0, understanding=0.5, generation=3.0)
     scorer = RewardScorer(cfg, vq=IdentityVQ(), iqa=NaNIQA())
     batch = [RewardInput(f"s{i}", parsed_of(make_trace(seed=i), tiny_policy), LABELS, ["cat", "dog"]) for i in range(3)]
     batch.append(RewardInput("bad", parsed_of_ids([1, 2, 3], tiny_policy), LABELS, ["cat"]))
@@ -119,10 +119,41 @@ def test_weights_totals_and_nonfinite(tiny_policy):
 
 def test_batch_equals_per_sample(tiny_policy):
     scorer = RewardScorer(RewardsConfig(), vq=IdentityVQ(), iqa=NaNIQA.__new__(NaNIQA))
-    scorer.iqa.score = lambda imgs, refs=None: [(float(np.asarray(im).mean()) / 255.0, {}) for im in imgs]
+    scorer.resources.iqa.score = lambda imgs, refs=None: [(float(np.asarray(im).mean()) / 255.0, {}) for im in imgs]
     batch = [RewardInput(f"s{i}", parsed_of(make_trace(seed=i, rough=["A cat.", "A dog.", "Cats!"][i]), tiny_policy),
                          LABELS, ["cat"]) for i in range(3)]
     together = scorer.score(batch)
     alone = [scorer.score([b])[0] for b in batch]
     assert [r.total for r in together] == [r.total for r in alone]
     assert [r.components for r in together] == [r.components for r in alone]
+
+
+def test_a_plugin_reward_is_weighted_logged_and_guarded(tiny_policy, tmp_path):
+    from cluster.config import ConfigError, load_config
+
+    (tmp_path / "mine.py").write_text(
+        "def words(batch):\n    return [float(len(s.tags)) for s in batch]\n"
+        "def broken(batch):\n    raise RuntimeError('boom')\n"
+        "def short(batch):\n    return [1.0]\n")
+    cfg = RewardsConfig(weights={"format": 1.0, "words": 0.25, "broken": 1.0, "short": 1.0},
+                        plugins={"words": f"{tmp_path / 'mine.py'}:words", "broken": f"{tmp_path / 'mine.py'}:broken",
+                                 "short": f"{tmp_path / 'mine.py'}:short"})
+    scorer = RewardScorer(cfg)
+    batch = [RewardInput(f"s{i}", parsed_of(make_trace(seed=i), tiny_policy), LABELS, ["cat", "dog"][: i + 1])
+             for i in range(2)]
+    res = scorer.score(batch)
+    assert [r.components["words"] for r in res] == [1.0, 2.0]
+    assert [r.total for r in res] == [1.0 + 0.25 * 1, 1.0 + 0.25 * 2]  # broken and short count 0 (non-finite)
+    assert res[0].nonfinite == ["broken", "short"] and scorer.nonfinite_count == 4
+    assert "boom" in res[0].details["broken"]["error"] and "returned 1 scores for 2" in res[1].details["short"]["error"]
+    # config validation names the key: unknown reward, plug-in without weight, missing file, bad form
+    for overrides, key in ((["rewards.weights.mystery=1"], "rewards.weights.mystery"),
+                           ([f"rewards.plugins.extra={tmp_path / 'mine.py'}:words"], "rewards.plugins.extra"),
+                           (["rewards.plugins.gone=/no/such.py:fn", "rewards.weights.gone=1"], "rewards.plugins.gone"),
+                           (["rewards.plugins.bad=nocolon", "rewards.weights.bad=1"], "rewards.plugins.bad"),
+                           (["rewards.plugins.format=x.py:fn"], "rewards.plugins.format")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(overrides=overrides)
+    assert load_config(overrides=["rewards.plugins.pkg=tests.rewards.helpers:make_trace", "rewards.weights.pkg=0"])
+    with pytest.raises(ValueError, match=r"rewards.plugins.nofn: cannot load .* has no function 'nope'"):
+        RewardScorer(RewardsConfig(weights={"nofn": 1.0}, plugins={"nofn": f"{tmp_path / 'mine.py'}:nope"}))

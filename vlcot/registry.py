@@ -1,6 +1,7 @@
 """A named registry: what a user varies (advantage estimators, policy losses, aggregation
-modes, KL estimators) is registered under a name and chosen in config; config validation
-lists the registered names. A user's own entry registers with the same decorator."""
+modes, KL estimators, rewards) is registered under a name and chosen in config; config
+validation lists the registered names. A user's own entry registers with the same decorator.
+Lives in the shared core so every role can hold registries without importing another."""
 
 from __future__ import annotations
 
