@@ -11,10 +11,12 @@ importance weight corrects for the stale rollout policy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -22,9 +24,10 @@ import numpy as np
 
 from cluster.config import Config, flatten, to_yaml
 from cluster.envs import runtime_env_for_iqa
-from cluster.jobs import ensure_data, ensure_policy_dir, ensure_vq_dir, required_cpus, start_ray
+from cluster.jobs import cold_start_sft, ensure_data, ensure_policy_dir, ensure_vq_dir, required_cpus, start_ray
 from cluster.metrics import step_metrics, step_line
-from cluster.rollout_pool import RolloutPool
+from cluster.rollout_pool import RolloutBatch, RolloutPool
+from cluster.step_data import ScoredSample, StepResult
 from cluster.tracking import Tracker
 from learner.batch import pack_grpo
 from learner.advantages import estimate_advantages
@@ -38,6 +41,13 @@ log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
 DRIVER_STATE = "driver_state.json"
 SFT_POLICY = "sft/hf"  # the cold-start SFT result: GRPO's starting point and its KL reference
+
+
+@dataclass
+class DispatchedStep:
+    step: int  # 0-based
+    records: List[int]  # manifest index of each prompt, in prompt order
+    rollout: RolloutBatch
 
 
 class DataCursor:
@@ -86,8 +96,15 @@ class GRPOTrainer:
         self.progress = progress
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.trainer.mode == "async":
-            cfg.learner.grpo.recompute_old_logp = "always"  # stale rollouts: ratio against the current policy
+
+    def learner_config(self):
+        """The learner's configuration for this run (the caller's config is left as it is):
+        one-step-off rollouts come from the previous policy, so the ratio is taken against the
+        current one, recomputed (`recompute_old_logp: always`)."""
+        lc = self.cfg.learner
+        if self.cfg.trainer.mode == "async":
+            return dataclasses.replace(lc, grpo=dataclasses.replace(lc.grpo, recompute_old_logp="always"))
+        return lc
 
     # ---- setup -------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -101,7 +118,7 @@ class GRPOTrainer:
         self.policy_dir = ensure_policy_dir(cfg)
         self.vq_dir = ensure_vq_dir(cfg)
         self.vq = VQTokenizer.load(self.vq_dir)
-        meta = load_policy_meta(self.policy_dir, cfg.policy, cfg.image, cfg.vq)
+        self.meta = meta = load_policy_meta(self.policy_dir, cfg.policy, cfg.image, cfg.vq)
         self.tokenizer, self.layout, self.codec = meta.tokenizer, meta.layout, meta.codec
         from vlcot.images import open_image
 
@@ -124,7 +141,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         self.placement = RunPlacement(cfg) if wanted(cfg) else None
         where = self.placement.for_role if self.placement else (lambda role: None)
-        self.learner = LearnerGroup(cfg.learner, str(self.policy_dir), placement=where("learner"))
+        self.learner = LearnerGroup(self.learner_config(), str(self.policy_dir), placement=where("learner"))
         self.rewards = RewardPool(cfg.rewards, str(self.vq_dir), runtime_env_for_iqa(cfg.envs), placement=where("rewards"))
         self.rollout = RolloutPool(cfg.rollout, str(self.policy_dir), cfg.image, cfg.policy,
                                    placement=where("rollout"))
@@ -135,10 +152,7 @@ class GRPOTrainer:
                                                             if self.placement else ""))
 
     def _sft(self) -> None:
-        from learner.sft import build_sft_examples, run_sft
-
         cfg = self.cfg
-        prompts, responses, skipped = build_sft_examples(self.records, self.vq, self.codec, self.layout, cfg.image)
         t0 = time.perf_counter()
 
         def on_step(i, m):
@@ -146,11 +160,11 @@ class GRPOTrainer:
             if (i + 1) % cfg.learner.sft.log_every == 0:
                 print(f"sft {i + 1}/{cfg.learner.sft.steps}: loss {m['loss/sft']:.4f}")
 
-        hist = run_sft(self.learner, prompts, responses, cfg.learner.sft, self.tokenizer.pad_token_id or 0,
-                       self.image_ids, seed=cfg.seed, on_step=on_step)
+        result = cold_start_sft(self.learner, self.records, self.vq, self.meta, cfg, on_step)
+        hist = result.history
         self.learner.set_lr(cfg.learner.lr)
         self.learner.save_policy(str(self.run_dir / SFT_POLICY))
-        print(f"cold-start SFT: {len(hist)} steps on {len(prompts)} traces, loss {hist[0]['loss/sft']:.3f} -> "
+        print(f"cold-start SFT: {len(hist)} steps on {result.examples} traces, loss {hist[0]['loss/sft']:.3f} -> "
               f"{hist[-1]['loss/sft']:.3f} in {time.perf_counter() - t0:.0f}s; policy in {self.run_dir / SFT_POLICY}")
 
     def _reference_is_sft(self) -> None:
@@ -163,44 +177,70 @@ class GRPOTrainer:
         else:
             log.warning("no %s in this run (made before it was saved): the KL reference is the initial policy", sft)
 
-    # ---- one step ----------------------------------------------------------------------------
-    def _submit(self, step: int) -> Tuple[Dict[str, Any], List[int], float]:
-        recs = self.cursor.take(self.cfg.trainer.prompts_per_step)
-        handle = self.rollout.submit([self.prompt_ids[i] for i in recs], seed=self.cfg.rollout.seed + 1000 * step)
-        return handle, recs, time.perf_counter()
+    # ---- one step: dispatch -> collect -> parse -> score -> advantages -> learn -> sync ----------
+    def _dispatch(self, step: int) -> DispatchedStep:
+        records = self.cursor.take(self.cfg.trainer.prompts_per_step)
+        batch = self.rollout.submit([self.prompt_ids[i] for i in records], seed=self.cfg.rollout.seed + 1000 * step)
+        return DispatchedStep(step, records, batch)
 
-    def _score(self, step: int, recs: List[int], results: List[Any]):
-        samples, inputs, groups, errors = [], [], [], 0
-        for p, (rec_i, res) in enumerate(zip(recs, results)):
+    def _step(self, dispatched: DispatchedStep, version: int) -> Tuple[StepResult, Optional[DispatchedStep]]:
+        """One GRPO step from its dispatched generation; in async mode the next step's generation
+        is dispatched as soon as this one's results are in, so it overlaps scoring and learning."""
+        cfg, step = self.cfg, dispatched.step
+        self._emit("dispatched", step + 1)
+        results = self.rollout.collect(dispatched.rollout, self.learner, version)
+        generate_s = time.perf_counter() - dispatched.rollout.started
+        following = None
+        if cfg.trainer.mode == "async" and step + 1 < cfg.trainer.steps:
+            following = self._dispatch(step + 1)
+        t0 = time.perf_counter()
+        samples, prompt_errors = self._parse(dispatched, results)
+        self._score(dispatched, samples)
+        reward_s = time.perf_counter() - t0
+        batch, info = self._train_batch(samples, version)
+        learn = self.learner.grpo_step(batch)
+        sync = self.rollout.sync(self.learner, version + 1)
+        return StepResult(samples, prompt_errors, learn, sync, info, generate_s, reward_s), following
+
+    def _parse(self, dispatched: DispatchedStep, results: List[Any]) -> Tuple[List[ScoredSample], int]:
+        """Rollout results -> parsed samples; a prompt the engine refused is counted and logged."""
+        samples, errors = [], 0
+        for group, (record, res) in enumerate(zip(dispatched.records, results)):
             if isinstance(res, PromptError):
                 errors += 1
-                log.warning("step %d prompt %d skipped: %s", step, rec_i, res.reason)
+                log.warning("step %d prompt %d skipped: %s", dispatched.step, record, res.reason)
                 continue
-            rec = self.records[rec_i]
             for s in res:
                 parsed = parse_response(s.token_ids, self.codec, self.layout, hr_size=self.cfg.image.hr_size)
-                samples.append((rec_i, s, parsed))
-                inputs.append(RewardInput(f"{step}:{p}:{s.sample_index}", parsed, rec["degradation"]["labels"],
-                                          rec.get("tags") or [], rec["hr_path"]))
-                groups.append(p)
-        return samples, inputs, groups, errors
+                samples.append(ScoredSample(record, group, s, parsed))
+        return samples, errors
 
-    def _train_batch(self, samples, rewards, groups, version: int) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
+    def _score(self, dispatched: DispatchedStep, samples: List[ScoredSample]) -> None:
+        inputs = []
+        for s in samples:
+            rec = self.records[s.record]
+            inputs.append(RewardInput(f"{dispatched.step}:{s.group}:{s.sample.sample_index}", s.parsed,
+                                      rec["degradation"]["labels"], rec.get("tags") or [], rec["hr_path"]))
+        for s, reward in zip(samples, self.rewards.score(inputs)):
+            s.reward = reward
+
+    def _train_batch(self, samples: List[ScoredSample], version: int) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
         import torch
 
         g = self.cfg.learner.grpo
-        lags = np.array([version - s.version for _, s, _ in samples])
+        lags = np.array([version - s.sample.version for s in samples])
         keep = np.nonzero(lags <= self.cfg.trainer.max_staleness)[0]
-        total = np.array([r.total for r in rewards])
-        adv, stats = estimate_advantages(g.advantage, torch.tensor(total[keep]),
-                                         torch.tensor(np.asarray(groups)[keep]), g.adv_eps)
+        total = np.array([s.reward.total for s in samples])
+        groups = np.array([s.group for s in samples])
+        adv, stats = estimate_advantages(g.advantage, torch.tensor(total[keep]), torch.tensor(groups[keep]), g.adv_eps)
         world = self.cfg.learner.num_workers
         n = len(keep) - len(keep) % world
         order = np.argsort(np.abs(adv.numpy()), kind="stable")[::-1][:n]  # drop the least informative
         sel = keep[np.sort(order)]
         advs = adv.numpy()[np.sort(order)]
-        batch = pack_grpo([self.prompt_ids[samples[i][0]] for i in sel], [samples[i][1].token_ids for i in sel], advs,
-                          [samples[i][1].logprobs for i in sel], self.tokenizer.pad_token_id or 0, self.image_ids)
+        batch = pack_grpo([self.prompt_ids[samples[i].record] for i in sel], [samples[i].sample.token_ids for i in sel],
+                          advs, [samples[i].sample.logprobs for i in sel], self.tokenizer.pad_token_id or 0,
+                          self.image_ids)
         info = {"adv/zero_std_fraction": stats.zero_std_fraction, "policy/version_lag": float(lags.mean()),
                 "samples/stale_dropped": float(len(samples) - len(keep)), "samples/trained": float(n),
                 "samples/dropped_for_sharding": float(len(keep) - n)}
@@ -251,37 +291,15 @@ class GRPOTrainer:
                 self._reference_is_sft()
             self.rollout.sync(self.learner, version)
             bar = tqdm(total=cfg.trainer.steps, initial=start, desc="grpo", disable=not self.progress)
-            pending = self._submit(start) if start < cfg.trainer.steps else None
+            pending = self._dispatch(start) if start < cfg.trainer.steps else None
             for step in range(start, cfg.trainer.steps):
-                handle, recs, t_gen = pending
-                self._emit("dispatched", step + 1)
-                results = self.rollout.collect(handle, self.learner, version)
-                gen_s = time.perf_counter() - t_gen
-                pending = None
-                if cfg.trainer.mode == "async" and step + 1 < cfg.trainer.steps:
-                    pending = self._submit(step + 1)  # overlaps with scoring and training below
-                t0 = time.perf_counter()
-                samples, inputs, groups, errors = self._score(step, recs, results)
-                rewards = self.rewards.score(inputs)
-                reward_s = time.perf_counter() - t0
-                batch, info = self._train_batch(samples, rewards, groups, version)
-                learn = self.learner.grpo_step(batch)
+                result, pending = self._step(pending, version)
                 version += 1
-                sync = self.rollout.sync(self.learner, version)
-                m = step_metrics(rewards, samples, learn, sync, info, errors, gen_s, reward_s, list(cfg.rewards.weights))
-                m["rewards/actor_restarts"] = float(self.rewards.restarts)
-                m["rollout/worker_restarts"] = float(self.rollout.restarts)
-                self.tracker.metrics(m, step=step + 1)
-                self.reward_history.append(m["reward/total/mean"])
+                self._record(step + 1, version, result)
                 bar.update(1)
-                tqdm.write(step_line(step + 1, cfg.trainer.steps, m))
-                if (step + 1) % cfg.trainer.log_images_every == 0:
-                    self._log_grid(step + 1, samples)
-                if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == cfg.trainer.steps:
-                    self._save(step + 1, version)
                 self._emit("step_end", step + 1)
                 if pending is None and step + 1 < cfg.trainer.steps:
-                    pending = self._submit(step + 1)
+                    pending = self._dispatch(step + 1)
             bar.close()
         finally:
             self.tracker.close()
@@ -289,6 +307,22 @@ class GRPOTrainer:
         summary = self._summary(time.perf_counter() - t_run)
         (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _record(self, step: int, version: int, result: StepResult) -> None:
+        """Metrics (MLflow and the console line), sample grid and checkpoint after a step."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        m = step_metrics(result, list(cfg.rewards.weights))
+        m["rewards/actor_restarts"] = float(self.rewards.restarts)
+        m["rollout/worker_restarts"] = float(self.rollout.restarts)
+        self.tracker.metrics(m, step=step)
+        self.reward_history.append(m["reward/total/mean"])
+        tqdm.write(step_line(step, cfg.trainer.steps, m))
+        if step % cfg.trainer.log_images_every == 0:
+            self._log_grid(step, result.samples)
+        if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps:
+            self._save(step, version)
 
     def _emit(self, event: str, step: int) -> None:
         for cb in self.callbacks:
@@ -301,18 +335,18 @@ class GRPOTrainer:
                 "last_20pct_mean": float(np.mean(h[-k:])) if h else None, "wall_s": wall_s,
                 "mlflow_uri": self.tracker.uri, "mlflow_run_id": self.tracker.run_id}
 
-    def _log_grid(self, step: int, samples) -> None:
+    def _log_grid(self, step: int, samples: List[ScoredSample]) -> None:
         from PIL import Image
 
         from cluster.grid import sample_grid
 
         try:
-            rec_i, s, parsed = samples[0]
+            parsed = samples[0].parsed
             stages = []
             for name in ("rough_image", "middle_image", "final_image"):
                 st = parsed.stages[name]
                 stages.append(np.asarray(self.vq.decode_images(st.codes[None])[0]) if st.valid else None)
-            rec = self.records[rec_i]
+            rec = self.records[samples[0].record]
             img = sample_grid(Image.open(rec["lr_path"]), stages, Image.open(rec["hr_path"]), parsed.skeleton)
             out = self.run_dir / "grids" / f"step_{step:06d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 from cluster.config import Config
 
@@ -85,13 +86,32 @@ def start_ray(num_cpus: Optional[int] = None) -> None:
         _PRIVATE_RAY = ray.get_runtime_context().gcs_address
 
 
+@dataclass
+class SFTResult:
+    history: List[Dict[str, float]]  # per-step metrics
+    examples: int  # traces trained on
+    skipped: List[str]  # records that gave no trace, with the reason
+
+
+def cold_start_sft(group, records: List[dict], vq, meta, cfg: Config,
+                   on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> SFTResult:
+    """The one SFT path (`realsr-r1 sft` and the driver's cold start): manifest records -> VLCoT
+    traces in the policy's conversation format -> `cfg.learner.sft.steps` steps on the learner
+    group."""
+    from learner.sft import build_sft_examples, run_sft
+
+    prompts, responses, skipped = build_sft_examples(records, vq, meta.codec, meta.layout, cfg.image)
+    history = run_sft(group, prompts, responses, cfg.learner.sft, pad_id=meta.tokenizer.pad_token_id or 0,
+                      image_ids=meta.layout.image_span_ids(), seed=cfg.seed, on_step=on_step)
+    return SFTResult(history, len(prompts), skipped)
+
+
 def run_sft_job(cfg: Config, out_dir: Optional[Path] = None, progress: bool = True) -> Dict[str, object]:
     """`realsr-r1 sft`: manifest -> VLCoT traces -> SFT on the learner group -> checkpoint.
     Returns {"checkpoint": dir with hf/ ds/ learner_state.json, "history": per-step metrics}."""
     from tqdm import tqdm
 
     from learner.group import LearnerGroup
-    from learner.sft import build_sft_examples, run_sft
     from vlcot.data import read_manifest
     from vlcot.policy import load_policy_meta
     from vlcot.vq import VQTokenizer
@@ -100,8 +120,7 @@ def run_sft_job(cfg: Config, out_dir: Optional[Path] = None, progress: bool = Tr
     policy_dir = ensure_policy_dir(cfg)
     vq = VQTokenizer.load(ensure_vq_dir(cfg))
     meta = load_policy_meta(policy_dir, cfg.policy, cfg.image, cfg.vq)  # no weights: only the format is needed here
-    prompts, responses, skipped = build_sft_examples(read_manifest(manifest), vq, meta.codec, meta.layout, cfg.image)
-    print(f"sft: {len(prompts)} examples from {manifest}" + (f", {len(skipped)} skipped" if skipped else ""))
+    records = read_manifest(manifest)
     start_ray(max(2, cfg.learner.num_workers))
     group = LearnerGroup(cfg.learner, str(policy_dir))
     bar = tqdm(total=cfg.learner.sft.steps, desc="sft", disable=not progress)
@@ -115,10 +134,12 @@ def run_sft_job(cfg: Config, out_dir: Optional[Path] = None, progress: bool = Tr
                        f"{m['timing/step_s']:.2f}s")
 
     try:
-        history = run_sft(group, prompts, responses, cfg.learner.sft, pad_id=meta.tokenizer.pad_token_id or 0,
-                          image_ids=meta.layout.image_span_ids(), seed=cfg.seed, on_step=on_step)
+        result = cold_start_sft(group, records, vq, meta, cfg, on_step)
+        history = result.history
+        print(f"sft: {result.examples} examples from {manifest}"
+              + (f", {len(result.skipped)} skipped" if result.skipped else ""))
         out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "sft"
-        group.save(str(out), {"phase": "sft", "examples": len(prompts)})
+        group.save(str(out), {"phase": "sft", "examples": result.examples})
     finally:
         bar.close()
         group.shutdown()

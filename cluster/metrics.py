@@ -14,6 +14,8 @@ from typing import Dict, Sequence
 
 import numpy as np
 
+from cluster.step_data import StepResult
+
 LEARNER_KEYS = ("kl", "entropy", "clip_fraction", "grad_norm", "lr", "tokens/text", "tokens/image", "ratio_mean",
                 "is_weight_mean", "loss/policy")
 
@@ -23,8 +25,10 @@ def reward_metric_names(reward_names: Sequence[str]):
     return [f"reward/{c}/{s}" for c in (*reward_names, "total") for s in ("mean", "std")]
 
 
-def step_metrics(rewards, samples, learn: Dict[str, float], sync: Dict[str, float], info: Dict[str, float],
-                 prompt_errors: int, generate_s: float, reward_s: float, reward_names: Sequence[str]) -> Dict[str, float]:
+def step_metrics(result: StepResult, reward_names: Sequence[str]) -> Dict[str, float]:
+    samples, learn, sync = result.samples, result.learn, result.sync
+    rewards = [s.reward for s in samples]
+    generate_s, reward_s = result.generate_s, result.reward_s
     m: Dict[str, float] = {}
     for comp in reward_names:
         vals = np.array([r.components[comp] for r in rewards]) if rewards else np.zeros(1)
@@ -35,20 +39,20 @@ def step_metrics(rewards, samples, learn: Dict[str, float], sync: Dict[str, floa
     for k in LEARNER_KEYS:
         if k in learn:
             m[k] = float(learn[k])
-    gen_tokens = sum(len(s.token_ids) for _, s, _ in samples)
+    gen_tokens = sum(len(s.sample.token_ids) for s in samples)
     m["timing/generate_s"] = generate_s
     m["timing/reward_s"] = reward_s
     m["timing/learn_s"] = float(learn.get("timing/learn_s", 0.0))
     m["timing/sync_s"] = float(sync.get("timing/sync_s", 0.0))
     m["rollout/tokens_per_s"] = gen_tokens / max(generate_s, 1e-9)
     m["rollout/tokens"] = float(gen_tokens)
-    m["rollout/truncated_fraction"] = float(np.mean([s.finish_reason == "length" for _, s, _ in samples])) if samples else 0.0
+    m["rollout/truncated_fraction"] = float(np.mean([s.sample.finish_reason == "length" for s in samples])) if samples else 0.0
     m["sync/seconds"] = float(sync.get("sync/seconds", 0.0))
     m["sync/gb_per_s"] = float(sync.get("sync/gb_per_s", 0.0))
     m["samples/count"] = float(len(samples))
-    m["samples/prompt_errors"] = float(prompt_errors)
-    m["samples/strict_format_rate"] = float(np.mean([p.strict_format for _, _, p in samples])) if samples else 0.0
-    m.update(info)
+    m["samples/prompt_errors"] = float(result.prompt_errors)
+    m["samples/strict_format_rate"] = float(np.mean([s.parsed.strict_format for s in samples])) if samples else 0.0
+    m.update(result.batch_info)
     return m
 
 

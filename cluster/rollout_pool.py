@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
@@ -22,6 +23,22 @@ from rollout.config import RolloutConfig
 from rollout.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutBatch:
+    """A dispatched generation: prompts out to the workers, results not yet collected."""
+
+    prompts: List[List[int]]
+    seed: int
+    assignment: Dict[int, List[int]]  # worker index -> positions of its prompts
+    calls: Dict[int, Any]  # worker index -> in-flight object ref
+    started: float  # perf_counter at dispatch
+
+
+def worker_seed(seed: int, worker: int) -> int:
+    """The sampling seed of one worker's share of a dispatch (the same on a re-dispatch)."""
+    return seed + 7919 * worker
 
 
 class RolloutPool:
@@ -61,7 +78,7 @@ class RolloutPool:
         return stats
 
     # ---- generation ------------------------------------------------------------------------
-    def submit(self, prompts: Sequence[Sequence[int]], seed: int) -> Dict[str, Any]:
+    def submit(self, prompts: Sequence[Sequence[int]], seed: int) -> RolloutBatch:
         """Dispatch prompts (G samples each, on one worker) to the least-loaded workers."""
         load = [0] * len(self.workers)
         assignment: Dict[int, List[int]] = {i: [] for i in range(len(self.workers))}
@@ -69,16 +86,16 @@ class RolloutPool:
             w = min(range(len(self.workers)), key=lambda i: (load[i], i))
             assignment[w].append(p)
             load[w] += 1
-        calls = {w: self.workers[w].generate.remote([prompts[i] for i in idx], None, seed + 7919 * w)
+        calls = {w: self.workers[w].generate.remote([prompts[i] for i in idx], None, worker_seed(seed, w))
                  for w, idx in assignment.items() if idx}
-        return {"prompts": list(prompts), "seed": seed, "assignment": assignment, "calls": calls}
+        return RolloutBatch([list(p) for p in prompts], seed, assignment, calls, time.perf_counter())
 
-    def collect(self, handle: Dict[str, Any], learner=None, version: Optional[int] = None) -> List[Any]:
+    def collect(self, batch: RolloutBatch, learner=None, version: Optional[int] = None) -> List[Any]:
         """Results per prompt (list of samples or PromptError), in prompt order. Dead workers
         are replaced, resynced from `learner` (at `version`) and their prompts rerun."""
-        results: List[Any] = [None] * len(handle["prompts"])
-        pending = dict(handle["calls"])
-        assignment = handle["assignment"]
+        results: List[Any] = [None] * len(batch.prompts)
+        pending = dict(batch.calls)
+        assignment = batch.assignment
         while pending:
             w, ref = next(iter(pending.items()))
             try:
@@ -89,8 +106,8 @@ class RolloutPool:
                 log.warning("rollout worker %d died (%s): replacing it and re-dispatching %d prompts",
                             w, type(exc).__name__, len(assignment[w]))
                 self._replace(w, learner, version)
-                pending[w] = self.workers[w].generate.remote([handle["prompts"][i] for i in assignment[w]], None,
-                                                            handle["seed"] + 7919 * w)
+                pending[w] = self.workers[w].generate.remote([batch.prompts[i] for i in assignment[w]], None,
+                                                            worker_seed(batch.seed, w))
                 continue
             del pending[w]
             for i, r in zip(assignment[w], out):

@@ -129,6 +129,11 @@ class RolloutEngine(ABC):
     def prompt_logprobs(self, sequences: List[List[int]]) -> List[List[float]]:
         """Teacher-forced log-probs of tokens 1..L-1 of each sequence."""
 
+    @abstractmethod
+    def get_parameter(self, name: str) -> Optional[torch.Tensor]:
+        """A copy of one parameter by its HF name (None when the engine has no readable tensor
+        of that name: vLLM's CPU backend repacks linear weights)."""
+
     def update_weights_from_path(self, path: str, version: int) -> None:
         """Reload every weight from an HF-layout safetensors directory."""
         from safetensors.torch import load_file

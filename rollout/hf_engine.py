@@ -43,6 +43,10 @@ class HFEngine(RolloutEngine):
         self.version = version
         return n
 
+    def get_parameter(self, name: str) -> Optional[torch.Tensor]:
+        p = dict(self.model.named_parameters()).get(name)
+        return None if p is None else p.detach().cpu().clone()
+
     @torch.no_grad()
     def prompt_logprobs(self, sequences: List[List[int]]) -> List[List[float]]:
         """Teacher-forced log-probs of tokens 1..L-1 of each sequence (full forward)."""

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from rollout.config import SamplingConfig
+from vlcot.trace import IMAGE_STAGE_SCALE, IMAGE_STAGES
 
 NEG = float("-inf")
 
@@ -56,7 +57,7 @@ class SpanRules:
         starts = np.concatenate([[0], breaks + 1])
         ends = np.concatenate([breaks + 1, [len(ids)]])
         ranges = tuple((int(ids[a]), int(ids[b - 1]) + 1) for a, b in zip(starts, ends))
-        grids = tuple((image_cfg.hr_size // k // layout.patch_px,) * 2 for k in (4, 2, 1))
+        grids = tuple((image_cfg.hr_size // IMAGE_STAGE_SCALE[stage] // layout.patch_px,) * 2 for stage in IMAGE_STAGES)
         t = sampling.temperature
         return cls(
             image_start=layout.image_start, image_end=layout.image_end, row_newline=layout.row_newline,

@@ -84,10 +84,7 @@ class RolloutWorker:
         return self.engine.throughput.as_dict()
 
     def get_parameter(self, name: str):
-        if hasattr(self.engine, "get_parameter"):
-            t = self.engine.get_parameter(name)
-        else:
-            t = dict(self.engine.model.named_parameters()).get(name)
+        t = self.engine.get_parameter(name)
         return None if t is None else t.detach().cpu().numpy()
 
     def prompt_logprobs(self, sequences: List[List[int]]) -> List[List[float]]:

@@ -79,7 +79,6 @@ def write_released_checkpoint(out: str | Path, *, hidden: int = 64, heads: int =
     out.mkdir(parents=True, exist_ok=True)
     tok = _text_tokenizer_json()
     (out / "text_tokenizer.json").write_text(json.dumps(tok))
-    head_dim = hidden // heads
     chameleon_map = {n: i for n, i in tok["model"]["vocab"].items() if i < 8900 or n.startswith("<")}
     chameleon_map = {n: i for n, i in chameleon_map.items() if not (n.startswith("IMGIMG") and i >= HIGH_BASE)}
     config = {

@@ -1,4 +1,5 @@
-"""The advantage estimator is chosen by one config line and reaches the learner's batch."""
+"""Driver logic without actors: the advantage estimator chosen by one config line reaches the
+learner's batch; the learner's configuration for async runs leaves the caller's config alone."""
 
 from types import SimpleNamespace
 
@@ -7,6 +8,7 @@ import pytest
 
 from cluster.config import load_config
 from cluster.driver import GRPOTrainer
+from cluster.step_data import ScoredSample
 from rollout.engine import Sample
 
 
@@ -21,7 +23,17 @@ def test_one_config_line_selects_the_estimator_in_the_driver(tmp_path, estimator
     trainer.prompt_ids = [[1, 2, 3], [1, 2, 4]]
     trainer.tokenizer, trainer.image_ids = SimpleNamespace(pad_token_id=0), np.array([], dtype=np.int64)
     rewards = [1.0, 0.0, 0.5, 0.5, 2.0, 4.0, 3.0, 3.0]
-    samples = [(k // 4, Sample(k // 4, k % 4, [5, 6], [-1.0, -1.0], "stop", 0), None) for k in range(8)]
-    batch, info = trainer._train_batch(samples, [SimpleNamespace(total=r) for r in rewards], [0] * 4 + [1] * 4, 0)
+    samples = [ScoredSample(k // 4, k // 4, Sample(k // 4, k % 4, [5, 6], [-1.0, -1.0], "stop", 0), None,
+                            SimpleNamespace(total=r)) for k, r in enumerate(rewards)]
+    batch, info = trainer._train_batch(samples, 0)
     np.testing.assert_allclose(batch["advantages"], np.asarray(want, dtype=np.float32), atol=1e-6)
     assert info["samples/trained"] == 8
+
+
+def test_async_learner_recomputes_old_logprobs_without_mutating_the_config(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path}", "trainer.mode=async"])
+    trainer = GRPOTrainer(cfg, progress=False)
+    assert trainer.learner_config().grpo.recompute_old_logp == "always"
+    assert cfg.learner.grpo.recompute_old_logp == "auto"
+    sync = GRPOTrainer(load_config(None, [f"run_dir={tmp_path}", "trainer.mode=sync"]), progress=False)
+    assert sync.learner_config().grpo.recompute_old_logp == "auto"
