@@ -61,6 +61,8 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     log_images_every: int = 5
     placement: str = "auto"  # one Ray placement group for all actors: auto (when GPUs are asked for) | enabled | disabled
+    weight_sync: str = "network"  # how weights reach the rollout workers: network | filesystem (cluster/weight_sync.py)
+    weight_sync_dir: str = ""  # filesystem: a folder every node sees; "" = <run_dir>/weight_sync
 
 
 @dataclass
@@ -302,6 +304,10 @@ def validate(cfg: Config) -> None:
     t = cfg.trainer
     if t.mode not in ("sync", "async"):
         _fail("trainer.mode", f"{t.mode!r} not in ['sync', 'async']")
+    from cluster.weight_sync import WEIGHT_SYNCS
+
+    if t.weight_sync not in WEIGHT_SYNCS:
+        _fail("trainer.weight_sync", f"{t.weight_sync!r} not in {WEIGHT_SYNCS.names()}")
     if t.placement not in ("auto", "enabled", "disabled"):
         _fail("trainer.placement", f"{t.placement!r} not in ['auto', 'enabled', 'disabled']")
     if t.steps < 0 or t.prompts_per_step < 1 or t.checkpoint_every < 1 or t.max_staleness < 1:

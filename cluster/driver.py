@@ -29,9 +29,10 @@ from cluster.metrics import step_metrics, step_line
 from cluster.rollout_pool import RolloutBatch, RolloutPool
 from cluster.step_data import ScoredSample, StepResult
 from cluster.tracking import Tracker
+from cluster.weight_sync import WEIGHT_SYNCS
 from learner.batch import pack_grpo
 from learner.advantages import estimate_advantages
-from rewards.actor import RewardPool
+from cluster.reward_pool import RewardPool
 from rewards.scoring import RewardInput
 from rollout.engine import PromptError
 from vlcot.data import read_manifest
@@ -132,7 +133,7 @@ class GRPOTrainer:
         self.cursor = DataCursor(len(self.records), cfg.seed)
 
     def _start_actors(self) -> None:
-        from learner.group import LearnerGroup
+        from cluster.learner_group import LearnerGroup
 
         cfg = self.cfg
         from cluster.placement import RunPlacement, wanted
@@ -145,7 +146,8 @@ class GRPOTrainer:
         self.rewards = RewardPool(cfg.rewards, str(self.vq_dir), runtime_env_for_iqa(cfg.envs), placement=where("rewards"))
         self.rollout = RolloutPool(cfg.rollout, str(self.policy_dir), cfg.image, cfg.policy,
                                    placement=where("rollout"))
-        self.rollout.join_weight_group(self.learner)
+        self.weight_sync = WEIGHT_SYNCS.get(cfg.trainer.weight_sync)(self.learner, self.rollout.group, cfg)
+        self.weight_sync.connect()
         print(f"actors up in {time.perf_counter() - t0:.0f}s: {cfg.learner.num_workers} learner ranks "
               f"(ZeRO-{cfg.learner.zero_stage}), {cfg.rollout.num_workers} {cfg.rollout.engine} rollout workers, "
               f"{cfg.rewards.num_workers} reward actors" + (f", placement group of {len(self.placement.bundles)} bundles"
@@ -188,7 +190,7 @@ class GRPOTrainer:
         is dispatched as soon as this one's results are in, so it overlaps scoring and learning."""
         cfg, step = self.cfg, dispatched.step
         self._emit("dispatched", step + 1)
-        results = self.rollout.collect(dispatched.rollout, self.learner, version)
+        results = self.rollout.collect(dispatched.rollout, lambda slot: self.weight_sync.worker_replaced(slot, version))
         generate_s = time.perf_counter() - dispatched.rollout.started
         following = None
         if cfg.trainer.mode == "async" and step + 1 < cfg.trainer.steps:
@@ -199,7 +201,7 @@ class GRPOTrainer:
         reward_s = time.perf_counter() - t0
         batch, info = self._train_batch(samples, version)
         learn = self.learner.grpo_step(batch)
-        sync = self.rollout.sync(self.learner, version + 1)
+        sync = self.weight_sync.sync(version + 1)
         return StepResult(samples, prompt_errors, learn, sync, info, generate_s, reward_s), following
 
     def _parse(self, dispatched: DispatchedStep, results: List[Any]) -> Tuple[List[ScoredSample], int]:
@@ -289,7 +291,7 @@ class GRPOTrainer:
                 if not self.resume:
                     self._sft()
                 self._reference_is_sft()
-            self.rollout.sync(self.learner, version)
+            self.weight_sync.sync(version)
             bar = tqdm(total=cfg.trainer.steps, initial=start, desc="grpo", disable=not self.progress)
             pending = self._dispatch(start) if start < cfg.trainer.steps else None
             for step in range(start, cfg.trainer.steps):

@@ -111,7 +111,7 @@ def run_sft_job(cfg: Config, out_dir: Optional[Path] = None, progress: bool = Tr
     Returns {"checkpoint": dir with hf/ ds/ learner_state.json, "history": per-step metrics}."""
     from tqdm import tqdm
 
-    from learner.group import LearnerGroup
+    from cluster.learner_group import LearnerGroup
     from vlcot.data import read_manifest
     from vlcot.policy import load_policy_meta
     from vlcot.vq import VQTokenizer

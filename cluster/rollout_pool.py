@@ -1,15 +1,14 @@
-"""Rollout workers as a pool: least-loaded dispatch, failure recovery, weight sync.
+"""Rollout workers as a pool: least-loaded dispatch and failure recovery.
 
 A prompt's G samples always go to one worker (prefix caching). Prompts go to the worker
-with the fewest prompts in flight. A worker that dies mid-call is replaced, the weight
-group is rebuilt (a new worker cannot join a formed process group) and resynced to the
-current weights, and the dead worker's prompts are dispatched again: every prompt gets
+with the fewest prompts in flight. A worker that dies mid-call is replaced in its slot
+(`cluster.actor_group.ActorGroup`), brought to the current weights by the caller's weight
+sync (`on_replaced`), and the dead worker's prompts are dispatched again: every prompt gets
 exactly one set of samples, none lost, none duplicated.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import ray
 from ray.exceptions import RayActorError
 
-from cluster.transport import WeightTransport, free_port
+from cluster.actor_group import ActorGroup
 from rollout.config import RolloutConfig
 from rollout.worker import RolloutWorker
 
@@ -44,38 +43,19 @@ def worker_seed(seed: int, worker: int) -> int:
 class RolloutPool:
     def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, policy_cfg=None, max_restarts: int = 3,
                  placement: Optional[Callable[[int], Dict[str, Any]]] = None):
-        self.cfg, self.policy_dir, self.image_cfg, self.policy_cfg = cfg, policy_dir, image_cfg, policy_cfg
-        self.placement = placement
+        self.cfg = cfg
         self.max_restarts = max_restarts
-        self.restarts = 0
-        self.workers = [self._start(i) for i in range(cfg.num_workers)]
-        self.info = ray.get([w.ready.remote() for w in self.workers])
-        self.backend = "nccl" if cfg.gpus_per_worker > 0 else "gloo"
+        self.group = ActorGroup(
+            "rollout", RolloutWorker, cfg.num_workers, lambda slot: (cfg, policy_dir, image_cfg, policy_cfg, slot),
+            dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_concurrency=1), placement)
 
-    def _start(self, index: int):
-        extra = self.placement(index) if self.placement else {}
-        return RolloutWorker.options(num_cpus=self.cfg.cpus_per_worker, num_gpus=self.cfg.gpus_per_worker,
-                                     max_concurrency=1, **extra).remote(self.cfg, self.policy_dir, self.image_cfg,
-                                                                        self.policy_cfg, index)
+    @property
+    def workers(self) -> List[Any]:
+        return self.group.actors
 
-    # ---- weights ---------------------------------------------------------------------------
-    def join_weight_group(self, learner) -> None:
-        """Form the broadcast group {learner rank 0, every worker}."""
-        port, world = free_port(), len(self.workers) + 1
-        refs = learner.join_weight_group(functools.partial(WeightTransport, "127.0.0.1", port, 0, world, self.backend))
-        refs += [w.join_weight_group.remote(functools.partial(WeightTransport, "127.0.0.1", port, i + 1, world, self.backend))
-                 for i, w in enumerate(self.workers)]
-        ray.get(refs)
-
-    def sync(self, learner, version: int) -> Dict[str, float]:
-        """Broadcast the learner's weights to every worker; returns learner-side sync stats."""
-        t0 = time.perf_counter()
-        receives = [w.receive_weights.remote() for w in self.workers]
-        stats = ray.get(learner.broadcast_async(version))[0]
-        ray.get(receives)
-        stats = dict(stats)
-        stats["timing/sync_s"] = time.perf_counter() - t0
-        return stats
+    @property
+    def restarts(self) -> int:
+        return self.group.restarts
 
     # ---- generation ------------------------------------------------------------------------
     def submit(self, prompts: Sequence[Sequence[int]], seed: int) -> RolloutBatch:
@@ -90,9 +70,10 @@ class RolloutPool:
                  for w, idx in assignment.items() if idx}
         return RolloutBatch([list(p) for p in prompts], seed, assignment, calls, time.perf_counter())
 
-    def collect(self, batch: RolloutBatch, learner=None, version: Optional[int] = None) -> List[Any]:
-        """Results per prompt (list of samples or PromptError), in prompt order. Dead workers
-        are replaced, resynced from `learner` (at `version`) and their prompts rerun."""
+    def collect(self, batch: RolloutBatch, on_replaced: Optional[Callable[[int], None]] = None) -> List[Any]:
+        """Results per prompt (list of samples or PromptError), in prompt order. A dead worker
+        is replaced, `on_replaced(slot)` brings it to the current weights (the weight sync),
+        and its prompts are dispatched again."""
         results: List[Any] = [None] * len(batch.prompts)
         pending = dict(batch.calls)
         assignment = batch.assignment
@@ -105,7 +86,9 @@ class RolloutPool:
                     raise RuntimeError(f"rollout worker {w} died and the restart budget is spent: {exc}") from exc
                 log.warning("rollout worker %d died (%s): replacing it and re-dispatching %d prompts",
                             w, type(exc).__name__, len(assignment[w]))
-                self._replace(w, learner, version)
+                self.group.replace(w)
+                if on_replaced is not None:
+                    on_replaced(w)
                 pending[w] = self.workers[w].generate.remote([batch.prompts[i] for i in assignment[w]], None,
                                                             worker_seed(batch.seed, w))
                 continue
@@ -114,25 +97,8 @@ class RolloutPool:
                 results[i] = r
         return results
 
-    def _replace(self, index: int, learner, version: Optional[int]) -> None:
-        try:
-            ray.kill(self.workers[index])
-        except Exception:
-            pass
-        self.workers[index] = self._start(index)
-        ray.get(self.workers[index].ready.remote())
-        self.restarts += 1
-        if learner is not None:
-            self.join_weight_group(learner)
-            self.sync(learner, version if version is not None else 0)
-
     def throughput(self) -> List[Dict[str, float]]:
-        return ray.get([w.throughput.remote() for w in self.workers])
+        return self.group.run("throughput")
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            try:
-                ray.kill(w)
-            except Exception:
-                pass
-        self.workers = []
+        self.group.shutdown()

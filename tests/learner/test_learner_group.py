@@ -9,7 +9,7 @@ import ray
 from cluster.transport import WeightTransport, free_port
 from learner.batch import pack_grpo
 from learner.config import LearnerConfig
-from learner.group import LearnerGroup
+from cluster.learner_group import LearnerGroup
 
 pytestmark = pytest.mark.slow
 

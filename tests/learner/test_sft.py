@@ -8,7 +8,7 @@ import ray
 
 from cluster.cli import main as cli_main
 from learner.config import LearnerConfig, SFTConfig
-from learner.group import LearnerGroup
+from cluster.learner_group import LearnerGroup
 from learner.sft import build_sft_examples, run_sft
 from vlcot.data import prepare_data, read_manifest
 from vlcot.policy import load_policy

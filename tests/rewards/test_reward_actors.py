@@ -8,7 +8,7 @@ from PIL import Image, ImageFilter
 
 from cluster.config import EnvConfig
 from cluster.envs import runtime_env_for_iqa
-from rewards.actor import RewardPool
+from cluster.reward_pool import RewardPool
 from rewards.config import RewardsConfig
 from rewards.scoring import RewardInput
 from tests.rewards.helpers import make_trace, parsed_of, parsed_of_ids

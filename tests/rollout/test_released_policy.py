@@ -13,7 +13,7 @@ import torch
 from cluster.transport import WeightTransport, free_port
 from learner.batch import pack_grpo
 from learner.config import LearnerConfig, SFTConfig
-from learner.group import LearnerGroup
+from cluster.learner_group import LearnerGroup
 from learner.sft import run_sft
 from rollout.config import RolloutConfig
 from rollout.worker import RolloutWorker

@@ -147,7 +147,7 @@ def test_weight_update_changes_generation_and_lands_exactly(workers, prompts, ti
 
 def test_weights_broadcast_from_the_learner_reach_the_vllm_worker(workers, policy_dir, tiny_policy, prompts):
     from learner.config import LearnerConfig
-    from learner.group import LearnerGroup
+    from cluster.learner_group import LearnerGroup
 
     group = LearnerGroup(LearnerConfig(num_workers=1, zero_stage=2, lr=5e-2, num_cpus=1), policy_dir)
     try:

@@ -1,0 +1,88 @@
+"""The learner group: N `LearnerActor` ranks (learner/actor.py) in one `ActorGroup`.
+
+It shards each batch over the ranks (sample i goes to rank i % N, so every rank gets the same
+count), runs the step on all of them and returns rank 0's metrics (already reduced over
+ranks). Every other call runs a `LearnerEngine` method on all ranks (ZeRO-3 gathers and
+DeepSpeed checkpoints are collective).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from cluster.actor_group import ActorGroup
+from cluster.transport import free_port
+from learner.actor import LearnerActor
+from learner.config import LearnerConfig
+
+
+class LearnerGroup:
+    def __init__(self, cfg: LearnerConfig, policy_dir: str, runtime_env: Optional[dict] = None,
+                 placement: Optional[Callable[[int], Dict[str, Any]]] = None):
+        """`placement(rank)` may add Ray scheduling options (a placement-group bundle)."""
+        self.cfg = cfg
+        port, world = free_port(), cfg.num_workers
+        options = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        if runtime_env:
+            options["runtime_env"] = runtime_env
+        self.group = ActorGroup("learner", LearnerActor, world, lambda rank: (cfg, policy_dir, rank, world, port),
+                                options, placement, ready="setup")
+
+    @property
+    def world(self) -> int:
+        return len(self.group)
+
+    @property
+    def actors(self) -> List[Any]:
+        return self.group.actors
+
+    def shard(self, batch: Dict[str, np.ndarray]) -> List[Dict[str, np.ndarray]]:
+        n = len(batch["input_ids"])
+        if n % self.world:
+            raise ValueError(f"batch of {n} samples does not split over {self.world} learner ranks")
+        return [{k: np.ascontiguousarray(v[r::self.world]) for k, v in batch.items()} for r in range(self.world)]
+
+    def _on_all(self, method: str, *args) -> List[Any]:
+        """`LearnerEngine.method(*args)` on every rank; their results in rank order."""
+        return self.group.run("call", method, *args)
+
+    def grpo_step(self, batch: Dict[str, np.ndarray]) -> Dict[str, float]:
+        return self.group.run("call", "grpo_step", shards=self.shard(batch))[0]
+
+    def sft_step(self, batch: Dict[str, np.ndarray]) -> Dict[str, float]:
+        return self.group.run("call", "sft_step", shards=self.shard(batch))[0]
+
+    def set_lr(self, lr: float) -> None:
+        self._on_all("set_lr", lr)
+
+    def param_digests(self) -> List[str]:
+        return self._on_all("param_digest")
+
+    def full_state_dict(self) -> Dict[str, np.ndarray]:
+        return self.group.run("full_state_dict")[0]
+
+    def join_weight_group(self, make_transport: Callable[[], Any]) -> List[Any]:
+        """Returns the object refs (do not wait: the receivers must join concurrently)."""
+        return [a.join_weight_group.remote(make_transport if r == 0 else None) for r, a in enumerate(self.actors)]
+
+    def broadcast_async(self, version: int) -> List[Any]:
+        return self.group.call("broadcast", version)
+
+    def save(self, path: str, extra_state: Optional[Dict[str, Any]] = None) -> None:
+        self._on_all("save", path, extra_state)
+
+    def load(self, path: str) -> Dict[str, Any]:
+        return self._on_all("load", path)[0]
+
+    def save_policy(self, path: str) -> None:
+        """The current weights as an HF policy folder."""
+        self._on_all("save_policy", path)
+
+    def set_reference(self, hf_dir: str) -> bool:
+        """Rebuild the KL reference of every rank from the HF policy folder `hf_dir`."""
+        return self._on_all("set_reference", hf_dir)[0]
+
+    def shutdown(self) -> None:
+        self.group.shutdown()

@@ -1,0 +1,66 @@
+"""A learner rank as a Ray actor, set up like a torchrun rank around `LearnerEngine`.
+
+The wiring code (`cluster.learner_group.LearnerGroup`) starts N of them, shards batches over
+them and calls engine methods on every rank through `call`. Weight broadcast: all ranks walk
+the full parameters (ZeRO-3 gathers are collective) and rank 0 streams them through a
+transport the caller provides (`cluster.transport.WeightTransport` via a factory).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Optional
+
+import ray
+
+from learner.config import LearnerConfig
+
+
+@ray.remote
+class LearnerActor:
+    def __init__(self, cfg: LearnerConfig, policy_dir: str, rank: int, world: int, master_port: int):
+        os.environ.update({
+            "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port),
+        })
+        self.cfg, self.policy_dir, self.rank = cfg, policy_dir, rank
+        self.engine = None
+        self.transport = None
+
+    def setup(self) -> Dict[str, Any]:
+        import torch
+
+        torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
+        from learner.engine import LearnerEngine
+
+        self.engine = LearnerEngine(self.cfg, self.policy_dir)
+        return {"rank": self.rank, "device": str(self.engine.device), "dtype": str(self.engine.dtype)}
+
+    def call(self, method: str, *args) -> Any:
+        """Run a `LearnerEngine` method on this rank (grpo_step, sft_step, set_lr, param_digest,
+        save, load, save_policy, set_reference, ...): the group calls it on every rank."""
+        return getattr(self.engine, method)(*args)
+
+    def full_state_dict(self) -> Optional[Dict[str, Any]]:
+        sd = self.engine.full_state_dict()
+        return {k: v.numpy() for k, v in sd.items()} if self.rank == 0 else None
+
+    def join_weight_group(self, make_transport: Optional[Callable[[], Any]]) -> bool:
+        """Rank 0 joins the learner -> rollout broadcast group (blocks until all members join)."""
+        if self.rank == 0 and make_transport is not None:
+            self.transport = make_transport()
+        return True
+
+    def broadcast(self, version: int) -> Dict[str, float]:
+        """Stream the full weights, stamped `version`, to the broadcast group (rank 0 sends;
+        other ranks take part in the gathers only)."""
+        self.engine.version = version
+        metas = self.engine.param_metas()
+        tensors = (t for _, t in self.engine.iter_full_params())
+        if self.rank == 0 and self.transport is not None:
+            stats = self.transport.send(metas, tensors, version, bucket_bytes=self.cfg.bucket_mb << 20)
+            return {"sync/seconds": stats.seconds, "sync/bytes": float(stats.bytes), "sync/gb_per_s": stats.gb_per_s,
+                    "sync/buckets": float(stats.buckets)}
+        for _ in tensors:
+            pass
+        return {}

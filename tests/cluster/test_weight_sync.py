@@ -1,0 +1,56 @@
+"""Weight sync transports, chosen by config, between a real learner group and vLLM rollout workers."""
+
+import numpy as np
+import pytest
+import ray
+
+from cluster.config import load_config
+from cluster.learner_group import LearnerGroup
+from cluster.rollout_pool import RolloutPool
+from cluster.weight_sync import WEIGHT_SYNCS
+from tests.learner.test_learner_group import grpo_batch
+from vlcot.trace import build_prompt
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def actors(ray_local, policy_dir, tiny_cfg):
+    cfg = load_config(overrides=["learner.num_workers=1", "learner.num_cpus=1", "learner.lr=5e-2",
+                                 "rollout.num_workers=1", "rollout.group_size=2", "rollout.max_model_len=1536",
+                                 "rollout.sampling.text_budget=16"])
+    learner = LearnerGroup(cfg.learner, policy_dir)
+    pool = RolloutPool(cfg.rollout, policy_dir, cfg.image, cfg.policy)
+    yield cfg, learner, pool
+    pool.shutdown()
+    learner.shutdown()
+
+
+@pytest.mark.parametrize("name", ["network", "filesystem"])
+def test_each_transport_brings_every_worker_to_the_learner(actors, tiny_policy, tmp_path, name):
+    cfg, learner, pool = actors
+    cfg = load_config(overrides=[f"trainer.weight_sync={name}", f"trainer.weight_sync_dir={tmp_path}",
+                                 "rollout.num_workers=1"])
+    sync = WEIGHT_SYNCS.get(cfg.trainer.weight_sync)(learner, pool.group, cfg)
+    sync.connect()
+    learner.grpo_step(grpo_batch(tiny_policy.layout, {"network": 1, "filesystem": 2}[name], n=2))
+    stats = sync.sync(5)
+    assert stats["sync/bytes"] > 0 and stats["timing/sync_s"] > 0
+    emb = ray.get(pool.workers[0].get_parameter.remote("model.embed_tokens.weight"))
+    assert np.array_equal(emb, learner.full_state_dict()["model.embed_tokens.weight"])
+    prompt = build_prompt(np.zeros((16, 16), dtype=int), tiny_policy.codec, tiny_policy.layout)
+    assert pool.collect(pool.submit([prompt], 0))[0][0].version == 5
+    # a worker killed mid-dispatch is replaced and brought to the current weights before it reruns
+    batch = pool.submit([prompt], 1)
+    ray.kill(pool.workers[0])
+    samples = pool.collect(batch, lambda slot: sync.worker_replaced(slot, 5))[0]
+    assert samples[0].version == 5 and pool.restarts >= 1
+    emb = ray.get(pool.workers[0].get_parameter.remote("model.embed_tokens.weight"))
+    assert np.array_equal(emb, learner.full_state_dict()["model.embed_tokens.weight"])
+
+
+def test_unknown_transport_is_a_config_error():
+    from cluster.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trainer.weight_sync.*'shm' not in \['network', 'filesystem'\]"):
+        load_config(overrides=["trainer.weight_sync=shm"])
