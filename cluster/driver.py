@@ -199,7 +199,7 @@ class GRPOTrainer:
         samples, prompt_errors = self._parse(dispatched, results)
         self._score(dispatched, samples)
         reward_s = time.perf_counter() - t0
-        batch, info = self._train_batch(samples, version)
+        batch, info = self._learner_batch(samples, version)
         learn = self.learner.grpo_step(batch)
         sync = self.weight_sync.sync(version + 1)
         return StepResult(samples, prompt_errors, learn, sync, info, generate_s, reward_s), following
@@ -226,7 +226,9 @@ class GRPOTrainer:
         for s, reward in zip(samples, self.rewards.score(inputs)):
             s.reward = reward
 
-    def _train_batch(self, samples: List[ScoredSample], version: int) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
+    def _learner_batch(self, samples: List[ScoredSample], version: int) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
+        """Advantages of the fresh-enough samples, the batch the learner trains on (a multiple of
+        its ranks; the least informative samples are left out), and what was dropped."""
         import torch
 
         g = self.cfg.learner.grpo

@@ -87,10 +87,9 @@ def freeze_unused(model) -> None:
 
 
 @dataclass
-class PolicyMeta:
-    """What a checkpoint says about itself, without its weights."""
+class PolicyFormat:
+    """How a policy reads and writes: its tokenizer, image-token layout and conversation format."""
 
-    config: ChameleonConfig
     tokenizer: Any
     layout: TokenLayout
     conversation: Conversation
@@ -101,15 +100,15 @@ class PolicyMeta:
 
 
 @dataclass
-class Policy:
-    model: UnmaskedChameleonForConditionalGeneration
-    tokenizer: Any
-    layout: TokenLayout
-    conversation: Conversation
+class PolicyMeta(PolicyFormat):
+    """What a checkpoint says about itself, without its weights."""
 
-    @property
-    def codec(self) -> HFTextCodec:
-        return HFTextCodec(self.tokenizer, self.layout, self.conversation)
+    config: ChameleonConfig
+
+
+@dataclass
+class Policy(PolicyFormat):
+    model: UnmaskedChameleonForConditionalGeneration
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -226,7 +225,8 @@ def load_policy_meta(path: str | Path, policy_cfg: PolicyConfig | None = None, i
     config = _read_config(path)
     layout = _layout_from_config(config, policy_cfg, image or ImageConfig(), vq or VQConfig())
     conversation = resolve_conversation(policy_cfg.conversation, getattr(config, CHECKPOINT_KEY, None))
-    return PolicyMeta(config, AutoTokenizer.from_pretrained(path, local_files_only=True), layout, conversation)
+    return PolicyMeta(tokenizer=AutoTokenizer.from_pretrained(path, local_files_only=True), layout=layout,
+                      conversation=conversation, config=config)
 
 
 def load_policy(path: str | Path, policy_cfg: PolicyConfig | None = None, image: ImageConfig | None = None,

@@ -25,7 +25,7 @@ def test_one_config_line_selects_the_estimator_in_the_driver(tmp_path, estimator
     rewards = [1.0, 0.0, 0.5, 0.5, 2.0, 4.0, 3.0, 3.0]
     samples = [ScoredSample(k // 4, k // 4, Sample(k // 4, k % 4, [5, 6], [-1.0, -1.0], "stop", 0), None,
                             SimpleNamespace(total=r)) for k, r in enumerate(rewards)]
-    batch, info = trainer._train_batch(samples, 0)
+    batch, info = trainer._learner_batch(samples, 0)
     np.testing.assert_allclose(batch["advantages"], np.asarray(want, dtype=np.float32), atol=1e-6)
     assert info["samples/trained"] == 8
 
