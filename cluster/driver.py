@@ -26,13 +26,13 @@ from cluster.config import Config, flatten, to_yaml
 from cluster.envs import runtime_env_for_iqa
 from cluster.jobs import cold_start_sft, ensure_data, ensure_policy_dir, ensure_vq_dir, required_cpus, start_ray
 from cluster.metrics import step_metrics, step_line
+from cluster.reward_pool import RewardPool
 from cluster.rollout_pool import RolloutBatch, RolloutPool
 from cluster.step_data import ScoredSample, StepResult
 from cluster.tracking import Tracker
 from cluster.weight_sync import WEIGHT_SYNCS
 from learner.batch import pack_grpo
 from learner.advantages import estimate_advantages
-from cluster.reward_pool import RewardPool
 from rewards.scoring import RewardInput
 from rollout.engine import PromptError
 from vlcot.data import read_manifest
