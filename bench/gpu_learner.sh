@@ -15,7 +15,7 @@ from cluster.config import load_config
 from cluster.jobs import ensure_policy_dir
 from learner.batch import pack_grpo
 from learner.config import LearnerConfig
-from learner.group import LearnerGroup
+from cluster.learner_group import LearnerGroup
 cfg = load_config(overrides=["run_dir=/tmp/gpu-learner"])
 pdir = ensure_policy_dir(cfg)
 ray.init(address="local", include_dashboard=False, log_to_driver=False)

@@ -210,16 +210,16 @@ def _validate_checkpoint(cfg: Config) -> None:
 
 def _validate_gpu_sharing(cfg: Config) -> None:
     """NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): a fractional GPU request
-    lets Ray put two NCCL ranks (learner ranks, or learner rank 0 and a rollout worker in the
-    weight group) on one device."""
+    lets Ray put two ranks of one NCCL group on one device: two learner ranks, or two members
+    of the network weight group (learner rank 0 and rollout workers)."""
     r, lr = cfg.rollout, cfg.learner
-    if 0 < lr.num_gpus < 1:
-        _fail("learner.num_gpus", f"{lr.num_gpus} shares a GPU between learner ranks, whose NCCL group refuses "
-              "two ranks on one GPU: use 1 (one GPU per rank)")
-    if 0 < r.gpus_per_worker < 1:
+    if 0 < lr.num_gpus < 1 and lr.num_workers > 1:
+        _fail("learner.num_gpus", f"{lr.num_gpus} lets {lr.num_workers} learner ranks share a GPU, which their NCCL "
+              "group refuses: use 1 (one GPU per rank)")
+    if 0 < r.gpus_per_worker < 1 and cfg.trainer.weight_sync == "network":
         _fail("rollout.gpus_per_worker", f"{r.gpus_per_worker} lets a rollout worker share a GPU with another member "
-              "of the NCCL weight group (learner rank 0 or a worker), which NCCL refuses: use whole GPUs (1); a "
-              "same-GPU (CUDA IPC) weight path is not implemented")
+              "of the NCCL weight group (learner rank 0 or a worker), which NCCL refuses: use whole GPUs (1), or "
+              "trainer.weight_sync=filesystem (no process group); a same-GPU (CUDA IPC) path is not implemented")
     if r.engine == "vllm" and r.tensor_parallel_size > 1:
         _fail("rollout.tensor_parallel_size", f"{r.tensor_parallel_size}: weight updates pass tensors to an in-process "
               "vLLM engine, which tensor parallelism moves into other processes; use 1 and scale with "

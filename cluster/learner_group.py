@@ -38,6 +38,11 @@ class LearnerGroup:
     def actors(self) -> List[Any]:
         return self.group.actors
 
+    @property
+    def info(self) -> List[Dict[str, Any]]:
+        """Each rank's setup report (rank, device, dtype)."""
+        return self.group.info
+
     def shard(self, batch: Dict[str, np.ndarray]) -> List[Dict[str, np.ndarray]]:
         n = len(batch["input_ids"])
         if n % self.world:

@@ -14,7 +14,9 @@ by name and chosen with `trainer.weight_sync`:
   worker only reloads.
 
 A same-GPU CUDA-IPC transport (as OpenRLHF and verl have for colocated engines) would register
-here too; it is not implemented (config validation refuses roles sharing a GPU).
+here too; it is not implemented: roles sharing a GPU use `filesystem` (config validation
+refuses them with `network`, whose NCCL group cannot hold two ranks on one GPU). Pointing
+`weight_sync_dir` at /dev/shm makes `filesystem` a shared-memory transport on one node.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def test_gpu_cluster_config_validates_when_its_files_exist(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,key,fix", [
-    (["rollout.gpus_per_worker=0.5"], "rollout.gpus_per_worker", "whole GPUs"),
+    (["rollout.gpus_per_worker=0.5"], "rollout.gpus_per_worker", "trainer.weight_sync=filesystem"),
     (["learner.num_gpus=0.5"], "learner.num_gpus", "use 1"),
     (["rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size", "use 1 and scale with rollout.num_workers"),
 ])
@@ -141,6 +141,9 @@ def test_nccl_on_shared_gpus_and_tensor_parallel_are_refused_with_the_fix(overri
         load_config(overrides=overrides)
     assert key in str(err.value) and fix in str(err.value)
     load_config(overrides=["rollout.gpus_per_worker=1", "learner.num_gpus=1"])  # whole GPUs are fine
+    # one learner rank and a weight sync without a process group may share a GPU with a worker
+    load_config(overrides=["rollout.gpus_per_worker=0.4", "learner.num_gpus=0.5", "learner.num_workers=1",
+                           "trainer.weight_sync=filesystem"])
 
 
 def test_conversation_presets_resolve_with_overrides():
