@@ -24,8 +24,8 @@ from rewards.config import RewardsConfig
 from rollout.config import RolloutConfig
 from rollout.config import problems as rollout_problems
 from rewards.config import problems as reward_problems
-from vlcot.config import (STOCK_ARCHITECTURE, DataConfig, DegradationConfig, ImageConfig, OrderConfig, PolicyConfig,
-                          VQConfig)
+from vlcot.config import (DataConfig, DegradationConfig, ImageConfig, OrderConfig, PolicyConfig, VQConfig,
+                          architecture_problem)
 from vlcot.conversation import conversation_problems
 from vlcot.kernels import KERNEL_TYPES
 
@@ -198,10 +198,9 @@ def _validate_checkpoint(cfg: Config) -> None:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         _fail("policy.checkpoint", f"{path / 'config.json'} cannot be read: {exc}")
-    arch = (raw.get("architectures") or [""])[0]
-    if arch and arch != STOCK_ARCHITECTURE:
-        _fail("policy.checkpoint", f"{path} declares architecture {arch!r}; convert a released Lumina-mGPT / PURE "
-              f"folder once with: realsr-r1 import-policy --src {path} --out DIR")
+    why = architecture_problem(raw.get("architectures"), path)
+    if why:
+        _fail("policy.checkpoint", why)
     limit = int(raw.get("max_position_embeddings") or 0)
     if limit and cfg.rollout.max_model_len > limit:
         _fail("rollout.max_model_len", f"{cfg.rollout.max_model_len} exceeds the policy's max_position_embeddings "

@@ -80,6 +80,15 @@ class SpecialTokenIds:
 STOCK_ARCHITECTURE = "ChameleonForConditionalGeneration"
 
 
+def architecture_problem(architectures, path) -> str:
+    """Why a policy folder declaring `architectures` cannot be loaded as it is ("" if it can)."""
+    arch = (architectures or [STOCK_ARCHITECTURE])[0]
+    if arch == STOCK_ARCHITECTURE:
+        return ""
+    return (f"{path} declares architecture {arch!r}; a released Lumina-mGPT / PURE folder must be converted once: "
+            f"realsr-r1 import-policy --src {path} --out DIR")
+
+
 @dataclass
 class PolicyConfig:
     """Where the policy comes from: a local HF-layout checkpoint, or built tiny from config."""

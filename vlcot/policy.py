@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer, ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlcot.config import STOCK_ARCHITECTURE, ImageConfig, PolicyConfig, VQConfig
+from vlcot.config import STOCK_ARCHITECTURE, ImageConfig, PolicyConfig, VQConfig, architecture_problem
 from vlcot.conversation import CHECKPOINT_KEY, Conversation, resolve_conversation
 from vlcot.layout import TokenLayout, image_code_name
 from vlcot.text_tokenizer import HFTextCodec, train_bpe_tokenizer
@@ -209,10 +209,9 @@ def _read_config(path: Path) -> ChameleonConfig:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"policy checkpoint {path} has no config.json (expected an HF-layout directory)")
     config = ChameleonConfig.from_pretrained(path)
-    arch = (config.architectures or [STOCK_ARCHITECTURE])[0]
-    if arch != STOCK_ARCHITECTURE:
-        raise ValueError(f"policy checkpoint {path} declares architecture {arch!r}; a released Lumina-mGPT / PURE "
-                         f"folder must be converted once: realsr-r1 import-policy --src {path} --out DIR")
+    why = architecture_problem(config.architectures, path)
+    if why:
+        raise ValueError(f"policy checkpoint {why}")
     return config
 
 
