@@ -2,8 +2,9 @@
 
 `ActorGroup` starts N actors of one class with the role's resources and optional placement,
 waits for them with a timeout that names what they asked for and what the cluster has free,
-replaces a dead actor in its slot, calls a method on every actor (or one shard per actor),
-and stops them, logging what could not be stopped instead of swallowing it. The pools add
+replaces a dead actor in its slot, grows by new actors or drops dead ones (an elastic pool),
+calls a method on every actor (or one shard per actor), and stops them, logging what could
+not be stopped instead of swallowing it. The pools add
 only what is their own: dispatch, retries, weight sync, sharding a batch over ranks.
 """
 
@@ -17,6 +18,12 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 log = logging.getLogger(__name__)
 Placement = Callable[[int], Dict[str, Any]]
+
+
+def resource_options(resources: Dict[str, float]) -> Dict[str, Any]:
+    """Ray options for a role's custom resources (`{"inference_node": 1}` pins a role to the
+    nodes that advertise it); nothing when there are none."""
+    return {"resources": dict(resources)} if resources else {}
 
 
 class ActorGroup:
@@ -36,30 +43,61 @@ class ActorGroup:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def _start(self, slot: int):
-        extra = self.placement(slot) if self.placement else {}
-        return self.actor_cls.options(**self.options, **extra).remote(*self.args(slot))
+    def _start(self, slot: int, placed: bool = True):
+        extra = self.placement(slot) if self.placement and placed else {}
+        return self.actor_cls.options(**{**self.options, **extra}).remote(*self.args(slot))
 
-    def _wait_ready(self, slots: List[int]) -> List[Any]:
+    def _wait_ready(self, slots: List[int], stop_all: bool = True) -> List[Any]:
+        """The ready reports of the actors in `slots`. On failure every actor of the group is
+        stopped (`stop_all`, at start-up) or only those in `slots` (a replacement or growth)."""
         refs = [getattr(self.actors[s], self.ready_method).remote() for s in slots]
         try:
             return ray.get(refs, timeout=self.ready_timeout_s)
         except GetTimeoutError:
-            asked = {k: v for k, v in self.options.items() if k in ("num_cpus", "num_gpus", "resources")}
-            self.shutdown()
-            raise RuntimeError(f"{self.role} actors not ready after {self.ready_timeout_s:.0f}s: each asks for "
-                               f"{asked}; the cluster has {ray.available_resources()} free") from None
+            message = f"{self.role} actors not ready after {self.ready_timeout_s:.0f}s: " + self.demand()
+            self._stop_after_failure(slots, stop_all)
+            raise RuntimeError(message) from None
         except RayActorError as exc:  # a constructor raised: its last line says why
-            self.shutdown()
+            self._stop_after_failure(slots, stop_all)
             lines = [line for line in str(exc).splitlines() if line.strip()]
             raise RuntimeError(f"a {self.role} actor failed to start: {lines[-1] if lines else exc}") from exc
+
+    def _stop_after_failure(self, slots: List[int], stop_all: bool) -> None:
+        if stop_all:
+            self.shutdown()
+        else:
+            self.remove(slots)
+
+    def demand(self) -> str:
+        """What each actor asks for against what the cluster has free (for error messages)."""
+        asked = {k: v for k, v in self.options.items() if k in ("num_cpus", "num_gpus", "resources")}
+        return f"each asks for {asked}; the cluster has {ray.available_resources()} free"
 
     def replace(self, slot: int) -> Any:
         """Stop the actor in `slot` (if it still runs), start a new one there and wait for it."""
         self._kill(slot)
         self.actors[slot] = self._start(slot)
         self.restarts += 1
-        return self._wait_ready([slot])[0]
+        self.info[slot] = self._wait_ready([slot], stop_all=False)[0]
+        return self.info[slot]
+
+    def grow(self, count: int) -> List[Any]:
+        """Start `count` more actors (outside any placement group: they take what the cluster
+        has free) and return their ready reports."""
+        first = len(self.actors)
+        self.actors += [self._start(slot, placed=False) for slot in range(first, first + count)]
+        self.info += [None] * count
+        reports = self._wait_ready(list(range(first, first + count)), stop_all=False)
+        self.info[first:] = reports
+        return reports
+
+    def remove(self, slots: Sequence[int]) -> None:
+        """Stop the actors in `slots` and drop them; later actors move down to fill the gaps."""
+        for slot in sorted(set(slots), reverse=True):
+            self._kill(slot)
+            del self.actors[slot]
+            if slot < len(self.info):
+                del self.info[slot]
 
     def call(self, method: str, *args, shards: Optional[Sequence[Any]] = None) -> List[Any]:
         """Object refs of `method(*args)` on every actor, or of `method(*args, shards[i])` on

@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", default="http://127.0.0.1:8265")
     sp.add_argument("--dry-run", action="store_true", help="print the command only")
     sp.add_argument("--resume", action="store_true")
+    sp.add_argument("--python", default="python",
+                    help="the interpreter on the cluster's nodes that has this project installed (default: "
+                         "`python` on the head node's PATH)")
+    sp.add_argument("--runtime-env-json", default=None,
+                    help='Ray runtime-env fields for the job, e.g. \'{"image_uri": "...", "env_vars": {...}}\'')
     sp = add("infer", "super-resolve one image or a folder with a checkpoint")
     sp.add_argument("--checkpoint", required=True, help="HF policy folder, learner checkpoint (hf/) or run folder")
     sp.add_argument("--image", required=True, help="an image file or a folder of images")
@@ -167,7 +172,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "submit":
         from cluster.submit import build_submit_command, run_submit
 
-        cmd = build_submit_command(cfg, args.config, list(args.overrides), args.address, args.resume)
+        try:
+            extra = json.loads(args.runtime_env_json) if args.runtime_env_json else None
+        except json.JSONDecodeError as exc:
+            print(f"--runtime-env-json is not JSON: {exc}", file=sys.stderr)
+            return 2
+        cmd = build_submit_command(cfg, args.config, list(args.overrides), args.address, args.resume, args.python,
+                                   extra)
         print(" ".join(cmd))
         return 0 if args.dry_run else run_submit(cmd)
     if args.command == "infer":

@@ -63,6 +63,10 @@ class TrainerConfig:
     placement: str = "auto"  # one Ray placement group for all actors: auto (when GPUs are asked for) | enabled | disabled
     weight_sync: str = "network"  # how weights reach the rollout workers: network | filesystem (cluster/weight_sync.py)
     weight_sync_dir: str = ""  # filesystem: a folder every node sees; "" = <run_dir>/weight_sync
+    # network: how long a member waits for the group to form or for a broadcast; in async mode a
+    # worker's receive queues behind a whole generation, so size it above the longest one
+    weight_sync_timeout_s: float = 1800.0
+    actor_start_timeout_s: float = 600.0  # an actor not up by then: the error names what it asked for
 
 
 @dataclass
@@ -309,6 +313,14 @@ def validate(cfg: Config) -> None:
         _fail("trainer.weight_sync", f"{t.weight_sync!r} not in {WEIGHT_SYNCS.names()}")
     if t.placement not in ("auto", "enabled", "disabled"):
         _fail("trainer.placement", f"{t.placement!r} not in ['auto', 'enabled', 'disabled']")
+    if t.weight_sync_timeout_s <= 0 or t.actor_start_timeout_s <= 0:
+        _fail("trainer", "weight_sync_timeout_s and actor_start_timeout_s must be > 0 seconds")
+    if cfg.rollout.max_workers and cfg.rollout.max_workers < cfg.rollout.num_workers:
+        _fail("rollout.max_workers", f"{cfg.rollout.max_workers} is below rollout.num_workers {cfg.rollout.num_workers}")
+    for role, res in (("learner", cfg.learner.resources), ("rollout", cfg.rollout.resources),
+                      ("rewards", cfg.rewards.resources)):
+        if any(k in ("CPU", "GPU", "memory") or v <= 0 for k, v in res.items()):
+            _fail(f"{role}.resources", f"{dict(res)}: custom resources only, each > 0 (CPUs and GPUs have their own keys)")
     if t.steps < 0 or t.prompts_per_step < 1 or t.checkpoint_every < 1 or t.max_staleness < 1:
         _fail("trainer", "steps >= 0, prompts_per_step >= 1, checkpoint_every >= 1 and max_staleness >= 1 are required")
     if (t.prompts_per_step * cfg.rollout.group_size) % cfg.learner.num_workers:

@@ -139,19 +139,29 @@ class GRPOTrainer:
         from cluster.placement import RunPlacement, wanted
 
         start_ray(required_cpus(cfg))
-        t0 = time.perf_counter()
-        self.placement = RunPlacement(cfg) if wanted(cfg) else None
+        t0, wait_s = time.perf_counter(), cfg.trainer.actor_start_timeout_s
+        self.placement = RunPlacement(cfg, wait_s) if wanted(cfg) else None
         where = self.placement.for_role if self.placement else (lambda role: None)
-        self.learner = LearnerGroup(self.learner_config(), str(self.policy_dir), placement=where("learner"))
-        self.rewards = RewardPool(cfg.rewards, str(self.vq_dir), runtime_env_for_iqa(cfg.envs), placement=where("rewards"))
+        self.learner = LearnerGroup(self.learner_config(), str(self.policy_dir), placement=where("learner"),
+                                    ready_timeout_s=wait_s)
+        self.rewards = RewardPool(cfg.rewards, str(self.vq_dir), runtime_env_for_iqa(cfg.envs), placement=where("rewards"),
+                                  timeout_s=wait_s)
         self.rollout = RolloutPool(cfg.rollout, str(self.policy_dir), cfg.image, cfg.policy,
-                                   placement=where("rollout"))
+                                   placement=where("rollout"), ready_timeout_s=wait_s)
         self.weight_sync = WEIGHT_SYNCS.get(cfg.trainer.weight_sync)(self.learner, self.rollout.group, cfg)
         self.weight_sync.connect()
+        nodes = self.actor_nodes()
         print(f"actors up in {time.perf_counter() - t0:.0f}s: {cfg.learner.num_workers} learner ranks "
-              f"(ZeRO-{cfg.learner.zero_stage}), {cfg.rollout.num_workers} {cfg.rollout.engine} rollout workers, "
-              f"{cfg.rewards.num_workers} reward actors" + (f", placement group of {len(self.placement.bundles)} bundles"
-                                                            if self.placement else ""))
+              f"(ZeRO-{cfg.learner.zero_stage}) on {nodes['learner']}, {cfg.rollout.num_workers} {cfg.rollout.engine} "
+              f"rollout workers on {nodes['rollout']}, {cfg.rewards.num_workers} reward actors on {nodes['rewards']}; "
+              f"rendezvous {self.learner.info[0]['master']}"
+              + (f"; placement groups of {len(self.placement)} bundles" if self.placement else ""))
+
+    def actor_nodes(self) -> Dict[str, List[str]]:
+        """The node address of every actor, by role, in rank/slot order."""
+        return {"learner": [p.ip for p in self.learner.places],
+                "rollout": [r["node_ip"] for r in self.rollout.group.info],
+                "rewards": [r["node_ip"] for r in self.rewards.group.info]}
 
     def _sft(self) -> None:
         cfg = self.cfg
@@ -192,6 +202,8 @@ class GRPOTrainer:
         self._emit("dispatched", step + 1)
         results = self.rollout.collect(dispatched.rollout, lambda slot: self.weight_sync.worker_replaced(slot, version))
         generate_s = time.perf_counter() - dispatched.rollout.started
+        if dispatched.rollout.lost:  # the pool dropped dead workers: the group is formed again without them
+            self.weight_sync.workers_changed([], version)
         following = None
         if cfg.trainer.mode == "async" and step + 1 < cfg.trainer.steps:
             following = self._dispatch(step + 1)
@@ -201,6 +213,12 @@ class GRPOTrainer:
         reward_s = time.perf_counter() - t0
         batch, info = self._learner_batch(samples, version)
         learn = self.learner.grpo_step(batch)
+        change = self.rollout.check_workers()  # a worker that died since the collect would stall the sync
+        if change:
+            dispatched.rollout.lost += change.lost
+            self.weight_sync.workers_changed([], version + 1)
+        info.update({"rollout/workers": float(dispatched.rollout.workers),
+                     "rollout/workers_lost": float(len(dispatched.rollout.lost))})
         sync = self.weight_sync.sync(version + 1)
         return StepResult(samples, prompt_errors, learn, sync, info, generate_s, reward_s), following
 
@@ -284,6 +302,9 @@ class GRPOTrainer:
         if self.resume:
             start, version, run_id = self._load()
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name, str(self.run_dir), run_id)
+        if self.tracker.enabled:
+            print(f"MLflow: {self.tracker.uri} experiment {cfg.tracking.experiment!r} run {self.tracker.run_id}"
+                  f" (view: mlflow ui --backend-store-uri {self.tracker.uri})")
         if run_id is None:
             self.tracker.params(flatten(cfg))
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -302,13 +323,16 @@ class GRPOTrainer:
                 self._record(step + 1, version, result)
                 bar.update(1)
                 self._emit("step_end", step + 1)
+                if cfg.rollout.autoscale and step + 1 < cfg.trainer.steps:
+                    self._grow(version)
                 if pending is None and step + 1 < cfg.trainer.steps:
                     pending = self._dispatch(step + 1)
             bar.close()
+            self.final_state = self._final_state(version)
         finally:
             self.tracker.close()
             self.shutdown()
-        summary = self._summary(time.perf_counter() - t_run)
+        summary = {**self._summary(time.perf_counter() - t_run), **self.final_state}
         (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -328,9 +352,26 @@ class GRPOTrainer:
         if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps:
             self._save(step, version)
 
+    def _grow(self, version: int) -> None:
+        """Autoscale: start the rollout workers the cluster now has room for and bring them to
+        `version` (the next dispatch uses them)."""
+        before = len(self.rollout.workers)
+        added = self.rollout.grow()
+        if added:
+            self.weight_sync.workers_changed(list(range(before, before + added)), version)
+            print(f"rollout pool: {before} -> {before + added} workers (new on "
+                  f"{[r['node_ip'] for r in self.rollout.group.info[before:]]})")
+
     def _emit(self, event: str, step: int) -> None:
         for cb in self.callbacks:
             cb(event, step, self)
+
+    def _final_state(self, version: int) -> Dict[str, Any]:
+        """Where the actors ran and which policy version every rollout worker holds at the end
+        (each must equal the learner's)."""
+        return {"actor_nodes": self.actor_nodes(), "learner_version": version,
+                "rollout_versions": [int(v) for v in self.rollout.group.run("version")],
+                "rollout_workers_lost": self.rollout.lost}
 
     def _summary(self, wall_s: float) -> Dict[str, Any]:
         h = self.reward_history

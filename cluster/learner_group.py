@@ -11,24 +11,31 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
+import ray
 
-from cluster.actor_group import ActorGroup
-from cluster.transport import free_port
+from cluster.actor_group import ActorGroup, resource_options
+from cluster.nodes import rank_environments
 from learner.actor import LearnerActor
 from learner.config import LearnerConfig
 
 
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, policy_dir: str, runtime_env: Optional[dict] = None,
-                 placement: Optional[Callable[[int], Dict[str, Any]]] = None):
-        """`placement(rank)` may add Ray scheduling options (a placement-group bundle)."""
+                 placement: Optional[Callable[[int], Dict[str, Any]]] = None, ready_timeout_s: float = 600.0):
+        """`placement(rank)` may add Ray scheduling options (a placement-group bundle). The ranks
+        report where they landed, rank 0 opens a port on its node, and every rank starts its
+        engine with its torchrun environment (`self.environments`); `self.info` holds each
+        rank's setup report (rank, device, dtype, node address, local rank, rendezvous)."""
         self.cfg = cfg
-        port, world = free_port(), cfg.num_workers
-        options = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        options = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, **resource_options(cfg.resources))
         if runtime_env:
             options["runtime_env"] = runtime_env
-        self.group = ActorGroup("learner", LearnerActor, world, lambda rank: (cfg, policy_dir, rank, world, port),
-                                options, placement, ready="setup")
+        self.group = ActorGroup("learner", LearnerActor, cfg.num_workers, lambda rank: (cfg, policy_dir, rank),
+                                options, placement, ready="where", ready_timeout_s=ready_timeout_s)
+        self.places = self.group.info
+        port = ray.get(self.group.actors[0].open_port.remote())
+        self.environments = rank_environments(self.places, port)
+        self.info = self.group.run("setup", shards=self.environments)
 
     @property
     def world(self) -> int:
@@ -37,11 +44,6 @@ class LearnerGroup:
     @property
     def actors(self) -> List[Any]:
         return self.group.actors
-
-    @property
-    def info(self) -> List[Dict[str, Any]]:
-        """Each rank's setup report (rank, device, dtype)."""
-        return self.group.info
 
     def shard(self, batch: Dict[str, np.ndarray]) -> List[Dict[str, np.ndarray]]:
         n = len(batch["input_ids"])
@@ -67,6 +69,10 @@ class LearnerGroup:
 
     def full_state_dict(self) -> Dict[str, np.ndarray]:
         return self.group.run("full_state_dict")[0]
+
+    def open_port(self) -> int:
+        """A port free on rank 0's node right now (for a group rank 0 hosts)."""
+        return ray.get(self.actors[0].open_port.remote())
 
     def join_weight_group(self, make_transport: Callable[[], Any]) -> List[Any]:
         """Returns the object refs (do not wait: the receivers must join concurrently)."""

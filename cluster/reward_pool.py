@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from cluster.actor_group import ActorGroup
+from cluster.actor_group import ActorGroup, resource_options
 from rewards.actor import RewardActor
 from rewards.config import RewardsConfig
 from rewards.types import RewardInput, RewardResult
@@ -41,7 +41,8 @@ class RewardPool:
         self.timeout_s = timeout_s
         self.retries = 0
         self.group = ActorGroup("reward", RewardActor, cfg.num_workers, lambda slot: (cfg, vq_dir),
-                                dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, runtime_env=runtime_env or {}),
+                                dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, runtime_env=runtime_env or {},
+                                     **resource_options(cfg.resources)),
                                 placement, ready_timeout_s=timeout_s)
 
     @property

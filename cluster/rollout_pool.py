@@ -1,23 +1,30 @@
-"""Rollout workers as a pool: least-loaded dispatch and failure recovery.
+"""Rollout workers as a pool: least-loaded dispatch, failure recovery and elastic size.
 
 A prompt's G samples always go to one worker (prefix caching). Prompts go to the worker
-with the fewest prompts in flight. A worker that dies mid-call is replaced in its slot
+with the fewest prompts in flight; workers are spread over nodes (Ray's SPREAD strategy,
+unless a placement group places them). A worker that dies mid-call is replaced in its slot
 (`cluster.actor_group.ActorGroup`), brought to the current weights by the caller's weight
 sync (`on_replaced`), and the dead worker's prompts are dispatched again: every prompt gets
 exactly one set of samples, none lost, none duplicated.
+
+With `rollout.autoscale`, a dead worker is dropped instead (its node is usually gone with it)
+and its prompts go to the living workers; between steps, `grow()` starts as many new workers
+as the cluster's free resources fit (a node joined), up to `rollout.max_workers`. The caller
+re-forms the weight group after either change (`WeightSync.workers_changed`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
 from ray.exceptions import RayActorError
 
-from cluster.actor_group import ActorGroup
+from cluster.actor_group import ActorGroup, resource_options
+from cluster.nodes import node_alive
 from rollout.config import RolloutConfig
 from rollout.worker import RolloutWorker
 
@@ -33,6 +40,31 @@ class RolloutBatch:
     assignment: Dict[int, List[int]]  # worker index -> positions of its prompts
     calls: Dict[int, Any]  # worker index -> in-flight object ref
     started: float  # perf_counter at dispatch
+    lost: List[str] = field(default_factory=list)  # nodes of the workers dropped while collecting it
+
+    @property
+    def workers(self) -> int:
+        """Workers the batch was dispatched to."""
+        return len(self.calls)
+
+
+@dataclass
+class PendingCall:
+    worker: int
+    positions: List[int]  # prompt positions in the batch
+    seed: int
+    ref: Any
+
+
+@dataclass
+class PoolChange:
+    """What `check_workers` did: nodes of the workers it dropped, slots it refilled."""
+
+    lost: List[str]
+    replaced: List[int]
+
+    def __bool__(self) -> bool:
+        return bool(self.lost or self.replaced)
 
 
 def worker_seed(seed: int, worker: int) -> int:
@@ -42,12 +74,15 @@ def worker_seed(seed: int, worker: int) -> int:
 
 class RolloutPool:
     def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, policy_cfg=None, max_restarts: int = 3,
-                 placement: Optional[Callable[[int], Dict[str, Any]]] = None):
+                 placement: Optional[Callable[[int], Dict[str, Any]]] = None, ready_timeout_s: float = 600.0):
         self.cfg = cfg
         self.max_restarts = max_restarts
+        self.lost = 0  # workers dropped (autoscale)
+        options = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_concurrency=1,
+                       scheduling_strategy="SPREAD", **resource_options(cfg.resources))
         self.group = ActorGroup(
             "rollout", RolloutWorker, cfg.num_workers, lambda slot: (cfg, policy_dir, image_cfg, policy_cfg, slot),
-            dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_concurrency=1), placement)
+            options, placement, ready_timeout_s=ready_timeout_s)
 
     @property
     def workers(self) -> List[Any]:
@@ -72,30 +107,113 @@ class RolloutPool:
 
     def collect(self, batch: RolloutBatch, on_replaced: Optional[Callable[[int], None]] = None) -> List[Any]:
         """Results per prompt (list of samples or PromptError), in prompt order. A dead worker
-        is replaced, `on_replaced(slot)` brings it to the current weights (the weight sync),
-        and its prompts are dispatched again."""
+        is replaced and `on_replaced(slot)` brings it to the current weights (the weight sync),
+        or, with autoscale, dropped (its node is recorded in `batch.lost`); either way its
+        prompts are dispatched again, with the seed they had."""
         results: List[Any] = [None] * len(batch.prompts)
-        pending = dict(batch.calls)
-        assignment = batch.assignment
+        pending = [PendingCall(w, batch.assignment[w], worker_seed(batch.seed, w), ref) for w, ref in batch.calls.items()]
+        dead: List[int] = []
         while pending:
-            w, ref = next(iter(pending.items()))
+            call = pending.pop(0)
             try:
-                out = ray.get(ref)
+                out = ray.get(call.ref)
             except RayActorError as exc:
-                if self.restarts >= self.max_restarts:
-                    raise RuntimeError(f"rollout worker {w} died and the restart budget is spent: {exc}") from exc
-                log.warning("rollout worker %d died (%s): replacing it and re-dispatching %d prompts",
-                            w, type(exc).__name__, len(assignment[w]))
-                self.group.replace(w)
-                if on_replaced is not None:
-                    on_replaced(w)
-                pending[w] = self.workers[w].generate.remote([batch.prompts[i] for i in assignment[w]], None,
-                                                            worker_seed(batch.seed, w))
+                pending.append(self._redispatch(batch, call, exc, dead, pending, on_replaced))
                 continue
-            del pending[w]
-            for i, r in zip(assignment[w], out):
+            for i, r in zip(call.positions, out):
                 results[i] = r
+        if dead:
+            self.group.remove(dead)
         return results
+
+    def _redispatch(self, batch: RolloutBatch, call: PendingCall, exc: Exception, dead: List[int],
+                    pending: List[PendingCall], on_replaced: Optional[Callable[[int], None]]) -> PendingCall:
+        """The dead worker's prompts, sent again: to its replacement, or (autoscale) to the living
+        worker with the fewest prompts in flight."""
+        w = call.worker
+        report = self.group.info[w] or {}
+        node, node_id = report.get("node_ip", "?"), report.get("node_id")
+        gone = node_id is not None and not node_alive(node_id)
+        where = f"rollout worker {w} on node {node}" + (" (the node is gone)" if gone else "")
+        if self.cfg.autoscale:
+            if w not in dead:
+                dead.append(w)
+                batch.lost.append(node)
+                self.lost += 1
+            alive = [i for i in range(len(self.workers)) if i not in dead]
+            if not alive:
+                raise RuntimeError(f"{where} died and no rollout worker is left: {exc}") from exc
+            load = {i: sum(len(p.positions) for p in pending if p.worker == i) for i in alive}
+            target = min(alive, key=lambda i: (load[i], i))
+            log.warning("%s died (%s): dropping it; its %d prompts go to worker %d", where, type(exc).__name__,
+                        len(call.positions), target)
+        else:
+            if self.restarts >= self.max_restarts:
+                raise RuntimeError(f"{where} died and the restart budget is spent: {exc}") from exc
+            log.warning("%s died (%s): replacing it and re-dispatching %d prompts", where, type(exc).__name__,
+                        len(call.positions))
+            try:
+                self.group.replace(w)
+            except RuntimeError as start_error:
+                raise RuntimeError(f"{where} died and no replacement could start ({start_error}); with "
+                                   "rollout.autoscale=true the run goes on with the remaining workers; "
+                                   "--resume continues from the last checkpoint") from exc
+            if on_replaced is not None:
+                on_replaced(w)
+            target = w
+        ref = self.workers[target].generate.remote([batch.prompts[i] for i in call.positions], None, call.seed)
+        return PendingCall(target, call.positions, call.seed, ref)
+
+    def check_workers(self) -> "PoolChange":
+        """Probe every worker; a dead one is dropped (autoscale) or replaced in its slot (the
+        caller re-forms the weight group and syncs next). A probe waits until Ray has decided
+        about a worker on an unreachable node."""
+        dead = []
+        for w, ref in enumerate(self.group.call("version")):
+            try:
+                ray.get(ref)
+            except RayActorError:
+                dead.append(w)
+        lost = [(self.group.info[w] or {}).get("node_ip", "?") for w in dead]
+        if dead and self.cfg.autoscale:
+            log.warning("rollout workers %s on %s are gone: dropping them, %d left", dead, lost,
+                        len(self.workers) - len(dead))
+            if len(dead) == len(self.workers):
+                raise RuntimeError(f"every rollout worker is gone (nodes {lost})")
+            self.group.remove(dead)
+            self.lost += len(dead)
+            return PoolChange(lost, [])
+        for w, node in zip(dead, lost):
+            if self.restarts >= self.max_restarts:
+                raise RuntimeError(f"rollout worker {w} on node {node} died and the restart budget is spent")
+            log.warning("rollout worker %d on node %s is gone: replacing it", w, node)
+            try:
+                self.group.replace(w)
+            except RuntimeError as start_error:
+                raise RuntimeError(f"rollout worker {w} on node {node} died and no replacement could start "
+                                   f"({start_error}); with rollout.autoscale=true the run goes on with the remaining "
+                                   "workers; --resume continues from the last checkpoint") from None
+        return PoolChange([], dead)
+
+    def room(self) -> int:
+        """How many more workers the cluster's free resources fit now (autoscale), within
+        `rollout.max_workers`."""
+        demand = {"CPU": self.cfg.cpus_per_worker, "GPU": self.cfg.gpus_per_worker, **self.cfg.resources}
+        free = ray.available_resources()
+        fit = min(int(free.get(k, 0.0) / v + 1e-9) for k, v in demand.items() if v > 0) if any(
+            v > 0 for v in demand.values()) else 0
+        if self.cfg.max_workers:
+            fit = min(fit, self.cfg.max_workers - len(self.workers))
+        return max(fit, 0)
+
+    def grow(self) -> int:
+        """Start the workers that fit (autoscale); returns how many started."""
+        n = self.room()
+        if n:
+            reports = self.group.grow(n)
+            log.warning("rollout pool grew by %d workers (on %s): %d now", n,
+                        sorted({r["node_ip"] for r in reports}), len(self.workers))
+        return n
 
     def throughput(self) -> List[Dict[str, float]]:
         return self.group.run("throughput")

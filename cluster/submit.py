@@ -1,8 +1,14 @@
 """`realsr-r1 submit`: the `ray job submit` call for `realsr-r1 train`.
 
 The job's working directory is this repository without environments, run outputs and VCS
-data (the upload stays small); paths a job must share with this machine (run_dir, the IQA
-interpreter) are made absolute; MLflow and auth settings travel as environment variables.
+data (the upload stays small). The entrypoint runs under the cluster's interpreter:
+`python -m cluster.cli` as found on the head node's PATH, or `--python PATH` (never this
+machine's interpreter path, which other machines need not have). `run_dir` and
+`data.output_dir` are made absolute (on a cluster, point them at a filesystem the nodes
+share); the IQA interpreter is whatever `envs.iqa_python` says on the cluster ("auto": the
+`.venv-iqa` beside the cluster's environment). MLflow and auth settings travel as
+environment variables; `--runtime-env-json` adds Ray runtime-env fields (a container image,
+`pip`, `py_executable`, more `env_vars`).
 """
 
 from __future__ import annotations
@@ -13,31 +19,45 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from cluster.config import REPO_ROOT, Config
-from cluster.envs import iqa_python
 
 EXCLUDES = [".venv", ".venv-iqa", "runs", "mlruns", "mlartifacts", ".git", "**/__pycache__", "*.egg-info",
             ".pytest_cache"]
+PINNED = ("run_dir=", "data.output_dir=")
+
+
+def job_runtime_env(extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Our runtime env (upload excludes, MLflow/offline variables) with the user's fields on top
+    (their `env_vars` are merged into ours, theirs winning)."""
+    env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE") if k in os.environ}
+    env_vars.setdefault("HF_HUB_OFFLINE", "1")
+    runtime_env: Dict[str, Any] = {"excludes": EXCLUDES, "env_vars": env_vars}
+    for key, value in (extra or {}).items():
+        if key == "env_vars":
+            runtime_env["env_vars"] = {**env_vars, **value}
+        elif key == "excludes":
+            runtime_env["excludes"] = EXCLUDES + [e for e in value if e not in EXCLUDES]
+        else:
+            runtime_env[key] = value
+    return runtime_env
 
 
 def build_submit_command(cfg: Config, config_path: Optional[str], overrides: List[str], address: str,
-                         resume: bool = False) -> List[str]:
+                         resume: bool = False, python: str = "python",
+                         runtime_env: Optional[Dict[str, Any]] = None) -> List[str]:
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE") if k in os.environ}
-    env_vars.setdefault("HF_HUB_OFFLINE", "1")
-    runtime_env = {"excludes": EXCLUDES, "env_vars": env_vars}
-    entry = [sys.executable, "-m", "cluster.cli", "train", "--no-progress"]
+    entry = [python, "-m", "cluster.cli", "train", "--no-progress"]
     if resume:
         entry.append("--resume")
     if config_path:
-        entry += ["--config", str(Path(config_path).resolve())]
-    pinned = [f"run_dir={Path(cfg.run_dir).resolve()}", f"data.output_dir={Path(cfg.data.output_dir).resolve()}",
-              f"envs.iqa_python={iqa_python(cfg.envs)}"]
-    entry += pinned + [o for o in overrides if not o.startswith(("run_dir=", "data.output_dir=", "envs.iqa_python="))]
+        entry += ["--config", os.path.relpath(Path(config_path).resolve(), REPO_ROOT)
+                  if Path(config_path).resolve().is_relative_to(REPO_ROOT) else str(Path(config_path).resolve())]
+    pinned = [f"run_dir={Path(cfg.run_dir).resolve()}", f"data.output_dir={Path(cfg.data.output_dir).resolve()}"]
+    entry += pinned + [o for o in overrides if not o.startswith(PINNED)]
     return [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO_ROOT),
-            "--runtime-env-json", json.dumps(runtime_env), "--"] + entry
+            "--runtime-env-json", json.dumps(job_runtime_env(runtime_env)), "--"] + entry
 
 
 def run_submit(cmd: List[str]) -> int:

@@ -44,8 +44,12 @@ class Tracker:
 
     def _fail(self, exc: Exception) -> None:
         if self.enabled:
-            log.warning("MLflow tracking at %s is unavailable (%s: %s); training continues without it",
-                        self.uri, type(exc).__name__, exc)
+            import traceback
+
+            frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+            where = f" at {frame.filename}:{frame.lineno}" if frame else ""
+            log.warning("MLflow tracking at %s is unavailable (%s: %s%s); training continues without it",
+                        self.uri, type(exc).__name__, exc, where)
             print(f"warning: MLflow tracking at {self.uri} unavailable ({type(exc).__name__}); training continues")
         self.enabled = False
 

@@ -67,12 +67,14 @@ class WeightTransport:
     """A process group of {sender: rank 0, receivers: 1..world-1}.
 
     backend: "gloo" (CPU tensors) or "nccl" (CUDA tensors). `host`/`port` is the TCP store
-    that rank 0 serves; every member must construct its transport concurrently (a group
-    forms when all `world_size` members have joined).
+    that rank 0 serves (on rank 0's node address); every member must construct its transport
+    concurrently (a group forms when all `world_size` members have joined). `local_host` is
+    this member's own node address: gloo binds its connections there (left to itself it
+    resolves the machine's hostname, an address other nodes may not reach).
     """
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str = "gloo",
-                 timeout_s: float = 300.0, device: Optional[str] = None):
+                 timeout_s: float = 300.0, device: Optional[str] = None, local_host: Optional[str] = None):
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"transport backend {backend!r} not in ['gloo', 'nccl']")
         self.rank, self.world_size, self.backend = rank, world_size, backend
@@ -80,7 +82,10 @@ class WeightTransport:
         timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
         if backend == "gloo":
-            self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host or host)]
+            self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, opts)
         else:
             self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size)
 
@@ -176,9 +181,10 @@ class BucketStream:
         self._held = []
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` (an address of the machine this runs on) right now."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]

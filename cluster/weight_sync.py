@@ -25,11 +25,11 @@ import functools
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import ray
 
-from cluster.transport import WeightTransport, free_port
+from cluster.transport import WeightTransport
 from vlcot.registry import Registry
 
 WEIGHT_SYNCS: Registry[type] = Registry("weight sync")
@@ -51,16 +51,26 @@ class WeightSync(ABC):
     def worker_replaced(self, slot: int, version: int) -> None:
         """A new worker in `slot` started from the initial policy: bring it to `version`."""
 
+    @abstractmethod
+    def workers_changed(self, added: List[int], version: int) -> None:
+        """The pool grew (new workers in slots `added`, holding the initial policy) or dropped
+        dead workers (`added` empty): bring the new ones to `version`, ready for the next sync."""
+
 
 @WEIGHT_SYNCS.register("network")
 class NetworkSync(WeightSync):
     def connect(self) -> None:
-        """Form the broadcast group {learner rank 0, every worker} (all must join concurrently)."""
+        """Form the broadcast group {learner rank 0, every worker} (all must join concurrently),
+        hosted at learner rank 0's node address on a port free there."""
         backend = "nccl" if self.cfg.rollout.gpus_per_worker > 0 else "gloo"
-        port, world = free_port(), len(self.workers) + 1
-        member = functools.partial(functools.partial, WeightTransport, "127.0.0.1", port)
-        refs = self.learner.join_weight_group(member(0, world, backend))
-        refs += [w.join_weight_group.remote(member(i + 1, world, backend)) for i, w in enumerate(self.workers.actors)]
+        host, port = self.learner.places[0].ip, self.learner.open_port()
+        world, timeout = len(self.workers) + 1, self.cfg.trainer.weight_sync_timeout_s
+
+        def member(rank: int):
+            return functools.partial(WeightTransport, host, port, rank, world, backend, timeout)
+
+        refs = self.learner.join_weight_group(member(0))
+        refs += [w.join_weight_group.remote(member(i + 1)) for i, w in enumerate(self.workers.actors)]
         ray.get(refs)
 
     def sync(self, version: int) -> Dict[str, float]:
@@ -74,6 +84,14 @@ class NetworkSync(WeightSync):
     def worker_replaced(self, slot: int, version: int) -> None:
         self.connect()
         self.sync(version)
+
+    def workers_changed(self, added: List[int], version: int) -> None:
+        """A formed group cannot take or lose a member: it is formed again over the workers there
+        are now; new workers get the weights by one broadcast to all (the others load the same
+        weights again)."""
+        self.connect()
+        if added:
+            self.sync(version)
 
 
 @WEIGHT_SYNCS.register("filesystem")
@@ -99,3 +117,7 @@ class FilesystemSync(WeightSync):
         if self.version is None:  # nothing synced yet: the new worker already holds the initial policy
             return
         ray.get(self.workers.actors[slot].update_weights_from_path.remote(str(self.folder), self.version))
+
+    def workers_changed(self, added: List[int], version: int) -> None:
+        for slot in added:
+            self.worker_replaced(slot, version)

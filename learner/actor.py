@@ -1,7 +1,9 @@
 """A learner rank as a Ray actor, set up like a torchrun rank around `LearnerEngine`.
 
-The wiring code (`cluster.learner_group.LearnerGroup`) starts N of them, shards batches over
-them and calls engine methods on every rank through `call`. Weight broadcast: all ranks walk
+The wiring code (`cluster.learner_group.LearnerGroup`) starts N of them, asks each where it
+landed (`place`), hands each its torchrun environment (`setup`: the rendezvous at rank 0's node
+address, local rank and visible GPUs per node), shards batches over them and calls engine
+methods on every rank through `call`. Weight broadcast: all ranks walk
 the full parameters (ZeRO-3 gathers are collective) and rank 0 streams them through a
 transport the caller provides (`cluster.transport.WeightTransport` via a factory).
 """
@@ -13,28 +15,40 @@ from typing import Any, Callable, Dict, Optional
 
 import ray
 
+from cluster.nodes import NodePlace, RankEnvironment, gloo_interface, here
+from cluster.transport import free_port
 from learner.config import LearnerConfig
 
 
 @ray.remote
 class LearnerActor:
-    def __init__(self, cfg: LearnerConfig, policy_dir: str, rank: int, world: int, master_port: int):
-        os.environ.update({
-            "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port),
-        })
+    def __init__(self, cfg: LearnerConfig, policy_dir: str, rank: int):
         self.cfg, self.policy_dir, self.rank = cfg, policy_dir, rank
         self.engine = None
         self.transport = None
+        self.place = here()
 
-    def setup(self) -> Dict[str, Any]:
+    def where(self) -> NodePlace:
+        return self.place
+
+    def open_port(self) -> int:
+        """A port free on this rank's node (rank 0 hosts the rendezvous and the weight group)."""
+        return free_port(self.place.ip)
+
+    def setup(self, env: RankEnvironment) -> Dict[str, Any]:
+        """Start the engine as rank `env.rank`: torch.distributed reads the environment set here."""
+        if env.rank != self.rank:
+            raise ValueError(f"rank {self.rank} was handed the environment of rank {env.rank}")
+        os.environ.update(env.variables())
+        os.environ.update(gloo_interface(self.place.ip))
         import torch
 
         torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
         from learner.engine import LearnerEngine
 
         self.engine = LearnerEngine(self.cfg, self.policy_dir)
-        return {"rank": self.rank, "device": str(self.engine.device), "dtype": str(self.engine.dtype)}
+        return {"rank": self.rank, "device": str(self.engine.device), "dtype": str(self.engine.dtype),
+                "node_ip": self.place.ip, "local_rank": env.local_rank, "master": f"{env.master_addr}:{env.master_port}"}
 
     def call(self, method: str, *args) -> Any:
         """Run a `LearnerEngine` method on this rank (grpo_step, sft_step, set_lr, param_digest,
@@ -48,7 +62,7 @@ class LearnerActor:
     def join_weight_group(self, make_transport: Optional[Callable[[], Any]]) -> bool:
         """Rank 0 joins the learner -> rollout broadcast group (blocks until all members join)."""
         if self.rank == 0 and make_transport is not None:
-            self.transport = make_transport()
+            self.transport = make_transport(local_host=self.place.ip)
         return True
 
     def broadcast(self, version: int) -> Dict[str, float]:
@@ -58,7 +72,12 @@ class LearnerActor:
         metas = self.engine.param_metas()
         tensors = (t for _, t in self.engine.iter_full_params())
         if self.rank == 0 and self.transport is not None:
-            stats = self.transport.send(metas, tensors, version, bucket_bytes=self.cfg.bucket_mb << 20)
+            try:
+                stats = self.transport.send(metas, tensors, version, bucket_bytes=self.cfg.bucket_mb << 20)
+            except Exception:
+                for _ in tensors:  # the other ranks' gathers (ZeRO-3) still need rank 0 to walk them all
+                    pass
+                raise
             return {"sync/seconds": stats.seconds, "sync/bytes": float(stats.bytes), "sync/gb_per_s": stats.gb_per_s,
                     "sync/buckets": float(stats.buckets)}
         for _ in tensors:

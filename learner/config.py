@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 from learner.advantages import ADVANTAGE_ESTIMATORS
 from learner.grpo import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
@@ -54,6 +54,7 @@ class LearnerConfig:
     num_workers: int = 2  # data-parallel ranks (Ray actors), each like a torchrun rank
     num_gpus: float = 0.0  # per rank; 0 = CPU with gloo
     num_cpus: float = 1.0
+    resources: Dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank (pin to nodes)
     zero_stage: int = 2  # 2 or 3
     lr: float = 2e-6
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])

@@ -53,4 +53,7 @@ class RewardActor:
         import os
         import sys
 
-        return {"pid": os.getpid(), "python": sys.executable, "nonfinite": self.scorer.nonfinite_count}
+        import ray
+
+        return {"pid": os.getpid(), "python": sys.executable, "nonfinite": self.scorer.nonfinite_count,
+                "node_ip": ray.util.get_node_ip_address()}

@@ -85,6 +85,7 @@ class RewardsConfig:
     num_workers: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: Dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor (pin to nodes)
     batch_size: int = 16  # samples per actor call
     max_retries: int = 3  # a failed or killed actor's chunk is retried this often on a new actor
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 ENGINES = ("vllm", "hf")
 
@@ -32,6 +32,11 @@ class RolloutConfig:
     num_workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
+    resources: Dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker (pin to nodes)
+    # grow the pool onto resources that appear while training (a node joins) and shrink it when
+    # a worker's node dies, instead of replacing the worker in place (cluster/rollout_pool.py)
+    autoscale: bool = False
+    max_workers: int = 0  # autoscale: the most workers (0 = as many as the cluster fits)
     tensor_parallel_size: int = 1
     max_model_len: int = 4096
     kv_cache_gb: float = 1.0  # CPU backend: VLLM_CPU_KVCACHE_SPACE

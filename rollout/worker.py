@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
 
+from cluster.nodes import here
 from rollout.config import RolloutConfig
 from rollout.engine import RolloutEngine
 
@@ -42,17 +43,18 @@ class RolloutWorker:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         self.engine = make_engine(cfg, policy_dir, image_cfg, policy_cfg, device)
         self.transport = None
+        self.place = here()
 
     def ready(self) -> Dict[str, Any]:
         return {"index": self.index, "pid": os.getpid(), "engine": self.cfg.engine, "version": self.engine.version,
-                "max_new_tokens": self.engine.max_new_tokens}
+                "max_new_tokens": self.engine.max_new_tokens, "node_ip": self.place.ip, "node_id": self.place.node_id}
 
     def generate(self, prompts: Sequence[Sequence[int]], n: Optional[int] = None, seed: Optional[int] = None,
                  greedy: bool = False) -> List[Any]:
         return self.engine.generate(prompts, n, seed, greedy)
 
     def join_weight_group(self, make_transport: Callable[[], Any]) -> bool:
-        self.transport = make_transport()
+        self.transport = make_transport(local_host=self.place.ip)
         return True
 
     def receive_weights(self) -> Dict[str, float]:

@@ -46,3 +46,23 @@ def test_ready_timeout_names_what_was_asked_and_what_is_free(ray_local):
 def test_a_constructor_error_is_one_clear_line(ray_local):
     with pytest.raises(RuntimeError, match=r"a echo actor failed to start: ValueError: slot 0 cannot start: bad setting x"):
         ActorGroup("echo", Echo, 2, lambda slot: (slot, slot == 0), dict(num_cpus=0.1))
+
+
+def test_grow_and_remove_keep_slots_dense(ray_local):
+    g = ActorGroup("echo", Echo, 2, lambda slot: (slot,), dict(num_cpus=0.1))
+    assert g.grow(2) == [{"slot": 2}, {"slot": 3}] and len(g) == 4 and len(g.info) == 4
+    gone = g.actors[1]
+    g.remove([1])
+    assert len(g) == 3 and gone not in g.actors and g.info == [{"slot": 0}, {"slot": 2}, {"slot": 3}]
+    assert g.run("add", 0, 0) == [0, 200, 300]  # later actors moved down, each still itself
+    g.shutdown()
+
+
+def test_growth_that_cannot_start_names_the_demand_and_keeps_the_group(ray_local):
+    g = ActorGroup("echo", Echo, 1, lambda slot: (slot,), dict(num_cpus=0.1), ready_timeout_s=3)
+    g.options["num_gpus"] = 1  # no GPU here: the new actor cannot be placed
+    with pytest.raises(RuntimeError, match=r"echo actors not ready after 3s: each asks for .*'num_gpus': 1"):
+        g.grow(1)
+    g.options.pop("num_gpus")
+    assert len(g) == 1 and g.run("add", 1, 1) == [2]  # the running actor is untouched
+    g.shutdown()
