@@ -66,6 +66,9 @@ class TrainerConfig:
     # network: how long a member waits for the group to form or for a broadcast; in async mode a
     # worker's receive queues behind a whole generation, so size it above the longest one
     weight_sync_timeout_s: float = 1800.0
+    # network sync on CPU: rollout workers on learner rank 0's node read the weights from one
+    # /dev/shm file (written in the same parameter walk) instead of the network group
+    weight_sync_shm: bool = True
     actor_start_timeout_s: float = 600.0  # an actor not up by then: the error names what it asked for
 
 

@@ -401,6 +401,11 @@ class GRPOTrainer:
             log.warning("could not log the sample grid at step %d: %s", step, exc)
 
     def shutdown(self) -> None:
+        if getattr(self, "weight_sync", None) is not None:
+            try:
+                self.weight_sync.close()
+            except Exception as exc:  # the actors may be gone already; say so, go on stopping
+                log.warning("weight sync could not be closed (%s: %s)", type(exc).__name__, exc)
         for name in ("rollout", "rewards", "learner"):
             actor = getattr(self, name, None)
             if actor is not None:

@@ -74,9 +74,13 @@ class LearnerGroup:
         """A port free on rank 0's node right now (for a group rank 0 hosts)."""
         return ray.get(self.actors[0].open_port.remote())
 
-    def join_weight_group(self, make_transport: Callable[[], Any]) -> List[Any]:
+    def join_weight_group(self, make_transport: Optional[Callable[..., Any]], shm_folder: Optional[str] = None) -> List[Any]:
         """Returns the object refs (do not wait: the receivers must join concurrently)."""
-        return [a.join_weight_group.remote(make_transport if r == 0 else None) for r, a in enumerate(self.actors)]
+        return [a.join_weight_group.remote(make_transport if r == 0 else None, shm_folder if r == 0 else None)
+                for r, a in enumerate(self.actors)]
+
+    def leave_weight_group(self) -> None:
+        ray.get(self.actors[0].leave_weight_group.remote())
 
     def broadcast_async(self, version: int) -> List[Any]:
         return self.group.call("broadcast", version)

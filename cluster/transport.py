@@ -79,6 +79,7 @@ class WeightTransport:
             raise ValueError(f"transport backend {backend!r} not in ['gloo', 'nccl']")
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.device = torch.device(device or ("cuda" if backend == "nccl" else "cpu"))
+        self.spare: Optional[torch.UntypedStorage] = None  # a received bucket's buffer kept for the next receive
         timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
         if backend == "gloo":
@@ -115,10 +116,20 @@ class WeightTransport:
         total = 0
         for bucket in buckets:
             parts = [next(it).detach().reshape(-1) for _ in bucket]
-            flat = torch.cat(parts).to(self.device) if len(parts) > 1 else parts[0].to(self.device).contiguous()
+            flat = self._stage(parts).to(self.device) if len(parts) > 1 else parts[0].to(self.device).contiguous()
             self._bcast(flat)
             total += flat.numel() * flat.element_size()
         return SyncStats(version, total, time.perf_counter() - t0, len(buckets))
+
+    def _stage(self, parts: List[torch.Tensor]) -> torch.Tensor:
+        """The parts concatenated into one staging buffer kept across buckets and sends: a new
+        buffer per bucket would fault in fresh pages every time (the allocator hands large
+        blocks back to the OS), which costs more than the copy itself."""
+        need = sum(p.numel() for p in parts)
+        st = getattr(self, "_staging", None)
+        if st is None or st.dtype != parts[0].dtype or st.device != parts[0].device or st.numel() < need:
+            st = self._staging = torch.empty(need, dtype=parts[0].dtype, device=parts[0].device)
+        return torch.cat(parts, out=st[:need])
 
     # ---- receiver -------------------------------------------------------------------------
     def receive(self) -> Tuple[int, "BucketStream"]:
@@ -143,34 +154,60 @@ class BucketStream:
     `peak_live_buckets` / `peak_live_bytes`: the most received buckets still referenced (by
     the stream or by its consumer, e.g. vLLM's loader) at the moment a new one is allocated.
     The stream keeps one handle on each bucket's storage and reads its use count, so the
-    bound on the receiver's memory is measured, not assumed; a bucket only the stream still
-    holds is released before the next is allocated. Where torch lacks the (private) use-count
-    call, nothing is held and both peaks stay -1 (unknown).
+    bound on the receiver's memory is measured, not assumed. A bucket only the stream still
+    holds (its consumer let go of every piece: use count 1) is the buffer the next bucket is
+    received into when it is big enough (fresh large allocations fault in new pages, which
+    costs more than the receive); other free buckets are released. Where torch lacks the
+    (private) use-count call, nothing is held or reused and both peaks stay -1 (unknown).
     """
 
     _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
     def __init__(self, transport: WeightTransport, metas: Sequence[TensorMeta], buckets: List[List[int]]):
         self._transport, self._metas, self._buckets = transport, metas, buckets
-        self._held: List[torch.UntypedStorage] = []
+        self._held: List[torch.UntypedStorage] = [transport.spare] if transport.spare is not None else []
+        transport.spare = None
         self.peak_live_buckets = 0
         self.peak_live_bytes = 0
+
+    def _free(self) -> List[torch.UntypedStorage]:
+        return [st for st in self._held if self._use_count(st._cdata) == 1]
+
+    def _allocate(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """A buffer for the next bucket: the best-fitting held storage nobody else references
+        (at most twice the size needed), else a new one. Of the other free storages only the
+        biggest stays held, as the spare for a later bucket or the next receive."""
+        if self._use_count is None:
+            return torch.empty(numel, dtype=dtype, device=self._transport.device)
+        need = numel * torch.empty(0, dtype=dtype).element_size()
+        fits = [st for st in self._free() if need <= st.nbytes() <= 2 * need]
+        if fits:
+            st = min(fits, key=lambda s: s.nbytes())
+            self._held = [h for h in self._held if h is not st]
+            flat = torch.empty(0, dtype=dtype, device=self._transport.device).set_(st, 0, (numel,))
+        else:
+            flat = torch.empty(numel, dtype=dtype, device=self._transport.device)
+        free = self._free()
+        spare = max(free, key=lambda s: s.nbytes()) if free else None
+        self._held = [h for h in self._held if h not in free or h is spare]
+        return flat
 
     def _track(self, flat: torch.Tensor) -> None:
         if self._use_count is None:
             self.peak_live_buckets = self.peak_live_bytes = -1
             return
-        self._held = [st for st in self._held if self._use_count(st._cdata) > 1]
+        live = [st for st in self._held if self._use_count(st._cdata) > 1] + [flat.untyped_storage()]
         self._held.append(flat.untyped_storage())
-        self.peak_live_buckets = max(self.peak_live_buckets, len(self._held))
-        self.peak_live_bytes = max(self.peak_live_bytes, sum(st.nbytes() for st in self._held))
+        self.peak_live_buckets = max(self.peak_live_buckets, len(live))
+        self.peak_live_bytes = max(self.peak_live_bytes, sum(st.nbytes() for st in live))
+        self.spare_bytes = sum(st.nbytes() for st in self._free())
 
     def __iter__(self) -> Iterator[Tuple[str, torch.Tensor]]:
         metas = self._metas
         for bucket in self._buckets:
             dtype = getattr(torch, metas[bucket[0]][2])
             sizes = [_numel(metas[i][1]) for i in bucket]
-            flat = torch.empty(sum(sizes), dtype=dtype, device=self._transport.device)
+            flat = self._allocate(dtype, sum(sizes))
             self._track(flat)
             pieces = torch.split(self._transport._bcast(flat), sizes)
             del flat  # from here only the pieces handed out keep the bucket alive
@@ -178,6 +215,10 @@ class BucketStream:
                 name, shape, _ = metas[i]
                 yield name, pieces[k].view(shape)
             del pieces
+        if self._use_count is not None and self._held:
+            # the biggest bucket waits for the next receive, which reuses it if its consumer has let
+            # go by then (the last pieces handed out usually live until the consumer returns)
+            self._transport.spare = max(self._held, key=lambda st: st.nbytes())
         self._held = []
 
 

@@ -5,16 +5,18 @@ The driver calls `sync(version)` after each learner step; the rollout pool calls
 by name and chosen with `trainer.weight_sync`:
 
 - `network` (default): a process group of its own (gloo on CPU, NCCL on GPUs) with learner
-  rank 0 as the sender; bucketed broadcast, streamed into each engine bucket by bucket
-  (cluster/transport.py). A replaced worker cannot join a formed group, so the group is
-  rebuilt and resynced.
+  rank 0 as the sender, hosted at rank 0's node address; bucketed broadcast, streamed into
+  each engine bucket by bucket (cluster/transport.py). On CPU, workers on rank 0's own node
+  read the weights from one shared-memory file instead (`trainer.weight_sync_shm`,
+  cluster/shm_weights.py), written in the same parameter walk. A replaced, added or lost
+  worker cannot join or leave a formed group, so the group is formed again.
 - `filesystem`: learner rank 0 writes the weights as an HF safetensors folder (streamed shard
   by shard) into `trainer.weight_sync_dir` and every worker reloads from it. No process group:
   it suits nodes that share a filesystem but cannot open ports to each other, and a replaced
   worker only reloads.
 
-A same-GPU CUDA-IPC transport (as OpenRLHF and verl have for colocated engines) would register
-here too; it is not implemented: roles sharing a GPU use `filesystem` (config validation
+A same-GPU CUDA-IPC transport (as OpenRLHF and verl have for colocated engines) would be the
+GPU counterpart of the shared-memory path; it is not implemented: roles sharing a GPU use `filesystem` (config validation
 refuses them with `network`, whose NCCL group cannot hold two ranks on one GPU). Pointing
 `weight_sync_dir` at /dev/shm makes `filesystem` a shared-memory transport on one node.
 """
@@ -22,13 +24,16 @@ refuses them with `network`, whose NCCL group cannot hold two ranks on one GPU).
 from __future__ import annotations
 
 import functools
+import os
 import time
+import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Dict, List
 
 import ray
 
+from cluster.shm_weights import shm_dir
 from cluster.transport import WeightTransport
 from vlcot.registry import Registry
 
@@ -42,6 +47,9 @@ class WeightSync(ABC):
 
     def connect(self) -> None:
         """Prepare the transport (called once after the actors are up)."""
+
+    def close(self) -> None:
+        """Release what the transport holds (shared memory, groups) while the actors still run."""
 
     @abstractmethod
     def sync(self, version: int) -> Dict[str, float]:
@@ -59,27 +67,44 @@ class WeightSync(ABC):
 
 @WEIGHT_SYNCS.register("network")
 class NetworkSync(WeightSync):
+    def __init__(self, learner, workers, cfg):
+        super().__init__(learner, workers, cfg)
+        self.folder = str(shm_dir(f"{os.getpid()}-{uuid.uuid4().hex[:8]}"))
+        self.local: List[int] = []  # worker slots that read the shared-memory file
+        self.remote: List[int] = []  # worker slots in the network group
+
     def connect(self) -> None:
-        """Form the broadcast group {learner rank 0, every worker} (all must join concurrently),
-        hosted at learner rank 0's node address on a port free there."""
+        """Split the workers into those on learner rank 0's node (shared memory, CPU only) and
+        the rest, and form the broadcast group {learner rank 0, the rest} (all must join
+        concurrently), hosted at rank 0's node address on a port free there."""
         backend = "nccl" if self.cfg.rollout.gpus_per_worker > 0 else "gloo"
-        host, port = self.learner.places[0].ip, self.learner.open_port()
-        world, timeout = len(self.workers) + 1, self.cfg.trainer.weight_sync_timeout_s
+        lead = self.learner.places[0]
+        same_node = self.cfg.trainer.weight_sync_shm and backend == "gloo"
+        self.local = [i for i, r in enumerate(self.workers.info) if same_node and r["node_id"] == lead.node_id]
+        self.remote = [i for i in range(len(self.workers)) if i not in self.local]
+        make, refs = None, []
+        if self.remote:
+            port, world, timeout = self.learner.open_port(), len(self.remote) + 1, self.cfg.trainer.weight_sync_timeout_s
 
-        def member(rank: int):
-            return functools.partial(WeightTransport, host, port, rank, world, backend, timeout)
+            def member(rank: int):
+                return functools.partial(WeightTransport, lead.ip, port, rank, world, backend, timeout)
 
-        refs = self.learner.join_weight_group(member(0))
-        refs += [w.join_weight_group.remote(member(i + 1)) for i, w in enumerate(self.workers.actors)]
-        ray.get(refs)
+            make = member(0)
+            refs = [self.workers.actors[w].join_weight_group.remote(member(k + 1)) for k, w in enumerate(self.remote)]
+        ray.get(self.learner.join_weight_group(make, self.folder if self.local else None) + refs)
 
     def sync(self, version: int) -> Dict[str, float]:
         t0 = time.perf_counter()
-        receives = self.workers.call("receive_weights")
+        receives = [self.workers.actors[w].receive_weights.remote() for w in self.remote]
         stats = dict(ray.get(self.learner.broadcast_async(version))[0])
-        ray.get(receives)
-        stats["timing/sync_s"] = time.perf_counter() - t0
+        reads = [self.workers.actors[w].read_shared_weights.remote(self.folder, version) for w in self.local]
+        ray.get(receives + reads)
+        stats.update({"timing/sync_s": time.perf_counter() - t0, "sync/network_workers": float(len(self.remote)),
+                      "sync/shm_workers": float(len(self.local))})
         return stats
+
+    def close(self) -> None:
+        self.learner.leave_weight_group()
 
     def worker_replaced(self, slot: int, version: int) -> None:
         self.connect()

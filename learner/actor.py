@@ -26,6 +26,7 @@ class LearnerActor:
         self.cfg, self.policy_dir, self.rank = cfg, policy_dir, rank
         self.engine = None
         self.transport = None
+        self.shm = None  # rank 0: the same-node shared-memory weights writer
         self.place = here()
 
     def where(self) -> NodePlace:
@@ -59,27 +60,52 @@ class LearnerActor:
         sd = self.engine.full_state_dict()
         return {k: v.numpy() for k, v in sd.items()} if self.rank == 0 else None
 
-    def join_weight_group(self, make_transport: Optional[Callable[[], Any]]) -> bool:
-        """Rank 0 joins the learner -> rollout broadcast group (blocks until all members join)."""
-        if self.rank == 0 and make_transport is not None:
+    def join_weight_group(self, make_transport: Optional[Callable[..., Any]], shm_folder: Optional[str] = None) -> bool:
+        """Rank 0 joins the learner -> rollout broadcast group (blocks until all members join;
+        `make_transport` None: no worker on another node) and, with `shm_folder`, writes the
+        weights there too for the workers on its own node."""
+        if self.rank != 0:
+            return True
+        self.leave_weight_group()
+        if make_transport is not None:
             self.transport = make_transport(local_host=self.place.ip)
+        if shm_folder:
+            from cluster.shm_weights import SharedMemoryWeightWriter
+
+            self.shm = SharedMemoryWeightWriter(shm_folder)
+        return True
+
+    def leave_weight_group(self) -> bool:
+        """Drop the group and delete the shared-memory weights."""
+        self.transport = None
+        if self.shm is not None:
+            self.shm.remove()
+        self.shm = None
         return True
 
     def broadcast(self, version: int) -> Dict[str, float]:
-        """Stream the full weights, stamped `version`, to the broadcast group (rank 0 sends;
-        other ranks take part in the gathers only)."""
+        """Stream the full weights, stamped `version`, to the broadcast group and the same-node
+        file (rank 0 sends; other ranks take part in the gathers only)."""
         self.engine.version = version
         metas = self.engine.param_metas()
         tensors = (t for _, t in self.engine.iter_full_params())
-        if self.rank == 0 and self.transport is not None:
-            try:
-                stats = self.transport.send(metas, tensors, version, bucket_bytes=self.cfg.bucket_mb << 20)
-            except Exception:
-                for _ in tensors:  # the other ranks' gathers (ZeRO-3) still need rank 0 to walk them all
-                    pass
-                raise
-            return {"sync/seconds": stats.seconds, "sync/bytes": float(stats.bytes), "sync/gb_per_s": stats.gb_per_s,
-                    "sync/buckets": float(stats.buckets)}
-        for _ in tensors:
-            pass
-        return {}
+        if self.rank != 0:
+            for _ in tensors:
+                pass
+            return {}
+        shm = self.shm
+        passing = shm.tee(metas, tensors, version) if shm is not None else tensors
+        stats = {}
+        try:
+            if self.transport is not None:
+                sent = self.transport.send(metas, passing, version, bucket_bytes=self.cfg.bucket_mb << 20)
+                stats = {"sync/seconds": sent.seconds, "sync/bytes": float(sent.bytes), "sync/gb_per_s": sent.gb_per_s,
+                         "sync/buckets": float(sent.buckets)}
+        finally:
+            for _ in passing:  # the rest (all of it without a group); the other ranks' ZeRO-3 gathers need rank 0
+                pass
+        if shm is not None:
+            written = shm.commit()
+            stats.update({"sync/shm_seconds": written.seconds, "sync/shm_gb_per_s": written.gb_per_s})
+            stats.setdefault("sync/bytes", float(written.bytes))
+        return stats

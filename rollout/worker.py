@@ -53,9 +53,23 @@ class RolloutWorker:
                  greedy: bool = False) -> List[Any]:
         return self.engine.generate(prompts, n, seed, greedy)
 
-    def join_weight_group(self, make_transport: Callable[[], Any]) -> bool:
+    def join_weight_group(self, make_transport: Callable[..., Any]) -> bool:
         self.transport = make_transport(local_host=self.place.ip)
         return True
+
+    def read_shared_weights(self, folder: str, version: int) -> Dict[str, float]:
+        """Load the weights learner rank 0 wrote to shared memory on this node (`version` must be
+        what the folder holds)."""
+        import time
+
+        from cluster.shm_weights import SharedMemoryWeightReader
+
+        t0 = time.perf_counter()
+        if getattr(self, "shm_reader", None) is None or str(self.shm_reader.folder) != folder:
+            self.shm_reader = SharedMemoryWeightReader(folder)
+        got, stream = self.shm_reader.read(expected_version=version)
+        n = self.engine.update_weights(stream, got)
+        return {"version": float(got), "tensors": float(n), "seconds": time.perf_counter() - t0}
 
     def receive_weights(self) -> Dict[str, float]:
         """Block until the learner broadcasts; load every bucket as it lands."""

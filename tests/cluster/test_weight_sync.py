@@ -26,16 +26,24 @@ def actors(ray_local, policy_dir, tiny_cfg):
     learner.shutdown()
 
 
-@pytest.mark.parametrize("name", ["network", "filesystem"])
+TRANSPORTS = {"network group": ["trainer.weight_sync=network", "trainer.weight_sync_shm=false"],
+              "network, same node through shared memory": ["trainer.weight_sync=network"],
+              "filesystem": ["trainer.weight_sync=filesystem"]}
+
+
+@pytest.mark.parametrize("name", list(TRANSPORTS))
 def test_each_transport_brings_every_worker_to_the_learner(actors, tiny_policy, tmp_path, name):
     cfg, learner, pool = actors
-    cfg = load_config(overrides=[f"trainer.weight_sync={name}", f"trainer.weight_sync_dir={tmp_path}",
-                                 "rollout.num_workers=1"])
+    cfg = load_config(overrides=TRANSPORTS[name] + [f"trainer.weight_sync_dir={tmp_path}", "rollout.num_workers=1"])
     sync = WEIGHT_SYNCS.get(cfg.trainer.weight_sync)(learner, pool.group, cfg)
     sync.connect()
-    learner.grpo_step(grpo_batch(tiny_policy.layout, {"network": 1, "filesystem": 2}[name], n=2))
+    learner.grpo_step(grpo_batch(tiny_policy.layout, list(TRANSPORTS).index(name) + 1, n=2))
     stats = sync.sync(5)
     assert stats["sync/bytes"] > 0 and stats["timing/sync_s"] > 0
+    if cfg.trainer.weight_sync == "network":  # the one worker shares learner rank 0's node
+        shm = cfg.trainer.weight_sync_shm
+        assert (stats["sync/shm_workers"], stats["sync/network_workers"]) == ((1.0, 0.0) if shm else (0.0, 1.0))
+        assert ("sync/shm_gb_per_s" in stats) == shm and ("sync/buckets" in stats) != shm
     emb = ray.get(pool.workers[0].get_parameter.remote("model.embed_tokens.weight"))
     assert np.array_equal(emb, learner.full_state_dict()["model.embed_tokens.weight"])
     prompt = build_prompt(np.zeros((16, 16), dtype=int), tiny_policy.codec, tiny_policy.layout)
@@ -47,6 +55,7 @@ def test_each_transport_brings_every_worker_to_the_learner(actors, tiny_policy, 
     assert samples[0].version == 5 and pool.restarts >= 1
     emb = ray.get(pool.workers[0].get_parameter.remote("model.embed_tokens.weight"))
     assert np.array_equal(emb, learner.full_state_dict()["model.embed_tokens.weight"])
+    sync.close()
 
 
 def test_unknown_transport_is_a_config_error():
