@@ -27,6 +27,7 @@ class LearnerActor:
         self.engine = None
         self.transport = None
         self.shm = None  # rank 0: the same-node shared-memory weights writer
+        self.synced_full = False  # whether the current group already has the frozen tensors
         self.place = here()
 
     def where(self) -> NodePlace:
@@ -64,6 +65,7 @@ class LearnerActor:
         """Rank 0 joins the learner -> rollout broadcast group (blocks until all members join;
         `make_transport` None: no worker on another node) and, with `shm_folder`, writes the
         weights there too for the workers on its own node."""
+        self.synced_full = False
         if self.rank != 0:
             return True
         self.leave_weight_group()
@@ -85,10 +87,15 @@ class LearnerActor:
 
     def broadcast(self, version: int) -> Dict[str, float]:
         """Stream the full weights, stamped `version`, to the broadcast group and the same-node
-        file (rank 0 sends; other ranks take part in the gathers only)."""
+        file (rank 0 sends; other ranks take part in the gathers only). The first broadcast
+        to a newly formed group carries every tensor, later ones only the trainable ones (the
+        frozen ones cannot have changed). Every rank is called for every broadcast, so all
+        ranks agree on which walk it is."""
         self.engine.version = version
-        metas = self.engine.param_metas()
-        tensors = (t for _, t in self.engine.iter_full_params())
+        trainable_only = self.synced_full
+        self.synced_full = True
+        metas = self.engine.param_metas(trainable_only)
+        tensors = (t for _, t in self.engine.iter_full_params(trainable_only))
         if self.rank != 0:
             for _ in tensors:
                 pass

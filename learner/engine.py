@@ -274,25 +274,32 @@ class LearnerEngine:
                 "lr": self.current_lr(), "timing/learn_s": time.perf_counter() - t0}
 
     # ---- full weights ------------------------------------------------------------------------
-    def param_metas(self) -> List[Tuple[str, Tuple[int, ...], str]]:
+    def _params(self, trainable_only: bool):
+        return ((n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad or not trainable_only)
+
+    def param_metas(self, trainable_only: bool = False) -> List[Tuple[str, Tuple[int, ...], str]]:
         out = []
-        for name, p in self.engine.module.named_parameters():
+        for name, p in self._params(trainable_only):
             shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
             out.append((name, shape, str(p.dtype).replace("torch.", "")))
         return out
 
-    def iter_full_params(self) -> Iterator[Tuple[str, torch.Tensor]]:
+    def iter_full_params(self, trainable_only: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
         """(name, full tensor) in `param_metas` order. Every rank must iterate (ZeRO-3
-        gathers are collective); tensors are only meaningful on rank 0."""
+        gathers are collective); tensors are only meaningful on rank 0. A gathered (ZeRO-3)
+        tensor is a copy that outlives its gather; any other is the live parameter itself
+        (read-only use: the weight transports copy it into their buffers)."""
         import deepspeed
 
-        for name, p in self.engine.module.named_parameters():
-            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=None) if hasattr(p, "ds_id") else nullcontext()
-            with ctx:
-                yield name, p.data.detach().clone()
+        for name, p in self._params(trainable_only):
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    yield name, p.data.detach().clone()
+            else:
+                yield name, p.data.detach()
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
-        return {name: t.cpu() for name, t in self.iter_full_params()}
+        return {name: t.cpu().clone() for name, t in self.iter_full_params()}
 
     def param_digest(self) -> str:
         """A hash of the full parameters (every rank computes it: ZeRO-3 gathers)."""

@@ -1,5 +1,7 @@
 """Weight sync transports, chosen by config, between a real learner group and vLLM rollout workers."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import ray
@@ -46,16 +48,26 @@ def test_each_transport_brings_every_worker_to_the_learner(actors, tiny_policy, 
         assert ("sync/shm_gb_per_s" in stats) == shm and ("sync/buckets" in stats) != shm
     emb = ray.get(pool.workers[0].get_parameter.remote("model.embed_tokens.weight"))
     assert np.array_equal(emb, learner.full_state_dict()["model.embed_tokens.weight"])
+    version = 5
+    if cfg.trainer.weight_sync == "network":  # later syncs to the same group leave out the frozen VQGAN
+        learner.grpo_step(grpo_batch(tiny_policy.layout, 7, n=2))
+        version = 6
+        again = sync.sync(version)
+        assert 0 < again["sync/bytes"] < stats["sync/bytes"]
+        emb = ray.get(pool.workers[0].get_parameter.remote("model.embed_tokens.weight"))
+        assert np.array_equal(emb, learner.full_state_dict()["model.embed_tokens.weight"])
     prompt = build_prompt(np.zeros((16, 16), dtype=int), tiny_policy.codec, tiny_policy.layout)
-    assert pool.collect(pool.submit([prompt], 0))[0][0].version == 5
+    assert pool.collect(pool.submit([prompt], 0))[0][0].version == version
     # a worker killed mid-dispatch is replaced and brought to the current weights before it reruns
     batch = pool.submit([prompt], 1)
     ray.kill(pool.workers[0])
-    samples = pool.collect(batch, lambda slot: sync.worker_replaced(slot, 5))[0]
-    assert samples[0].version == 5 and pool.restarts >= 1
+    samples = pool.collect(batch, lambda slot: sync.worker_replaced(slot, version))[0]
+    assert samples[0].version == version and pool.restarts >= 1
     emb = ray.get(pool.workers[0].get_parameter.remote("model.embed_tokens.weight"))
     assert np.array_equal(emb, learner.full_state_dict()["model.embed_tokens.weight"])
     sync.close()
+    if cfg.trainer.weight_sync == "network":
+        assert not Path(sync.folder).exists()  # the shared-memory file is gone with the group
 
 
 def test_unknown_transport_is_a_config_error():
