@@ -135,20 +135,22 @@ def _generate(cfg, ckpt, sets: Sequence[EvalSet], outs: Sequence[Path]) -> List[
         return [run_infer(resolver, files, names, out, progress=False) for files, names, out in jobs]
     import ray
 
+    from cluster.actor_group import ActorGroup
+
     most = max(len(files) for files, _, _ in jobs)
-    actors = [InferWorker.options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus).remote(
-        cfg, str(ckpt.policy_dir), str(ckpt.vq_dir)) for _ in shards(most, cfg.eval.num_workers)]
+    group = ActorGroup("eval infer", InferWorker, len(shards(most, cfg.eval.num_workers)),
+                       lambda slot: (cfg, str(ckpt.policy_dir), str(ckpt.vq_dir)),
+                       dict(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus))
     try:
         results = []
         for files, names, out in jobs:
-            parts = shards(len(files), len(actors))
+            parts = shards(len(files), len(group))  # a small set may leave actors idle
             refs = [a.run.remote([str(files[i]) for i in p], [names[i] for i in p], str(out))
-                    for a, p in zip(actors, parts)]
+                    for a, p in zip(group.actors, parts)]
             results.append([r for chunk in ray.get(refs) for r in chunk])
         return results
     finally:
-        for a in actors:
-            ray.kill(a)
+        group.shutdown()
 
 
 def _score(cfg, pairs: List[Tuple[str, Optional[str]]]) -> MetricShard:
@@ -161,18 +163,17 @@ def _score(cfg, pairs: List[Tuple[str, Optional[str]]]) -> MetricShard:
         return MetricShard(status={m: MetricStatus(m, METRICS[m].label, False, "no outputs to score") for m in ev.metrics})
     if ev.num_workers == 0:
         return score_pairs(MetricSuite(ev.metrics, ev.weights_dir, ev.crop_border), pairs)
-    import ray
-
+    from cluster.actor_group import ActorGroup
     from cluster.envs import runtime_env_for_iqa
 
     parts = shards(len(pairs), ev.num_workers)
-    actors = [MetricWorker.options(num_cpus=ev.num_cpus, num_gpus=ev.num_gpus, runtime_env=runtime_env_for_iqa(cfg.envs))
-              .remote(ev.metrics, ev.weights_dir, ev.crop_border, max(1, int(ev.num_cpus))) for _ in parts]
+    group = ActorGroup("eval metric", MetricWorker, len(parts),
+                       lambda slot: (ev.metrics, ev.weights_dir, ev.crop_border, max(1, int(ev.num_cpus))),
+                       dict(num_cpus=ev.num_cpus, num_gpus=ev.num_gpus, runtime_env=runtime_env_for_iqa(cfg.envs)))
     try:
-        results = ray.get([a.score.remote([pairs[i] for i in p]) for a, p in zip(actors, parts)])
+        results = group.run("score", shards=[[pairs[i] for i in p] for p in parts])
     finally:
-        for a in actors:
-            ray.kill(a)
+        group.shutdown()
     merged = MetricShard(status=results[0].status)
     for r in results:
         merged.values += r.values

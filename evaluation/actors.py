@@ -34,6 +34,9 @@ class InferWorker:
         torch.set_num_threads(max(1, int(cfg.eval.num_cpus)))
         self.resolver = SuperResolver(cfg, policy_dir, vq_dir)
 
+    def ready(self) -> bool:
+        return True
+
     def run(self, files: Sequence[str], names: Sequence[str], out_dir: str) -> List[Dict[str, Any]]:
         from pathlib import Path
 
@@ -52,6 +55,9 @@ class MetricWorker:
         torch.set_num_threads(max(1, num_threads))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.suite = MetricSuite(names, weights_dir, crop_border, device)
+
+    def ready(self) -> bool:
+        return True
 
     def score(self, pairs: Sequence[Tuple[str, Optional[str]]]):
         from evaluation.metrics import score_pairs
