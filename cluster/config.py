@@ -318,8 +318,9 @@ def validate(cfg: Config) -> None:
         _fail("trainer.placement", f"{t.placement!r} not in ['auto', 'enabled', 'disabled']")
     if t.weight_sync_timeout_s <= 0 or t.actor_start_timeout_s <= 0:
         _fail("trainer", "weight_sync_timeout_s and actor_start_timeout_s must be > 0 seconds")
-    if cfg.rollout.max_workers and cfg.rollout.max_workers < cfg.rollout.num_workers:
-        _fail("rollout.max_workers", f"{cfg.rollout.max_workers} is below rollout.num_workers {cfg.rollout.num_workers}")
+    if cfg.rollout.max_workers < 0 or 0 < cfg.rollout.max_workers < cfg.rollout.num_workers:
+        _fail("rollout.max_workers", f"{cfg.rollout.max_workers}: 0 (no bound) or at least rollout.num_workers "
+              f"{cfg.rollout.num_workers}")
     for role, res in (("learner", cfg.learner.resources), ("rollout", cfg.rollout.resources),
                       ("rewards", cfg.rewards.resources)):
         if any(k in ("CPU", "GPU", "memory") or v <= 0 for k, v in res.items()):

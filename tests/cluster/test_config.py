@@ -47,6 +47,10 @@ def test_overrides_apply():
     ("learner.grpo.advantage=ppo", "learner.grpo.advantage"),
     ("learner.grpo.policy_loss=dpo", "learner.grpo.policy_loss"),
     ("rollout.group_size=1", "rollout.group_size"),                          # every advantage would be 0
+    ("rollout.resources.CPU=2", "rollout.resources"),                       # CPUs have their own key
+    ("learner.resources.trainer_node=0", "learner.resources"),
+    ("rollout.max_workers=-1", "rollout.max_workers"),
+    ("trainer.weight_sync_timeout_s=0", "trainer"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
