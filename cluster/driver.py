@@ -145,7 +145,7 @@ class GRPOTrainer:
         self.learner = LearnerGroup(self.learner_config(), str(self.policy_dir), placement=where("learner"),
                                     ready_timeout_s=wait_s)
         self.rewards = RewardPool(cfg.rewards, str(self.vq_dir), runtime_env_for_iqa(cfg.envs), placement=where("rewards"),
-                                  timeout_s=wait_s)
+                                  ready_timeout_s=wait_s)
         self.rollout = RolloutPool(cfg.rollout, str(self.policy_dir), cfg.image, cfg.policy,
                                    placement=where("rollout"), ready_timeout_s=wait_s)
         self.weight_sync = WEIGHT_SYNCS.get(cfg.trainer.weight_sync)(self.learner, self.rollout.group, cfg)
@@ -368,9 +368,17 @@ class GRPOTrainer:
 
     def _final_state(self, version: int) -> Dict[str, Any]:
         """Where the actors ran and which policy version every rollout worker holds at the end
-        (each must equal the learner's)."""
-        return {"actor_nodes": self.actor_nodes(), "learner_version": version,
-                "rollout_versions": [int(v) for v in self.rollout.group.run("version")],
+        (each must equal the learner's; None for a worker that cannot be reached now)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        versions: List[Optional[int]] = []
+        for ref in self.rollout.group.call("version"):
+            try:
+                versions.append(int(ray.get(ref)))
+            except RayActorError:
+                versions.append(None)
+        return {"actor_nodes": self.actor_nodes(), "learner_version": version, "rollout_versions": versions,
                 "rollout_workers_lost": self.rollout.lost}
 
     def _summary(self, wall_s: float) -> Dict[str, Any]:

@@ -35,15 +35,17 @@ class RewardBatch:
 
 class RewardPool:
     def __init__(self, cfg: RewardsConfig, vq_dir: Optional[str], runtime_env: Optional[dict] = None,
-                 timeout_s: float = 600.0, placement: Optional[Callable[[int], Dict[str, Any]]] = None):
-        """`placement(slot)` may add Ray scheduling options (a placement-group bundle)."""
+                 timeout_s: float = 600.0, placement: Optional[Callable[[int], Dict[str, Any]]] = None,
+                 ready_timeout_s: Optional[float] = None):
+        """`placement(slot)` may add Ray scheduling options (a placement-group bundle);
+        `timeout_s` bounds each scoring call, `ready_timeout_s` (default: the same) the start."""
         self.cfg = cfg
         self.timeout_s = timeout_s
         self.retries = 0
         self.group = ActorGroup("reward", RewardActor, cfg.num_workers, lambda slot: (cfg, vq_dir),
                                 dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, runtime_env=runtime_env or {},
                                      **resource_options(cfg.resources)),
-                                placement, ready_timeout_s=timeout_s)
+                                placement, ready_timeout_s=ready_timeout_s or timeout_s)
 
     @property
     def actors(self) -> List[Any]:
