@@ -10,10 +10,14 @@ ENGINES = ("vllm", "hf")
 
 @dataclass
 class SamplingConfig:
-    """Released code: temperature 0.9, greedy text. We sample text (greedy text gives every
-    sample of a group the same words, so the text rewards carry no signal)."""
+    """Released code: temperature 0.9, greedy text (`text_greedy: true`). By default we sample
+    text (greedy text gives every sample of a group the same reasoning, so the text rewards
+    carry no signal within a group)."""
 
     temperature: float = 0.9  # text tokens (0 = greedy everything)
+    # text tokens by argmax while image codes are still sampled (the released mode; every sample
+    # of a group then writes the same words until its images differ)
+    text_greedy: bool = False
     top_p: float = 1.0  # applies to every token; keep 1.0 unless text needs it
     image_temperature: float = 0.9  # image codes (applied as a logit scale relative to `temperature`)
     topk_min: int = 1  # entropy-adaptive top-k for image codes:

@@ -43,6 +43,7 @@ class SpanRules:
     vocab_size: int
     text_vocab_size: int  # ids at or above are never text (padding rows, span tokens, codes)
     image_logit_scale: float = 1.0  # text temperature / image temperature
+    text_greedy: bool = False  # text tokens: the argmax (image codes are still sampled)
     topk_min: int = 1
     topk_max: int = 2000
     entropy_center: float = 5.0
@@ -65,6 +66,7 @@ class SpanRules:
             codes_per_patch=layout.patch_px // layout.downsample, stage_grids=grids, vocab_size=vocab_size,
             text_vocab_size=text_vocab_size or vocab_size,
             image_logit_scale=(t / sampling.image_temperature) if t > 0 else 1.0,
+            text_greedy=sampling.text_greedy,
             topk_min=sampling.topk_min, topk_max=sampling.topk_max, entropy_center=sampling.entropy_center,
             entropy_lo=float(sampling.entropy_clip[0]), entropy_hi=float(sampling.entropy_clip[1]),
         )
@@ -192,7 +194,13 @@ def constrain_row(row: torch.Tensor, state: SpanState, rules: SpanRules, masks: 
         return row
     if kind == "text":
         blocked = masks.text_blocked if state.images < len(rules.stage_grids) else masks.text_blocked_no_image
-        return row.masked_fill_(blocked, NEG)
+        row.masked_fill_(blocked, NEG)
+        if rules.text_greedy:  # only the best allowed token survives: any sampler then takes it
+            best = int(torch.argmax(row))
+            keep = row[best].clone()
+            row.fill_(NEG)
+            row[best] = keep
+        return row
     if guided is not None:
         row.copy_(torch.where(masks.code, guided, row))
     row.masked_fill_(masks.not_code, NEG)

@@ -177,3 +177,29 @@ def test_a_large_sampled_batch_with_chunked_prefill(workers, prompts):
     batch = [prompts["base"]] * 10
     res = ray.get(workers["vllm"].generate.remote(batch, G, 3))
     assert all(isinstance(r, list) and len(r) == G for r in res)
+
+
+def text_before_first_image(tokens, layout):
+    return list(tokens[: tokens.index(layout.image_start)] if layout.image_start in tokens else tokens)
+
+
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_greedy_text_with_sampled_images(workers, prompts, policy_dir, tiny_cfg, tiny_policy, engine):
+    """`text_greedy`: every sample of a group writes the same text, while its image codes are
+    still sampled (the released decoding)."""
+    lay = tiny_policy.layout
+    cfg = rollout_cfg(engine)
+    cfg.sampling.text_greedy = True
+    greedy = RolloutWorker.options(num_cpus=1).remote(cfg, policy_dir, tiny_cfg.image)
+    try:
+        text, image = ray.get(greedy.generate.remote([prompts["base"], prompts["rough_image"]], None, 11))
+    finally:
+        ray.kill(greedy)
+    texts = [text_before_first_image(s.token_ids, lay) for s in text]
+    assert texts[0] and all(t == texts[0] for t in texts), texts
+    spans = [tuple(first_span(s.token_ids, lay)) for s in image]
+    assert all(lay.parse_image_span(list(sp))[1] == "" for sp in spans)
+    assert len(set(spans)) > 1  # the codes are still sampled
+    # the control: with sampled text the same prompt gives different texts
+    sampled = ray.get(workers[engine].generate.remote([prompts["base"]], None, 11))[0]
+    assert len({tuple(text_before_first_image(s.token_ids, lay)) for s in sampled}) > 1
