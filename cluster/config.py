@@ -20,6 +20,7 @@ from evaluation.config import problems as evaluation_problems
 from learner.advantages import ADVANTAGE_ESTIMATORS
 from learner.config import LearnerConfig
 from learner.config import problems as learner_problems
+from learner.schedule import problems as schedule_problems
 from rewards.config import RewardsConfig
 from rollout.config import RolloutConfig
 from rollout.config import problems as rollout_problems
@@ -295,6 +296,7 @@ def validate(cfg: Config) -> None:
     if data.min_side < 1 or data.max_pixels < 1 or data.variants_per_image < 1:
         _fail("data", "min_side, max_pixels and variants_per_image must be >= 1")
     for key, msg in (reward_problems(cfg.rewards) + learner_problems(cfg.learner) + rollout_problems(cfg.rollout)
+                     + schedule_problems(cfg.learner.schedule, cfg.trainer.steps)
                      + evaluation_problems(cfg.infer, cfg.eval)):
         _fail(key, msg)
     _validate_gpu_sharing(cfg)

@@ -33,6 +33,7 @@ from cluster.tracking import Tracker
 from cluster.weight_sync import WEIGHT_SYNCS
 from learner.batch import pack_grpo
 from learner.advantages import estimate_advantages
+from learner.schedule import lr_at
 from rewards.scoring import RewardInput
 from rollout.engine import PromptError
 from vlcot.data import read_manifest
@@ -212,6 +213,7 @@ class GRPOTrainer:
         self._score(dispatched, samples)
         reward_s = time.perf_counter() - t0
         batch, info = self._learner_batch(samples, version)
+        self.learner.set_lr(self.lr_at(step + 1))
         learn = self.learner.grpo_step(batch)
         change = self.rollout.check_workers()  # a worker that died since the collect would stall the sync
         if change:
@@ -221,6 +223,11 @@ class GRPOTrainer:
                      "rollout/workers_lost": float(len(dispatched.rollout.lost))})
         sync = self.weight_sync.sync(version + 1)
         return StepResult(samples, prompt_errors, learn, sync, info, generate_s, reward_s), following
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of GRPO step `step` (1-based) under learner.schedule."""
+        lc = self.cfg.learner
+        return lr_at(step, lc.schedule, self.cfg.trainer.steps, lc.lr)
 
     def _parse(self, dispatched: DispatchedStep, results: List[Any]) -> Tuple[List[ScoredSample], int]:
         """Rollout results -> parsed samples; a prompt the engine refused is counted and logged."""
@@ -272,12 +279,17 @@ class GRPOTrainer:
     def _save(self, step: int, version: int) -> None:
         out = self.run_dir / CKPT_DIR / f"step_{step:06d}"
         state = {"step": step, "version": version, "cursor": self.cursor.state(), "mlflow_run_id": self.tracker.run_id,
-                 "reward_history": self.reward_history}
+                 "reward_history": self.reward_history, "lr_schedule": self._schedule_record()}
         self.learner.save(str(out), {"driver_step": step})
         (out / DRIVER_STATE).write_text(json.dumps(state))
         kept = sorted((self.run_dir / CKPT_DIR).glob("step_*"))
         for old in kept[: -self.cfg.trainer.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def _schedule_record(self) -> Dict[str, Any]:
+        """What decides the learning rate of every step (stored with each checkpoint)."""
+        lc = self.cfg.learner
+        return {"lr": lc.lr, "steps": self.cfg.trainer.steps, **dataclasses.asdict(lc.schedule)}
 
     def _load(self) -> Tuple[int, int, Optional[str]]:
         ckpt = latest_checkpoint(str(self.run_dir))
@@ -287,6 +299,10 @@ class GRPOTrainer:
         self.learner.load(str(ckpt))
         self.cursor.restore(state["cursor"])
         self.reward_history = list(state.get("reward_history", []))
+        saved, now = state.get("lr_schedule"), self._schedule_record()
+        if saved is not None and saved != now:
+            log.warning("the learning-rate schedule differs from the checkpoint's (%s, now %s): steps after %d "
+                        "follow the new one", saved, now, state["step"])
         print(f"resumed from {ckpt}: step {state['step']}, policy version {state['version']}")
         return int(state["step"]), int(state["version"]), state.get("mlflow_run_id")
 

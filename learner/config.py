@@ -7,6 +7,7 @@ from typing import Dict, List, Tuple
 
 from learner.advantages import ADVANTAGE_ESTIMATORS
 from learner.grpo import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from learner.schedule import ScheduleConfig
 
 
 @dataclass
@@ -70,6 +71,7 @@ class LearnerConfig:
     bucket_mb: int = 256  # weight-broadcast bucket size
     save_shard_mb: int = 2048  # safetensors shard size of saved policies (rank 0 holds one shard while saving)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # of `lr` over the GRPO steps
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 

@@ -55,7 +55,9 @@ def problems(cfg: RolloutConfig, prefix: str = "rollout") -> List[Tuple[str, str
     s = cfg.sampling
     if cfg.engine not in ENGINES:
         out.append((f"{prefix}.engine", f"{cfg.engine!r} not in {list(ENGINES)}"))
-    if cfg.engine == "vllm" and s.cfg_scale != 1.0:
+    if s.cfg_scale < 0:
+        out.append((f"{prefix}.sampling.cfg_scale", f"must be >= 0 (1.0 = no guidance), got {s.cfg_scale}"))
+    elif cfg.engine == "vllm" and s.cfg_scale != 1.0:
         out.append((f"{prefix}.sampling.cfg_scale", "classifier-free guidance needs a second, unconditional forward "
                     "per image token, which vLLM's sampler cannot run: use rollout.engine=hf or cfg_scale=1.0"))
     if cfg.group_size < 1 or cfg.num_workers < 1 or cfg.tensor_parallel_size < 1:

@@ -15,6 +15,7 @@ from cluster.cli import main as cli_main
 from cluster.config import load_config
 from cluster.driver import GRPOTrainer, latest_checkpoint
 from cluster.metrics import reward_metric_names
+from learner.schedule import lr_at
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +113,8 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     args = [sys.executable, "-m", "cluster.cli", "train", "--no-progress", f"run_dir={tmp_path}",
             f"data.output_dir={tmp_path / 'data'}", "trainer.steps=3", "trainer.prompts_per_step=2",
-            "rollout.group_size=2", "trainer.sft=false", "trainer.checkpoint_every=1", "rollout.sampling.text_budget=64"]
+            "rollout.group_size=2", "trainer.sft=false", "trainer.checkpoint_every=1", "rollout.sampling.text_budget=64",
+            "learner.schedule.name=linear", "learner.schedule.final_ratio=0.25", "learner.schedule.warmup_steps=1"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
     while time.time() < deadline and latest_checkpoint(str(tmp_path)) is None:
@@ -129,6 +131,11 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     client, run = run_metrics(summary)
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean"))
     assert steps[-1] == 3 and set(range(done + 1, 4)) <= set(steps)
+    # the learning-rate schedule goes on where it stopped: every step's rate is the formula's
+    lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
+    assert {s: lrs[s] for s in range(1, 4)} == pytest.approx({s: lr_at(s, cfg.learner.schedule, 3, cfg.learner.lr)
+                                                              for s in range(1, 4)})
+    assert lrs[1] < lrs[2] and lrs[3] < lrs[2]  # warmup, then decay
 
 
 def test_invalid_config_fails_before_any_actor(capsys):
