@@ -105,16 +105,16 @@ class ConfigError(ValueError):
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), default: bool = True) -> Config:
     """Merge dataclass defaults, the yaml at `path` (or the tiny CPU default when `path`
-    is None and `default` is true) and `key=value` overrides; validate; return a Config."""
+    is None and `default` is true) and `key=value` overrides; validate; return a Config.
+    A yaml may start from another (`base: other.yaml`, relative to its own folder) and
+    change only what differs."""
     if path is None and default:
         path = DEFAULT_CONFIG
     merged = OmegaConf.structured(Config)
     try:
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            for layer in _yaml_layers(Path(path)):
+                merged = OmegaConf.merge(merged, layer)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not key=value")
@@ -126,6 +126,22 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         raise ConfigError(f"config key {key!r}: {msg}") from None
     validate(cfg)
     return cfg
+
+
+def _yaml_layers(path: Path) -> list:
+    """The yaml at `path` after the chain of `base:` files it starts from (base first)."""
+    layers, seen = [], []
+    while path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}" + (f" (the base of {seen[-1]})" if seen else ""))
+        if path.resolve() in seen:
+            raise ConfigError(f"config files name each other as base: {' -> '.join(map(str, seen + [path]))}")
+        seen.append(path.resolve())
+        layer = OmegaConf.load(path)
+        base = layer.pop("base", None)
+        layers.insert(0, layer)
+        path = (path.parent / str(base)) if base else None
+    return layers
 
 
 def to_yaml(cfg: Config) -> str:

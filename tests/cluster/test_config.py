@@ -109,11 +109,8 @@ def test_bad_infer_and_eval_values_name_the_key(overrides, key):
         load_config(overrides=overrides)
 
 
-def test_gpu_cluster_config_validates_when_its_files_exist(tmp_path):
-    """configs/pure-7b.yaml names local checkpoints; with stand-in files at those paths it
-    validates, and without them it fails naming the first missing one."""
-    with pytest.raises(ConfigError, match="vq.checkpoint"):
-        load_config(CONFIG_DIR / "pure-7b.yaml")
+def stand_in_files(tmp_path):
+    """Overrides pointing configs/pure-7b*.yaml at empty stand-ins of the files they name."""
     (tmp_path / "policy").mkdir()
     (tmp_path / "policy" / "config.json").write_text('{"architectures": ["ChameleonForConditionalGeneration"], '
                                                      '"max_position_embeddings": 11776}')
@@ -124,15 +121,56 @@ def test_gpu_cluster_config_validates_when_its_files_exist(tmp_path):
     for name in ("topiq_nr", "musiq", "maniqa-pipal", "clipiqa"):
         (iqa / f"{name}.pth").write_bytes(b"")
     (iqa / "clip" / "RN50.pt").write_bytes(b"")
-    cfg = load_config(CONFIG_DIR / "pure-7b.yaml", [
-        f"vq.checkpoint={tmp_path / 'vq.pt'}", f"policy.checkpoint={tmp_path / 'policy'}",
-        f"data.input_dir={tmp_path / 'hq'}", f"rewards.generation.weights_dir={iqa}"])
+    return [f"vq.checkpoint={tmp_path / 'vq.pt'}", f"policy.checkpoint={tmp_path / 'policy'}",
+            f"data.input_dir={tmp_path / 'hq'}", f"rewards.generation.weights_dir={iqa}"]
+
+
+def gpus(cfg):
+    return cfg.learner.num_workers * cfg.learner.num_gpus + cfg.rollout.num_workers * cfg.rollout.gpus_per_worker \
+        + cfg.rewards.num_workers * cfg.rewards.num_gpus
+
+
+def test_gpu_cluster_config_validates_when_its_files_exist(tmp_path):
+    """configs/pure-7b.yaml names local checkpoints; with stand-in files at those paths it
+    validates, and without them it fails naming the first missing one."""
+    with pytest.raises(ConfigError, match="vq.checkpoint"):
+        load_config(CONFIG_DIR / "pure-7b.yaml")
+    cfg = load_config(CONFIG_DIR / "pure-7b.yaml", stand_in_files(tmp_path))
     assert cfg.learner.zero_stage == 3 and cfg.learner.num_workers == 4
     assert cfg.policy.conversation.preset == "lumina" and cfg.rollout.max_model_len == 11776
-    gpus = cfg.learner.num_workers * cfg.learner.num_gpus + cfg.rollout.num_workers * cfg.rollout.gpus_per_worker \
-        + cfg.rewards.num_workers * cfg.rewards.num_gpus
-    assert gpus == 8
+    assert gpus(cfg) == 8
     assert (cfg.trainer.prompts_per_step * cfg.rollout.group_size) % cfg.learner.num_workers == 0
+
+
+def test_published_run_preset_is_pure_7b_with_the_released_decoding_and_schedule(tmp_path):
+    from learner.schedule import lr_at
+
+    cfg = load_config(CONFIG_DIR / "pure-7b-published.yaml", stand_in_files(tmp_path))
+    (tmp_path / "b").mkdir()
+    base = load_config(CONFIG_DIR / "pure-7b.yaml", stand_in_files(tmp_path / "b"))
+    assert cfg.trainer.mode == "sync" and (cfg.trainer.prompts_per_step, cfg.rollout.group_size) == (6, 5)
+    s = cfg.rollout.sampling
+    assert (s.cfg_scale, s.text_greedy, cfg.rollout.engine) == (0.8, True, "hf")  # CFG runs in the HF engine only
+    assert cfg.learner.grpo.adv_eps == 1e-4 and cfg.trainer.steps == 200 and gpus(cfg) == 8
+    rates = [lr_at(k, cfg.learner.schedule, cfg.trainer.steps, cfg.learner.lr) for k in (1, 30, 31, 200)]
+    assert rates == pytest.approx([5e-6, 0.0, 2e-6, 0.0])
+    assert 30 % cfg.learner.num_workers == 0
+    # everything it does not change comes from its base
+    assert cfg.policy.conversation.preset == base.policy.conversation.preset == "lumina"
+    assert cfg.learner.zero_stage == base.learner.zero_stage and cfg.rewards.weights == base.rewards.weights
+    assert cfg.rewards.generation.preset == base.rewards.generation.preset == "published"
+
+
+def test_a_yaml_base_chain_that_is_missing_or_circular_is_a_clear_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nseed: 3\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*b\.yaml \(the base of .*a\.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="name each other as base"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("seed: 1\ntrainer: {steps: 4}\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    assert cfg.seed == 3 and cfg.trainer.steps == 4  # the file wins over its base
 
 
 @pytest.mark.parametrize("overrides,key,fix", [
