@@ -148,16 +148,9 @@ class RolloutPool:
             log.warning("%s died (%s): dropping it; its %d prompts go to worker %d", where, type(exc).__name__,
                         len(call.positions), target)
         else:
-            if self.restarts >= self.max_restarts:
-                raise RuntimeError(f"{where} died and the restart budget is spent: {exc}") from exc
             log.warning("%s died (%s): replacing it and re-dispatching %d prompts", where, type(exc).__name__,
                         len(call.positions))
-            try:
-                self.group.replace(w)
-            except RuntimeError as start_error:
-                raise RuntimeError(f"{where} died and no replacement could start ({start_error}); with "
-                                   "rollout.autoscale=true the run goes on with the remaining workers; "
-                                   "--resume continues from the last checkpoint") from exc
+            self._replace(w, where)
             if on_replaced is not None:
                 on_replaced(w)
             target = w
@@ -184,16 +177,20 @@ class RolloutPool:
             self.lost += len(dead)
             return PoolChange(lost, [])
         for w, node in zip(dead, lost):
-            if self.restarts >= self.max_restarts:
-                raise RuntimeError(f"rollout worker {w} on node {node} died and the restart budget is spent")
             log.warning("rollout worker %d on node %s is gone: replacing it", w, node)
-            try:
-                self.group.replace(w)
-            except RuntimeError as start_error:
-                raise RuntimeError(f"rollout worker {w} on node {node} died and no replacement could start "
-                                   f"({start_error}); with rollout.autoscale=true the run goes on with the remaining "
-                                   "workers; --resume continues from the last checkpoint") from None
+            self._replace(w, f"rollout worker {w} on node {node}")
         return PoolChange([], dead)
+
+    def _replace(self, slot: int, where: str) -> None:
+        """A new worker in `slot`, or an error that names the lost worker and the way on."""
+        if self.restarts >= self.max_restarts:
+            raise RuntimeError(f"{where} died and the restart budget ({self.max_restarts}) is spent")
+        try:
+            self.group.replace(slot)
+        except RuntimeError as start_error:
+            raise RuntimeError(f"{where} died and no replacement could start ({start_error}); with "
+                               "rollout.autoscale=true the run goes on with the remaining workers; "
+                               "--resume continues from the last checkpoint") from None
 
     def room(self) -> int:
         """How many more workers the cluster's free resources fit now (autoscale), within
