@@ -66,9 +66,35 @@ class VersionMismatchError(SharedWeightsError):
     """The folder holds another version than the reader expected."""
 
 
+SHM_ROOT = Path("/dev/shm")
+OWNER_NAME = "owner.pid"  # the writer's process id: a folder whose writer is gone is an orphan
+
+
 def shm_dir(tag: str) -> Path:
     """The default folder for one run's weights: /dev/shm/realsr-r1-<tag>."""
-    return Path("/dev/shm") / f"realsr-r1-{tag}"
+    return SHM_ROOT / f"realsr-r1-{tag}"
+
+
+def remove_orphans(root: Path = SHM_ROOT) -> List[Path]:
+    """Delete the weight folders under `root` whose writer process no longer runs (a writer
+    killed before it could clean up, e.g. a learner actor of a run that was killed); /dev/shm is
+    memory, so a stale copy of the weights would hold RAM until reboot. Returns what was removed."""
+    import shutil
+
+    removed = []
+    for folder in root.glob("realsr-r1-*"):
+        try:
+            pid = int((folder / OWNER_NAME).read_text())
+        except (OSError, ValueError):
+            continue  # no owner recorded (not ours, or being created): leave it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except PermissionError:
+            pass  # alive, another user's
+    return removed
 
 
 def plan_offsets(metas: Sequence[TensorMeta]) -> Tuple[List[int], int]:
@@ -106,6 +132,7 @@ class SharedMemoryWeightWriter:
     def __init__(self, folder: os.PathLike | str):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / OWNER_NAME).write_text(str(os.getpid()))
         self.data_path: Optional[Path] = None  # the data file of the current layout (None before a write)
         self._layout: Optional[Tuple[List[int], int]] = None  # (offsets, total bytes) it holds
         self._flat: Optional[torch.Tensor] = None  # uint8 view of the whole mapped file
@@ -199,7 +226,8 @@ class SharedMemoryWeightWriter:
     def remove(self) -> None:
         """Delete the header, every data file and the folder (readers keep what they mapped)."""
         self._flat, self.data_path, self._layout, self._pending = None, None, None, None
-        for f in list(self.folder.glob("weights-*.bin")) + list(self.folder.glob(f"*{HEADER_NAME}*")):
+        for f in (list(self.folder.glob("weights-*.bin")) + list(self.folder.glob(f"*{HEADER_NAME}*"))
+                  + [self.folder / OWNER_NAME]):
             f.unlink(missing_ok=True)
         try:
             self.folder.rmdir()

@@ -11,6 +11,7 @@ transport the caller provides (`cluster.transport.WeightTransport` via a factory
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import ray
@@ -72,8 +73,9 @@ class LearnerActor:
         if make_transport is not None:
             self.transport = make_transport(local_host=self.place.ip)
         if shm_folder:
-            from cluster.shm_weights import SharedMemoryWeightWriter
+            from cluster.shm_weights import SharedMemoryWeightWriter, remove_orphans
 
+            remove_orphans(Path(shm_folder).parent)  # left by runs killed before they could clean up
             self.shm = SharedMemoryWeightWriter(shm_folder)
         return True
 

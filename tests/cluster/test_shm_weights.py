@@ -196,3 +196,24 @@ def test_one_walk_feeds_the_gloo_group_and_the_file(tmp_path):
     assert received.pop("version") == 6
     assert_same(received, weights)
     assert_same(read_clone(SharedMemoryWeightReader(tmp_path), 6)[1], weights)
+
+
+def test_folders_of_writers_that_are_gone_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from cluster.shm_weights import OWNER_NAME, SharedMemoryWeightWriter, remove_orphans
+
+    live = SharedMemoryWeightWriter(tmp_path / "realsr-r1-live")  # this process: alive
+    live.write([("w", (4,), "float32")], [torch.ones(4)], 1)
+    gone = tmp_path / "realsr-r1-gone"
+    SharedMemoryWeightWriter(gone).write([("w", (4,), "float32")], [torch.ones(4)], 1)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (gone / OWNER_NAME).write_text(str(dead.pid))  # as if written by a process that has exited
+    foreign = tmp_path / "realsr-r1-foreign"
+    foreign.mkdir()  # no owner recorded: not ours to judge
+    assert remove_orphans(tmp_path) == [gone]
+    assert not gone.exists() and (tmp_path / "realsr-r1-live" / "header.json").exists() and foreign.exists()
+    live.remove()
+    assert not (tmp_path / "realsr-r1-live").exists()
