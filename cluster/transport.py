@@ -80,6 +80,7 @@ class WeightTransport:
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.device = torch.device(device or ("cuda" if backend == "nccl" else "cpu"))
         self.spare: Optional[torch.UntypedStorage] = None  # a received bucket's buffer kept for the next receive
+        self._staging: Optional[torch.Tensor] = None  # the sender's bucket buffer, kept across sends
         timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
         if backend == "gloo":
@@ -126,7 +127,7 @@ class WeightTransport:
         buffer per bucket would fault in fresh pages every time (the allocator hands large
         blocks back to the OS), which costs more than the copy itself."""
         need = sum(p.numel() for p in parts)
-        st = getattr(self, "_staging", None)
+        st = self._staging
         if st is None or st.dtype != parts[0].dtype or st.device != parts[0].device or st.numel() < need:
             st = self._staging = torch.empty(need, dtype=parts[0].dtype, device=parts[0].device)
         return torch.cat(parts, out=st[:need])
@@ -200,7 +201,6 @@ class BucketStream:
         self._held.append(flat.untyped_storage())
         self.peak_live_buckets = max(self.peak_live_buckets, len(live))
         self.peak_live_bytes = max(self.peak_live_bytes, sum(st.nbytes() for st in live))
-        self.spare_bytes = sum(st.nbytes() for st in self._free())
 
     def __iter__(self) -> Iterator[Tuple[str, torch.Tensor]]:
         metas = self._metas

@@ -107,8 +107,7 @@ class NetworkSync(WeightSync):
         self.learner.leave_weight_group()
 
     def worker_replaced(self, slot: int, version: int) -> None:
-        self.connect()
-        self.sync(version)
+        self.workers_changed([slot], version)
 
     def workers_changed(self, added: List[int], version: int) -> None:
         """A formed group cannot take or lose a member: it is formed again over the workers there
