@@ -321,8 +321,6 @@ def validate(cfg: Config) -> None:
         _fail("rollout.group_size", f"{cfg.rollout.group_size}: advantage estimator {cfg.learner.grpo.advantage!r} "
               f"compares the samples of one prompt and needs >= {estimator.min_group_size} (with fewer, every "
               "advantage is exactly 0 and nothing is learned)")
-    if cfg.infer.engine == "vllm" and cfg.rollout.sampling.cfg_scale != 1.0:
-        _fail("infer.engine", "rollout.sampling.cfg_scale asks for classifier-free guidance, which only the hf engine runs")
     if cfg.infer.tile_overlap >= im.lr_size:
         _fail("infer.tile_overlap", f"must be smaller than the tile (image.lr_size {im.lr_size}), got {cfg.infer.tile_overlap}")
     t = cfg.trainer

@@ -24,14 +24,14 @@ class SamplingConfig:
     topk_max: int = 2000  # k = round(min + (max - min) * sigmoid(H - center)), H clipped to entropy_clip
     entropy_center: float = 5.0
     entropy_clip: List[float] = field(default_factory=lambda: [0.0, 10.0])
-    cfg_scale: float = 1.0  # classifier-free guidance on image codes (HF engine only); published 0.8
+    cfg_scale: float = 1.0  # classifier-free guidance on image codes (both engines); published 0.8
     max_new_tokens: int = 0  # 0 = the three image spans + text_budget
     text_budget: int = 384  # text tokens allowed on top of the image spans when max_new_tokens = 0
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "vllm"  # vllm (production) | hf (reference; classifier-free guidance)
+    engine: str = "vllm"  # vllm (production) | hf (the reference)
     group_size: int = 5  # G samples per prompt (released: 5)
     num_workers: int = 1
     gpus_per_worker: float = 0.0
@@ -57,9 +57,6 @@ def problems(cfg: RolloutConfig, prefix: str = "rollout") -> List[Tuple[str, str
         out.append((f"{prefix}.engine", f"{cfg.engine!r} not in {list(ENGINES)}"))
     if s.cfg_scale < 0:
         out.append((f"{prefix}.sampling.cfg_scale", f"must be >= 0 (1.0 = no guidance), got {s.cfg_scale}"))
-    elif cfg.engine == "vllm" and s.cfg_scale != 1.0:
-        out.append((f"{prefix}.sampling.cfg_scale", "classifier-free guidance needs a second, unconditional forward "
-                    "per image token, which vLLM's sampler cannot run: use rollout.engine=hf or cfg_scale=1.0"))
     if cfg.group_size < 1 or cfg.num_workers < 1 or cfg.tensor_parallel_size < 1:
         out.append((prefix, "group_size, num_workers and tensor_parallel_size must be >= 1"))
     if s.temperature < 0 or s.image_temperature <= 0:

@@ -44,6 +44,12 @@ class Throughput:
     seconds: float = 0.0
     calls: int = 0
     last_tokens_per_s: float = 0.0
+    cfg_twins: int = 0  # classifier-free guidance: unconditional branches started (one per sample and image)
+    cfg_unguided_codes: int = 0  # image codes drawn without their unconditional branch (vLLM: twin out of step)
+
+    def add_guidance(self, twins: int, unguided_codes: int) -> None:
+        self.cfg_twins += twins
+        self.cfg_unguided_codes += unguided_codes
 
     def add(self, tokens: int, seconds: float) -> None:
         self.tokens += tokens
@@ -53,7 +59,8 @@ class Throughput:
 
     def as_dict(self) -> Dict[str, float]:
         return {"tokens": float(self.tokens), "seconds": self.seconds, "calls": float(self.calls),
-                "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "last_tokens_per_s": self.last_tokens_per_s}
+                "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "last_tokens_per_s": self.last_tokens_per_s,
+                "cfg_twins": float(self.cfg_twins), "cfg_unguided_codes": float(self.cfg_unguided_codes)}
 
 
 class RolloutEngine(ABC):

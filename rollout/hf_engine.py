@@ -4,7 +4,8 @@ classifier-free guidance.
 Each prompt's G samples decode together (same prompt, no padding) with a KV cache. With
 `cfg_scale != 1`, image-code logits become uncond + s * (cond - uncond) (s = 0.8 gives the
 published 0.8 cond + 0.2 uncond), where the unconditional branch sees only the tokens since
-the current image start (its own KV cache per sample, restarted at every image).
+the current image start (its own KV cache per sample, restarted at every image; a prompt that
+ends inside an image span starts it from that span's tokens).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from rollout.config import RolloutConfig
 from rollout.engine import RolloutEngine, Sample
-from rollout.rules import Masks, SpanRules, constrain_row, initial_state
+from rollout.rules import Masks, SpanRules, constrain_row, initial_state, open_span, sample_row
 
 
 class HFEngine(RolloutEngine):
@@ -57,9 +58,9 @@ class HFEngine(RolloutEngine):
             out.append(logp.gather(-1, ids[0, 1:, None]).squeeze(-1).tolist())
         return out
 
-    def _uncond_logits(self, token: int, state: dict) -> torch.Tensor:
-        """Advance one sample's unconditional branch by `token`; returns its next logits."""
-        out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=state.get("cache"),
+    def _uncond_logits(self, tokens: List[int], state: dict) -> torch.Tensor:
+        """Advance one sample's unconditional branch by `tokens`; returns its next logits."""
+        out = self.model(input_ids=torch.tensor([tokens], device=self.device), past_key_values=state.get("cache"),
                          use_cache=True)
         state["cache"] = out.past_key_values
         return out.logits[0, -1].float()
@@ -81,7 +82,9 @@ class HFEngine(RolloutEngine):
         cache, logits = out.past_key_values, out.logits[:, -1].float()
         states = [initial_state(prompt, self.rules) for _ in range(n)]
         uncond: List[dict] = [{} for _ in range(n)]
-        uncond_logits: List[Optional[torch.Tensor]] = [None] * n
+        tail = open_span(prompt, states[0]) if cfg_on else []
+        uncond_logits: List[Optional[torch.Tensor]] = [self._uncond_logits(tail, u) if tail else None for u in uncond]
+        self.throughput.add_guidance(n if tail else 0, 0)
         tokens: List[List[int]] = [[] for _ in range(n)]
         logps: List[List[float]] = [[] for _ in range(n)]
         done = [False] * n
@@ -97,23 +100,16 @@ class HFEngine(RolloutEngine):
                 if cfg_on and uncond_logits[i] is not None and states[i].next_kind(self.rules)[0] == "codes":
                     guided = uncond_logits[i] + s.cfg_scale * (logits[i] - uncond_logits[i])
                 constrain_row(row, states[i], self.rules, self.masks, guided)
-                if greedy:
-                    tok = int(torch.argmax(row))
-                else:
-                    tok = self._sample(row, gen)
+                tok = sample_row(row, 0.0 if greedy else s.temperature, s.top_p, gen)
                 nxt[i] = tok
                 tokens[i].append(tok)
                 logps[i].append(float(raw_logp[i, tok]))
-                was_codes_or_grid = states[i].mode != "text"
                 states[i].feed(tok, self.rules)
                 if cfg_on:
-                    if tok == self.rules.image_start:
+                    if states[i].span_len == 1:  # an image starts: a fresh unconditional context
                         uncond[i] = {}
-                        uncond_logits[i] = self._uncond_logits(tok, uncond[i])
-                    elif was_codes_or_grid and states[i].mode != "text":
-                        uncond_logits[i] = self._uncond_logits(tok, uncond[i])
-                    else:
-                        uncond_logits[i] = None
+                        self.throughput.add_guidance(1, 0)
+                    uncond_logits[i] = self._uncond_logits([tok], uncond[i]) if states[i].span_len else None
                 if tok == self.end_token_id:
                     done[i], reason[i] = True, "stop"
             if all(done):
@@ -121,14 +117,3 @@ class HFEngine(RolloutEngine):
             out = self.model(input_ids=nxt[:, None].to(self.device), past_key_values=cache, use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1].float()
         return [Sample(0, i, tokens[i], logps[i], reason[i], self.version) for i in range(n)]
-
-    def _sample(self, row: torch.Tensor, gen: torch.Generator) -> int:
-        s = self.cfg.sampling
-        scaled = row / s.temperature
-        probs = torch.softmax(scaled, dim=-1)
-        if s.top_p < 1.0:
-            sp, si = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sp, 0) - sp < s.top_p
-            probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
-            probs = probs / probs.sum()
-        return int(torch.multinomial(probs.cpu(), 1, generator=gen))

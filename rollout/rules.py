@@ -10,8 +10,9 @@ A per-sequence state machine over generated tokens decides what may come next:
               k = round(k_min + (k_max - k_min) * sigmoid(clip(H) - center))
     newline after every `w` codes; image_end after the last row; back to text.
 
-`constrain_row` applies the state to one row of logits in place. The vLLM logits processor
-and the HF engine both call it, so the two engines follow the same rules.
+`constrain_row` applies the state to one row of logits in place; `constrain_codes` applies
+the code rules to many rows at once. The vLLM logits processor and the HF engine both call
+them, so the two engines follow the same rules; `draw` is how either picks a guided code.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -104,6 +105,7 @@ class Masks:
         inner[rules.text_vocab_size:] = True
         inner[rules.image_start] = False
         self.code = code.to(device)
+        self.code_ids = torch.nonzero(code).squeeze(-1).to(device)  # the token id of each code column
         self.not_code = (~code).to(device)
         self.text_blocked = inner.to(device)  # never in text
         start = torch.zeros(v, dtype=torch.bool)
@@ -122,13 +124,15 @@ class SpanState:
     row: int = 0
     col: int = 0
     consumed: int = 0  # tokens fed so far
+    span_len: int = 0  # tokens of the open image span so far, image_start included (0 in text)
 
     def feed(self, token: int, rules: SpanRules) -> None:
         self.consumed += 1
         if self.mode == "text":
             if token == rules.image_start:
-                self.mode = "grid_h"
+                self.mode, self.span_len = "grid_h", 1
             return
+        self.span_len += 1
         if self.mode == "grid_h":
             self.h = (token - rules.grid_base) * rules.codes_per_patch
             self.mode = "grid_w"
@@ -144,7 +148,7 @@ class SpanState:
             else:
                 self.row, self.col = self.row + 1, 0
         else:
-            self.mode = "text"
+            self.mode, self.span_len = "text", 0
             self.images += 1
 
     def next_kind(self, rules: SpanRules) -> Tuple[str, Optional[int]]:
@@ -177,6 +181,56 @@ def initial_state(prompt: Sequence[int], rules: SpanRules) -> SpanState:
     return state
 
 
+def open_span(tokens: Sequence[int], state: SpanState) -> List[int]:
+    """The tokens of the image span that `state` (fed with `tokens`, or with the prompt's tail)
+    is inside, image_start first: the context of classifier-free guidance's unconditional
+    branch. Empty in text."""
+    return [int(t) for t in tokens[len(tokens) - state.span_len:]] if state.span_len else []
+
+
+def draw(values: torch.Tensor, ids: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
+         generators: Sequence[Optional[torch.Generator]]) -> List[int]:
+    """One token per row from candidate logits `values` [R, K] (-inf = not allowed) naming the
+    tokens `ids` [R, K]: the argmax where the temperature is 0, else a draw from
+    softmax(values / temperature) within the top-p nucleus, by inverse CDF with one uniform
+    number from the row's own generator. All rows in one pass."""
+    tokens = ids.gather(1, torch.argmax(values, dim=-1, keepdim=True))[:, 0].tolist()
+    drawn = [j for j, t in enumerate(temperature) if t > 0]
+    if not drawn:
+        return [int(t) for t in tokens]
+    rows = torch.tensor(drawn, device=values.device)
+    values, ids = values[rows], ids[rows]
+    temps = torch.tensor([temperature[j] for j in drawn], device=values.device, dtype=torch.float64)[:, None]
+    probs = torch.softmax(values.double() / temps, dim=-1)
+    nucleus = torch.tensor([top_p[j] for j in drawn], device=values.device, dtype=torch.float64)[:, None]
+    if bool((nucleus < 1.0).any()):  # the smallest set of the most likely tokens whose mass reaches top_p
+        sp, si = torch.sort(probs, dim=-1, descending=True)
+        sp = sp.masked_fill(torch.cumsum(sp, -1) - sp >= nucleus, 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, si, sp)
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.tensor([float(torch.rand(1, generator=generators[j], dtype=torch.float64)) for j in drawn],
+                     dtype=torch.float64).to(values.device)[:, None] * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=ids.shape[-1] - 1)
+    for j, t in zip(drawn, ids.gather(1, picked)[:, 0].tolist()):
+        tokens[j] = t
+    return [int(t) for t in tokens]
+
+
+def sample_row(row: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> int:
+    """`draw` from one constrained row of logits [V]; its allowed (finite) tokens are the
+    candidates."""
+    allowed = torch.nonzero(torch.isfinite(row)).squeeze(-1)
+    return draw(row[allowed][None], allowed[None], [temperature], [top_p], [generator])[0]
+
+
+def force_row(row: torch.Tensor, token: int) -> torch.Tensor:
+    """Only `token` stays possible (any sampler, greedy or not, then takes it)."""
+    keep = row[token].clone()
+    row.fill_(NEG)
+    row[token] = keep if torch.isfinite(keep) else 0.0
+    return row
+
+
 def adaptive_k(entropy: float, rules: SpanRules) -> int:
     h = min(max(entropy, rules.entropy_lo), rules.entropy_hi)
     return int(round(rules.topk_min + (rules.topk_max - rules.topk_min) / (1.0 + math.exp(-(h - rules.entropy_center)))))
@@ -188,29 +242,35 @@ def constrain_row(row: torch.Tensor, state: SpanState, rules: SpanRules, masks: 
     given, replaces the image-code logits (classifier-free guidance) before top-k."""
     kind, token = state.next_kind(rules)
     if kind == "force":
-        keep = row[token].clone()
-        row.fill_(NEG)
-        row[token] = keep if torch.isfinite(keep) else 0.0
-        return row
+        return force_row(row, token)
     if kind == "text":
         blocked = masks.text_blocked if state.images < len(rules.stage_grids) else masks.text_blocked_no_image
         row.masked_fill_(blocked, NEG)
         if rules.text_greedy:  # only the best allowed token survives: any sampler then takes it
-            best = int(torch.argmax(row))
-            keep = row[best].clone()
-            row.fill_(NEG)
-            row[best] = keep
+            force_row(row, int(torch.argmax(row)))
         return row
-    if guided is not None:
-        row.copy_(torch.where(masks.code, guided, row))
-    row.masked_fill_(masks.not_code, NEG)
-    if rules.image_logit_scale != 1.0:
-        row.mul_(rules.image_logit_scale)
-    codes = row[masks.code]
-    logp = torch.log_softmax(codes.float(), dim=-1)
-    entropy = float(-(logp.exp() * logp).sum())
-    k = min(adaptive_k(entropy, rules), codes.numel())
-    if k < codes.numel():
-        kth = torch.topk(codes, k).values[-1]
-        row.masked_fill_(row < kth, NEG)
+    constrain_codes(row.unsqueeze(0), rules, masks, None if guided is None else guided.unsqueeze(0))
     return row
+
+
+def constrain_codes(rows: torch.Tensor, rules: SpanRules, masks: Masks,
+                    guided: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows of logits [R, V] whose next token is an image code, in place: codes only, the image
+    temperature, then each row's entropy-adaptive top-k. `guided` [R, V], when given, replaces
+    the image-code logits first (classifier-free guidance). One pass for all rows: the vLLM
+    processor hands it every code row of a step at once. Returns each row's kept codes as
+    `draw` candidates: logits [R, K] (-inf past the row's k) and token ids [R, K]."""
+    if guided is not None:
+        rows.copy_(torch.where(masks.code, guided, rows))
+    rows.masked_fill_(masks.not_code, NEG)
+    if rules.image_logit_scale != 1.0:
+        rows.mul_(rules.image_logit_scale)
+    codes = rows[:, masks.code]
+    logp = torch.log_softmax(codes.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    n = codes.shape[-1]
+    ks = torch.tensor([min(adaptive_k(h, rules), n) for h in entropy.tolist()], device=rows.device)[:, None]
+    top, where = torch.topk(codes, int(ks.max()), dim=-1)  # each row's k largest are its first k
+    kth = top.gather(1, ks - 1)
+    rows.masked_fill_(rows < kth, NEG)  # codes tied with the k-th all stay (in the candidates: up to max k)
+    return top.masked_fill(top < kth, NEG), masks.code_ids[where]

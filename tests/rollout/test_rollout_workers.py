@@ -11,7 +11,6 @@ from cluster.transport import WeightTransport, free_port
 from rollout.config import RolloutConfig
 from rollout.engine import PromptError
 from rollout.worker import RolloutWorker
-from vlcot.trace import build_prompt
 
 pytestmark = pytest.mark.slow
 G = 3
@@ -33,21 +32,6 @@ def workers(ray_local, policy_dir, tiny_cfg):
     ws = {e: RolloutWorker.options(num_cpus=1).remote(rollout_cfg(e), policy_dir, tiny_cfg.image) for e in ("vllm", "hf")}
     ray.get([w.ready.remote() for w in ws.values()])
     return ws
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny_policy):
-    """Prompts that continue a partial trace, each ending where one stage's image opens."""
-    from tests.rewards.helpers import make_trace
-    from vlcot.trace import serialise_response
-
-    codec, lay = tiny_policy.codec, tiny_policy.layout
-    base = build_prompt(np.random.default_rng(0).integers(0, 16384, (16, 16)), codec, lay)
-    full = serialise_response(make_trace(), codec, lay)
-    starts = [i for i, t in enumerate(full) if t == lay.image_start]
-    out = {stage: base + full[: starts[k] + 1] for k, stage in enumerate(("rough_image", "middle_image", "final_image"))}
-    out["base"] = base
-    return out
 
 
 def first_span(tokens, layout):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rollout.config import RolloutConfig, SamplingConfig, problems
-from rollout.rules import Masks, SpanRules, SpanState, adaptive_k, constrain_row, initial_state
+from rollout.rules import (Masks, SpanRules, SpanState, adaptive_k, constrain_codes, constrain_row, draw,
+                           initial_state, open_span, sample_row)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,54 @@ def test_topk_keeps_k_codes(rules, tiny_policy):
     assert torch.isfinite(flat).sum().item() == 16384  # ties at the k-th value all survive
 
 
+def test_code_rows_in_one_pass_equal_one_row_at_a_time(rules, tiny_policy):
+    """The vLLM processor constrains every code row of a step at once; the HF engine one row
+    at a time. Rows of very different entropies (so different k) must come out the same, and
+    the candidates `draw` gets are exactly each row's kept codes."""
+    masks = Masks(rules, "cpu")
+    g = torch.Generator().manual_seed(3)
+    raw = torch.randn(4, rules.vocab_size, generator=g) * torch.tensor([[0.1], [1.0], [4.0], [12.0]])
+    guided = torch.randn(4, rules.vocab_size, generator=g)
+    block = raw.clone()
+    top, ids = constrain_codes(block, rules, masks, guided)
+    kept = []
+    for r in range(4):
+        one = constrain_row(raw[r].clone(), SpanState(mode="codes", h=4, w=4), rules, masks, guided[r])
+        assert torch.equal(one, block[r])
+        kept.append(int(torch.isfinite(one).sum()))
+        finite = torch.isfinite(top[r])
+        assert set(ids[r][finite].tolist()) == set(torch.nonzero(torch.isfinite(one)).squeeze(-1).tolist())
+        assert torch.equal(top[r][finite], one[ids[r][finite]])
+    assert len(set(kept)) > 1  # the rows really had different k
+
+
+def test_draw_greedy_nucleus_and_frequencies():
+    ids = torch.tensor([[7, 3, 9, 1]])
+    values = torch.tensor([[2.0, 1.0, 0.0, float("-inf")]])
+    gen = torch.Generator().manual_seed(0)
+    assert draw(values, ids, [0.0], [1.0], [gen]) == [7]
+    assert {draw(values, ids, [1.0], [0.5], [gen])[0] for _ in range(50)} == {7}  # p(7) = 0.67 >= 0.5 alone
+    counts = {t: 0 for t in (7, 3, 9, 1)}
+    for _ in range(3000):
+        counts[draw(values, ids, [1.0], [1.0], [gen])[0]] += 1
+    expected = torch.softmax(values[0, :3], -1).tolist()
+    assert counts[1] == 0  # never a forbidden token
+    for t, p in zip((7, 3, 9), expected):
+        assert abs(counts[t] / 3000 - p) < 0.03, (counts, expected)
+    row = torch.full((20,), float("-inf"))
+    row[[4, 11]] = torch.tensor([0.0, 0.0])
+    assert {sample_row(row, 1.0, 1.0, gen) for _ in range(40)} == {4, 11}
+
+
+def test_open_span_is_the_unconditional_context(rules, tiny_policy):
+    lay = tiny_policy.layout
+    lr = [lay.image_start, 643, 643] + [lay.image_code_ids[0]] * 4 + [lay.image_end]
+    tail = [lay.image_start, rules.grid_base + 1]
+    state = initial_state([1] + lr + [50] + tail, rules)
+    assert state.span_len == 2 and open_span([1] + lr + [50] + tail, state) == tail
+    assert open_span([1] + lr + [50], initial_state([1] + lr + [50], rules)) == []  # in text: none
+
+
 def test_forced_tokens_and_initial_state(rules, tiny_policy):
     lay = tiny_policy.layout
     masks = Masks(rules, "cpu")
@@ -79,24 +128,25 @@ def test_forced_tokens_and_initial_state(rules, tiny_policy):
     assert int(torch.argmax(row)) == lay.grid_base + 1 and torch.isfinite(row).sum() == 1
 
 
-def test_config_rejects_cfg_with_vllm():
-    cfg = RolloutConfig(engine="vllm")
-    cfg.sampling.cfg_scale = 0.8
-    assert any("cfg_scale" in k for k, _ in problems(cfg))
-    cfg.engine = "hf"
-    assert problems(cfg) == []
+def test_config_accepts_cfg_on_both_engines_and_refuses_a_negative_scale():
+    for engine in ("vllm", "hf"):
+        cfg = RolloutConfig(engine=engine)
+        cfg.sampling.cfg_scale = 0.8
+        assert problems(cfg) == []
+        cfg.sampling.cfg_scale = -0.1
+        assert [k for k, _ in problems(cfg)] == ["rollout.sampling.cfg_scale"]
 
 
 def test_vllm_processor_refuses_async_scheduling_placeholders(rules, tiny_policy):
     """vLLM's async scheduling can show -1 placeholders among a request's output tokens; the
     span state machine would read one as a token, so the processor stops with the cause."""
     pytest.importorskip("vllm")
-    from rollout.vllm_engine import VLCoTLogitsProcessor
+    from rollout.vllm_processor import RuledRow, VLCoTLogitsProcessor
 
     proc = VLCoTLogitsProcessor(None, torch.device("cpu"), False)
     layout = tiny_policy.layout
     outputs = [layout.image_start, rules.grid_base + 1]
-    proc.active[0] = (rules, Masks(rules, "cpu"), SpanState(), outputs)
+    proc.rows[0] = RuledRow(rules, Masks(rules, "cpu"), SpanState(), outputs)
     logits = torch.zeros(1, rules.vocab_size)
     proc.apply(logits)  # real tokens: the state advances to the width grid token, which is forced
     assert torch.isfinite(logits[0]).sum() == 1 and torch.isfinite(logits[0, rules.grid_base + 1])

@@ -1,0 +1,86 @@
+"""Classifier-free guidance in both engines (Ray rollout workers on CPU, the tiny random
+policy): the vLLM engine's twins against the HF engine's unconditional caches."""
+
+import pytest
+import ray
+
+from rollout.worker import RolloutWorker
+from tests.rollout.test_rollout_workers import LOGPROB_TOL, first_span, rollout_cfg, text_before_first_image
+
+pytestmark = pytest.mark.slow
+SCALES = (0.8, 3.0)
+
+
+def guided_worker(engine, scale, policy_dir, tiny_cfg, text_greedy=False):
+    cfg = rollout_cfg(engine)
+    cfg.sampling.cfg_scale = scale
+    cfg.sampling.text_greedy = text_greedy
+    return RolloutWorker.options(num_cpus=1).remote(cfg, policy_dir, tiny_cfg.image)
+
+
+@pytest.fixture(scope="module")
+def greedy_runs(ray_local, policy_dir, tiny_cfg, prompts):
+    """Greedy generations of every engine at every scale, on prompts that open each stage's
+    image and on one that starts the response (its text may or may not open an image)."""
+    batch = [prompts["rough_image"], prompts["middle_image"], prompts["final_image"], prompts["base"]]
+    runs = {}
+    for engine in ("vllm", "hf"):
+        for scale in SCALES:
+            w = guided_worker(engine, scale, policy_dir, tiny_cfg)
+            try:
+                res = ray.get(w.generate.remote(batch, 2, 7, True))
+                runs[engine, scale] = (res, ray.get(w.throughput.remote()))
+            finally:
+                ray.kill(w)
+    return runs
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_greedy_guided_codes_and_logprobs_match_between_engines(greedy_runs, scale, tiny_policy):
+    (vres, vstats), (hres, hstats) = greedy_runs["vllm", scale], greedy_runs["hf", scale]
+    lay = tiny_policy.layout
+    for v, h in zip(vres, hres):
+        assert isinstance(v, list) and len(v) == len(h) == 2
+        for sv, sh in zip(v, h):
+            assert sv.token_ids == sh.token_ids
+            assert max(abs(a - b) for a, b in zip(sv.logprobs, sh.logprobs)) < LOGPROB_TOL
+            assert len(sv.logprobs) == len(sv.token_ids)
+    # every sample opened at least the image its prompt ends in: one unconditional branch per
+    # sample and image, the same count in both engines, and none of vLLM's codes unguided
+    images = sum(sum(t == lay.image_start for t in s.token_ids) + 1 for r in vres[:3] for s in r) \
+        + sum(sum(t == lay.image_start for t in s.token_ids) for s in vres[3])
+    assert vstats["cfg_twins"] == hstats["cfg_twins"] == images
+    assert vstats["cfg_unguided_codes"] == 0
+
+
+def test_the_scale_changes_the_codes(greedy_runs, tiny_policy):
+    """The control for the parity test: guidance is not a no-op, so two scales disagree."""
+    lay = tiny_policy.layout
+    spans = {scale: [tuple(first_span(s.token_ids, lay)) for r in greedy_runs["vllm", scale][0][:3] for s in r]
+             for scale in SCALES}
+    assert spans[0.8] != spans[3.0]
+
+
+def test_sampled_guided_run_gives_valid_images_g_samples_and_greedy_text(ray_local, policy_dir, tiny_cfg,
+                                                                        tiny_policy, prompts):
+    """The published decoding in vLLM: CFG on sampled image codes, greedy text. Each prompt
+    gets exactly G samples (twins are never returned), every stage's image is well formed,
+    the text is one per group and the images differ."""
+    lay = tiny_policy.layout
+    w = guided_worker("vllm", 0.8, policy_dir, tiny_cfg, text_greedy=True)
+    try:
+        batch = [prompts["base"], prompts["rough_image"], prompts["middle_image"], prompts["final_image"]]
+        res = ray.get(w.generate.remote(batch, None, 5))
+        stats = ray.get(w.throughput.remote())
+    finally:
+        ray.kill(w)
+    g = rollout_cfg("vllm").group_size
+    for r in res:
+        assert isinstance(r, list) and sorted(s.sample_index for s in r) == list(range(g))
+    texts = [text_before_first_image(s.token_ids, lay) for s in res[0]]
+    assert texts[0] and all(t == texts[0] for t in texts)
+    for r in res[1:]:
+        spans = [first_span(s.token_ids, lay) for s in r]
+        assert all(lay.parse_image_span(sp)[1] == "" for sp in spans), [lay.parse_image_span(sp)[1] for sp in spans]
+        assert len({tuple(sp) for sp in spans}) > 1
+    assert stats["cfg_twins"] >= 3 * g and stats["cfg_unguided_codes"] == 0
