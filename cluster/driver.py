@@ -24,7 +24,7 @@ import numpy as np
 
 from cluster.config import Config, flatten, to_yaml
 from cluster.envs import runtime_env_for_iqa
-from cluster.jobs import cold_start_sft, ensure_data, ensure_policy_dir, ensure_vq_dir, required_cpus, start_ray
+from cluster.jobs import cold_start_sft, ensure_policy_dir, ensure_vq_dir, manifest_for, required_cpus, start_ray
 from cluster.metrics import step_metrics, step_line
 from cluster.reward_pool import RewardPool
 from cluster.rollout_pool import RolloutBatch, RolloutPool
@@ -98,6 +98,7 @@ class GRPOTrainer:
         self.progress = progress
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.sft_examples = 0  # cold-start SFT traces trained on in this run (0: no in-run SFT)
 
     def learner_config(self):
         """The learner's configuration for this run (the caller's config is left as it is):
@@ -114,9 +115,10 @@ class GRPOTrainer:
         from vlcot.vq import VQTokenizer
 
         cfg = self.cfg
-        self.records = read_manifest(ensure_data(cfg))
+        self.manifest = manifest_for(cfg, "rl")
+        self.records = read_manifest(self.manifest)
         if not self.records:
-            raise RuntimeError("the manifest is empty: nothing to train on")
+            raise RuntimeError(f"the GRPO manifest {self.manifest} is empty: nothing to train on")
         self.policy_dir = ensure_policy_dir(cfg)
         self.vq_dir = ensure_vq_dir(cfg)
         self.vq = VQTokenizer.load(self.vq_dir)
@@ -173,11 +175,14 @@ class GRPOTrainer:
             if (i + 1) % cfg.learner.sft.log_every == 0:
                 print(f"sft {i + 1}/{cfg.learner.sft.steps}: loss {m['loss/sft']:.4f}")
 
-        result = cold_start_sft(self.learner, self.records, self.vq, self.meta, cfg, on_step)
+        manifest = manifest_for(cfg, "sft")
+        records = self.records if manifest == self.manifest else read_manifest(manifest)
+        result = cold_start_sft(self.learner, records, self.vq, self.meta, cfg, on_step)
+        self.sft_examples = result.examples
         hist = result.history
         self.learner.set_lr(cfg.learner.lr)
         self.learner.save_policy(str(self.run_dir / SFT_POLICY))
-        print(f"cold-start SFT: {len(hist)} steps on {result.examples} traces, loss {hist[0]['loss/sft']:.3f} -> "
+        print(f"cold-start SFT: {len(hist)} steps on {result.examples} traces of {manifest}, loss {hist[0]['loss/sft']:.3f} -> "
               f"{hist[-1]['loss/sft']:.3f} in {time.perf_counter() - t0:.0f}s; policy in {self.run_dir / SFT_POLICY}")
 
     def _reference_is_sft(self) -> None:
@@ -395,7 +400,8 @@ class GRPOTrainer:
             except RayActorError:
                 versions.append(None)
         return {"actor_nodes": self.actor_nodes(), "learner_version": version, "rollout_versions": versions,
-                "rollout_workers_lost": self.rollout.lost}
+                "rollout_workers_lost": self.rollout.lost, "rl_manifest": str(self.manifest),
+                "rl_records": len(self.records), "sft_examples": self.sft_examples}
 
     def _summary(self, wall_s: float) -> Dict[str, Any]:
         h = self.reward_history

@@ -24,6 +24,22 @@ def ensure_data(cfg: Config) -> Path:
     return manifest
 
 
+MANIFEST_ROLES = {"sft": "data.sft_manifest", "rl": "data.rl_manifest"}
+
+
+def manifest_for(cfg: Config, role: str) -> Path:
+    """The manifest of one training set: `data.sft_manifest` (cold-start SFT) or
+    `data.rl_manifest` (GRPO prompts) when set, else the manifest `ensure_data` gives."""
+    key = MANIFEST_ROLES[role]
+    path = getattr(cfg.data, key.split(".")[1])
+    if not path:
+        return ensure_data(cfg)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{key} {path} is not a file: give a manifest that `realsr-r1 prepare-data` wrote "
+                                f"(data.manifest / data.output_dir), or leave {key} empty to use data.manifest")
+    return Path(path)
+
+
 def ensure_policy_dir(cfg: Config) -> Path:
     """The starting policy as an HF-layout directory every actor can load: the configured
     checkpoint, or the tiny policy built from config once and saved under run_dir."""
@@ -116,7 +132,7 @@ def run_sft_job(cfg: Config, out_dir: Optional[Path] = None, progress: bool = Tr
     from vlcot.policy import load_policy_meta
     from vlcot.vq import VQTokenizer
 
-    manifest = ensure_data(cfg)
+    manifest = manifest_for(cfg, "sft")
     policy_dir = ensure_policy_dir(cfg)
     vq = VQTokenizer.load(ensure_vq_dir(cfg))
     meta = load_policy_meta(policy_dir, cfg.policy, cfg.image, cfg.vq)  # no weights: only the format is needed here

@@ -193,6 +193,13 @@ class DataConfig:
     input_dir: str = ""  # folder of HQ images; empty = the built-in sample set
     output_dir: str = "runs/data"
     manifest: str = ""  # default: <output_dir>/manifest.jsonl
+    # the cold-start SFT set and the GRPO prompt set (empty = the manifest). The paper trains RL
+    # on a separate, smaller set (about 500 images) than SFT; both are manifests prepare-data wrote.
+    sft_manifest: str = ""
+    rl_manifest: str = ""
+    # a missing caption or tag stops prepare-data (naming the images) instead of being counted
+    # and warned about: SFT would teach "A photograph." and the understanding reward would be 0
+    require_annotations: bool = False
     min_side: int = 128  # smaller HQ images are skipped (counted, with the reason)
     max_pixels: int = 80_000_000  # larger images are skipped before decoding (PIL's bomb guard is ~89M)
     variants_per_image: int = 1  # degraded LR copies per HQ image (different seeds)

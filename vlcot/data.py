@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from vlcot.config import DataConfig, DegradationConfig, ImageConfig
 from vlcot.degradation import degrade, label_degradation
+from vlcot.examples import FALLBACK_CAPTION
 from vlcot.images import IMAGE_SUFFIXES, open_image, to_rgb
 from vlcot.text_tokenizer import ANNOTATIONS
 from vlcot.trace import degradation_text
@@ -56,6 +57,8 @@ class Summary:
     converted: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     annotation_problems: Counter = field(default_factory=Counter)
+    missing_captions: int = 0  # usable images without captions (SFT writes the fallback caption)
+    missing_tags: int = 0  # usable images without tags (their understanding reward is 0)
     labels: List[Counter] = field(default_factory=lambda: [Counter() for _ in range(5)])
     manifest: str = ""
 
@@ -67,6 +70,8 @@ class Summary:
             "converted": dict(self.converted),
             "skipped": dict(self.skipped),
             "annotation_problems": dict(self.annotation_problems),
+            "missing_captions": self.missing_captions,
+            "missing_tags": self.missing_tags,
             "labels": [dict(c) for c in self.labels],
             "manifest": self.manifest,
         }
@@ -81,11 +86,38 @@ class Summary:
             if counter:
                 lines.append(f"  {title}: {sum(counter.values())}")
                 lines += [f"    {n} x {reason}" for reason, n in counter.most_common()]
+        lines += [f"  WARNING: {w}" for w in self.annotation_warnings()]
         slots = ("blur", "resize", "noise", "compression", "final resize")
         for slot, c in zip(slots, self.labels):
             if c:
                 lines.append(f"  labels/{slot}: " + ", ".join(f"{w} {n}" for w, n in sorted(c.items())))
         return "\n".join(lines)
+
+
+    def annotation_warnings(self) -> List[str]:
+        out = []
+        if self.missing_captions:
+            out.append(f"{self.missing_captions} of {self.images_ok} images have no captions: cold-start SFT "
+                       f"writes {FALLBACK_CAPTION!r} for each of their three understanding texts")
+        if self.missing_tags:
+            out.append(f"{self.missing_tags} of {self.images_ok} images have no tags: their understanding reward "
+                       "is 0 for every sample")
+        if out:
+            out.append("add a <stem>.json sidecar beside each image (docs/vlcot.md), or set "
+                       "data.require_annotations=true to stop on the first missing one")
+        return out
+
+
+def missing_annotation(annotation: Optional[Dict[str, Any]]) -> List[str]:
+    """What an image's annotation lacks: "captions" and/or "tags"."""
+    ann = annotation or {}
+    caps = ann.get("captions") or {}
+    out = []
+    if not all(isinstance(caps.get(k), str) and caps[k].strip() for k in ("x4", "x2", "x1")):
+        out.append("captions")
+    if not ann.get("tags"):
+        out.append("tags")
+    return out
 
 
 # ---- sources ------------------------------------------------------------------------------
@@ -193,6 +225,8 @@ def prepare(candidates, out_dir: Path, image: ImageConfig, degradation: Degradat
     records: List[Dict[str, Any]] = []
     skipped: List[Dict[str, str]] = []
     cands = list(candidates)
+    if data.require_annotations:
+        _require_annotations(cands)
     for cand in tqdm(cands, desc="prepare-data", unit="img", disable=not progress):
         summary.seen += 1
         img, why, note = _load(cand, data)
@@ -215,6 +249,9 @@ def prepare(candidates, out_dir: Path, image: ImageConfig, degradation: Degradat
         hr.save(out_dir / hr_rel)
         hr_arr = np.asarray(hr, dtype=np.uint8)
         ann = cand.annotation or {}
+        lacks = missing_annotation(ann)
+        summary.missing_captions += "captions" in lacks
+        summary.missing_tags += "tags" in lacks
         for v in range(data.variants_per_image):
             seed = sample_seed(data.seed, cand.id, v)
             lr, params = degrade(hr_arr, lr_hw, degradation, seed)
@@ -237,10 +274,26 @@ def prepare(candidates, out_dir: Path, image: ImageConfig, degradation: Degradat
                 "notes": notes,
             })
             summary.samples += 1
+    for warning in summary.annotation_warnings():
+        log.warning("prepare-data: %s", warning)
     _write_jsonl(manifest, records)
     _write_jsonl(out_dir / "skipped.jsonl", skipped)
     (out_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
+
+
+def _require_annotations(cands: List[Candidate]) -> None:
+    """`data.require_annotations`: stop before any work, naming the images that lack captions
+    or tags (or whose sidecar is unreadable)."""
+    bad = []
+    for cand in cands:
+        lacks = missing_annotation(cand.annotation)
+        if cand.annotation_error or lacks:
+            bad.append(f"{cand.source}: {cand.annotation_error or 'no ' + ' and no '.join(lacks)}")
+    if bad:
+        shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ValueError(f"data.require_annotations is set and {len(bad)} of {len(cands)} images lack captions or "
+                         f"tags (a <stem>.json sidecar beside each image, docs/vlcot.md):\n  {shown}")
 
 
 def _reason_key(reason: str) -> str:

@@ -1,6 +1,7 @@
 """The GRPO driver end to end on a real local CPU Ray: learner ranks, a vLLM rollout worker,
 a reward actor in the IQA environment, MLflow in a sqlite store."""
 
+import json
 import os
 import signal
 import subprocess
@@ -82,13 +83,24 @@ def test_two_step_run_logs_every_metric(tmp_path, mode, placement):
 
 def test_kl_reference_after_in_run_sft_is_the_sft_policy(tmp_path):
     """GRPO's KL is measured from where GRPO starts: the SFT result saved in the run, not the
-    initial policy the learner ranks were built from (kl would be large at step 1 then)."""
+    initial policy the learner ranks were built from (kl would be large at step 1 then).
+    SFT and GRPO read their own manifests (`data.sft_manifest`, `data.rl_manifest`)."""
+    from cluster.jobs import ensure_data
+
+    base = small(tmp_path)
+    lines = ensure_data(base).read_text().splitlines()
+    data = tmp_path / "data"
+    (data / "sft.jsonl").write_text("\n".join(lines[:3]) + "\n")  # beside the manifest: same relative paths
+    (data / "rl.jsonl").write_text("\n".join(lines[3:8]) + "\n")
     summary = GRPOTrainer(small(tmp_path, "trainer.sft=true", "learner.sft.steps=4", "trainer.steps=1",
-                                "learner.grpo.kl_monitor=true"), progress=False).run()
+                                "learner.grpo.kl_monitor=true", f"data.sft_manifest={data / 'sft.jsonl'}",
+                                f"data.rl_manifest={data / 'rl.jsonl'}"), progress=False).run()
     client, run = run_metrics(summary)
     kl = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "kl")}
     assert abs(kl[1]) < 1e-6, kl
     assert (tmp_path / "sft" / "hf" / "config.json").is_file()
+    saved = json.loads((tmp_path / "train_summary.json").read_text())
+    assert (saved["sft_examples"], saved["rl_records"], saved["rl_manifest"]) == (3, 5, str(data / "rl.jsonl"))
 
 
 def test_killed_rollout_worker_and_reward_actor_do_not_lose_samples(tmp_path):

@@ -37,3 +37,16 @@ def test_async_learner_recomputes_old_logprobs_without_mutating_the_config(tmp_p
     assert cfg.learner.grpo.recompute_old_logp == "auto"
     sync = GRPOTrainer(load_config(None, [f"run_dir={tmp_path}", "trainer.mode=sync"]), progress=False)
     assert sync.learner_config().grpo.recompute_old_logp == "auto"
+
+
+def test_sft_and_rl_manifests_default_to_the_manifest_and_a_missing_one_names_its_key(tmp_path):
+    from cluster.jobs import manifest_for
+
+    main, rl = tmp_path / "main.jsonl", tmp_path / "rl.jsonl"
+    main.write_text("")
+    rl.write_text("")
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"data.manifest={main}", f"data.rl_manifest={rl}"])
+    assert (manifest_for(cfg, "sft"), manifest_for(cfg, "rl")) == (main, rl)
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"data.manifest={main}", f"data.sft_manifest={tmp_path / 'no'}"])
+    with pytest.raises(FileNotFoundError, match=r"data\.sft_manifest .*no is not a file"):
+        manifest_for(cfg, "sft")

@@ -119,6 +119,7 @@ def test_cli_prepare_data_builtin(tmp_path, capsys):
     astro = next(r for r in rows if r["id"] == "astronaut_v0")
     assert "spacesuit" in astro["tags"] and astro["captions"]["x4"]
     assert Image.open(astro["lr_path"]).size == (32, 32)
+    assert "WARNING" not in out  # every built-in image is annotated
 
 
 def test_cli_prepare_data_folder_and_bad_config(tmp_path, capsys):
@@ -135,3 +136,47 @@ def test_read_manifest_names_the_bad_line(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"hr_path": "a", "lr_path": "b"}\n{oops\n')
     with pytest.raises(ValueError, match="m.jsonl:2"):
         read_manifest(tmp_path / "m.jsonl")
+
+
+def unannotated_folder(folder):
+    """Four photographs: annotated, captions without tags, and two with nothing (no sidecar)."""
+    folder.mkdir()
+    for name in ("full", "notags", "bare1", "bare2"):
+        photo().save(folder / f"{name}.png")
+    caps = {"x4": "a", "x2": "b", "x1": "c"}
+    (folder / "full.json").write_text(json.dumps({"captions": caps, "tags": ["cat"]}))
+    (folder / "notags.json").write_text(json.dumps({"captions": caps, "tags": []}))
+
+
+def test_missing_captions_and_tags_are_counted_and_warned(tmp_path, caplog):
+    unannotated_folder(tmp_path / "in")
+    data = DataConfig(output_dir=str(tmp_path / "out"))
+    with caplog.at_level("WARNING", logger="vlcot.data"):
+        summary = prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(), data,
+                          progress=False)
+    assert (summary.missing_captions, summary.missing_tags, summary.samples) == (2, 3, 4)
+    text = summary.render()
+    assert "WARNING: 2 of 4 images have no captions" in text and "WARNING: 3 of 4 images have no tags" in text
+    assert "data.require_annotations" in text
+    assert sum("no captions" in r.getMessage() for r in caplog.records) == 1
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (saved["missing_captions"], saved["missing_tags"]) == (2, 3)
+
+
+def test_require_annotations_stops_before_any_work_naming_the_images(tmp_path):
+    unannotated_folder(tmp_path / "in")
+    (tmp_path / "in" / "broken.png").write_bytes(b"")  # a bad image without a sidecar is named too
+    data = DataConfig(output_dir=str(tmp_path / "out"), require_annotations=True)
+    with pytest.raises(ValueError, match=r"data\.require_annotations .* 4 of 5 images") as err:
+        prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(), data, progress=False)
+    msg = str(err.value)
+    assert "notags.png: no tags" in msg and "bare1.png: no captions and no tags" in msg and "full.png" not in msg
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+    (tmp_path / "in" / "notags.json").write_text(json.dumps({"captions": {"x4": "a", "x2": "b", "x1": "c"},
+                                                              "tags": ["dog"]}))
+    for name in ("bare1", "bare2", "broken"):
+        (tmp_path / "in" / f"{name}.json").write_text(json.dumps({"captions": {"x4": "a", "x2": "b", "x1": "c"},
+                                                                   "tags": ["dog"]}))
+    summary = prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(), data,
+                      progress=False)
+    assert summary.samples == 4 and summary.missing_captions == summary.missing_tags == 0
