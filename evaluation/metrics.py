@@ -1,7 +1,9 @@
 """The image metrics of the paper's Table 1, and which of them can run here.
 
 PSNR and SSIM (Y channel) are computed by `evaluation.fidelity`; the rest come from pyiqa
-(so this module runs in the IQA environment). Learned metrics need local weight files under
+(so this module runs in the IQA environment), each labelled with its exact pyiqa metric
+(the training set of a learned metric changes its numbers: the paper reports maniqa-pipal
+and topiq_nr-spaq). Learned metrics need local weight files under
 `eval.weights_dir` (names below, relative to it; `torch/` and `hf/` hold the torchvision and
 timm/HF-hub backbone caches). A metric whose files are missing, or whose construction fails
 offline, is reported as unavailable with the reason: never a crash, never a zero.
@@ -47,11 +49,17 @@ METRICS: Dict[str, EvalMetric] = {m.name: m for m in (
     EvalMetric("lpips", "LPIPS", False, True, "lpips", ("lpips.pth", "torch/hub/checkpoints/alexnet-owt-7be5be79.pth")),
     EvalMetric("dists", "DISTS", False, True, "dists", ("dists.pth", "torch/hub/checkpoints/vgg16-397923af.pth")),
     EvalMetric("niqe", "NIQE", False, False, "niqe", ("niqe_modelparameters.mat",), min_size=192),
-    EvalMetric("musiq", "MUSIQ", True, False, "musiq", ("musiq.pth",)),
-    EvalMetric("maniqa", "MANIQA", True, False, "maniqa", ("maniqa.pth",)),
-    EvalMetric("clipiqa", "CLIPIQA", True, False, "clipiqa", ("clipiqa.pth", "clip/RN50.pt")),
-    EvalMetric("topiq_nr", "TOPIQ", True, False, "topiq_nr", ("topiq_nr.pth",), (("backbone_pretrain", False),)),
+    EvalMetric("musiq", "MUSIQ [musiq: KonIQ]", True, False, "musiq", ("musiq.pth",)),
+    EvalMetric("maniqa", "MANIQA [maniqa: KonIQ]", True, False, "maniqa", ("maniqa.pth",)),
+    EvalMetric("maniqa_pipal", "MANIQA [maniqa-pipal]", True, False, "maniqa-pipal", ("maniqa_pipal.pth",)),
+    EvalMetric("clipiqa", "CLIPIQA [clipiqa]", True, False, "clipiqa", ("clipiqa.pth", "clip/RN50.pt")),
+    EvalMetric("topiq_nr", "TOPIQ [topiq_nr: KonIQ]", True, False, "topiq_nr", ("topiq_nr.pth",),
+               (("backbone_pretrain", False),)),
+    EvalMetric("topiq_nr_spaq", "TOPIQ [topiq_nr-spaq]", True, False, "topiq_nr-spaq", ("topiq_nr_spaq.pth",),
+               (("backbone_pretrain", False),)),
 )}
+# The paper's Table 1 uses maniqa-pipal and topiq_nr-spaq; the KonIQ-trained defaults of pyiqa
+# (maniqa, topiq_nr, musiq) give different numbers. Each row's label names its pyiqa metric.
 
 
 @dataclass

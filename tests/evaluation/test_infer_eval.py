@@ -157,7 +157,7 @@ def test_eval_paired_and_unpaired_table_grids_and_mlflow(run_dir, tmp_path, caps
     for col in ("tiny", "Bicubic"):
         assert float(rows[("paired", "PSNR↑")][col]) > 5 and 0 < float(rows[("paired", "SSIM↑")][col]) <= 1
         assert float(rows[("unpaired", "NIQE*↓")][col]) > 0
-        assert rows[("paired", "LPIPS↓")][col] == "unavailable" and rows[("unpaired", "MUSIQ↑")][col] == "unavailable"
+        assert rows[("paired", "LPIPS↓")][col] == "unavailable" and rows[("unpaired", "MUSIQ [musiq: KonIQ]↑")][col] == "unavailable"
         assert rows[("unpaired", "PSNR↑")][col] == ""  # no reference: not applicable
     assert 0 <= float(rows[("paired", "Format rate↑")]["tiny"]) <= 1 and rows[("paired", "Format rate↑")]["Bicubic"] == ""
     assert 0 <= float(rows[("paired", "Fallback tiles↓")]["tiny"]) <= 1

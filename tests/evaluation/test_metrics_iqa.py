@@ -50,7 +50,7 @@ def test_psnr_ssim_match_pyiqa_called_directly(ray_local, pair):
 
 def test_offline_metrics_filled_learned_ones_unavailable_not_crashing(ray_local, pair, tmp_path):
     (tmp_path / "musiq.pth").write_bytes(b"not a checkpoint")  # present but unusable
-    names = ["psnr", "ssim", "niqe", "lpips", "musiq", "topiq_nr"]
+    names = ["psnr", "ssim", "niqe", "lpips", "musiq", "topiq_nr", "maniqa_pipal", "topiq_nr_spaq"]
     w = MetricWorker.options(runtime_env=runtime_env_for_iqa(EnvConfig())).remote(names, str(tmp_path), 0)
     shard = ray.get(w.score.remote([pair, (pair[0], None), (str(tmp_path / "missing.png"), pair[1])]))
     ray.kill(w)
@@ -60,6 +60,11 @@ def test_offline_metrics_filled_learned_ones_unavailable_not_crashing(ray_local,
     assert not st["lpips"].available and "lpips.pth" in st["lpips"].reason
     assert not st["musiq"].available and "could not be built offline" in st["musiq"].reason
     assert not st["topiq_nr"].available and "topiq_nr.pth" in st["topiq_nr"].reason
+    # the paper's variants: their own weight files, their own labels, n/a without them
+    assert not st["maniqa_pipal"].available and "maniqa_pipal.pth" in st["maniqa_pipal"].reason
+    assert not st["topiq_nr_spaq"].available and "topiq_nr_spaq.pth" in st["topiq_nr_spaq"].reason
+    assert (st["maniqa_pipal"].label, st["topiq_nr_spaq"].label) == ("MANIQA [maniqa-pipal]", "TOPIQ [topiq_nr-spaq]")
+    assert st["topiq_nr"].label == "TOPIQ [topiq_nr: KonIQ]"
     full, unpaired, unreadable = shard.values
     assert 18 < full["psnr"] < 35 and 0 < full["ssim"] < 1 and 2 < full["niqe"] < 30
     assert full["lpips"] is None and full["musiq"] is None
