@@ -11,6 +11,7 @@ overrides, and validates the whole configuration before doing any work.
     realsr-r1 submit [--address URL] [...]                the same training as a `ray job submit` job
     realsr-r1 infer --checkpoint DIR --image IN [--out DIR]   super-resolve an image or a folder
     realsr-r1 eval --checkpoint DIR [...] [--data NAME=LR[,HR]]  Table-1 metrics, CoT quality, grids
+    realsr-r1 prepare-eval (--paired LR,HR | --synthetic HR) --out DIR   test sets in the paper's layout
     realsr-r1 check-env [--ray]                           what each Python environment holds
     realsr-r1 show-config [...]                           print the resolved configuration
 """
@@ -79,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--vq", default=None)
     sp.add_argument("--out", default=None, help="output folder (same as eval.out_dir=...)")
     sp.add_argument("--no-progress", action="store_true")
+    sp = add("prepare-eval", "build a test set in the paper's layout: centre-cropped LR/HR pairs from two folders, "
+             "or a synthetic (OST-Val-like) set degraded from HR images with a fixed seed")
+    sp.add_argument("--paired", default=None, metavar="LR_DIR,HR_DIR", help="match by stem (_HR/_LR4/x4 suffixes dropped)")
+    sp.add_argument("--synthetic", default=None, metavar="HR_DIR", help="degrade these HR images (degradation.*)")
+    sp.add_argument("--out", required=True, help="new folder: lr/, hr/, summary.json, skipped.jsonl")
+    sp.add_argument("--lr-size", type=int, default=128, help="LR crop side (the paper's comparisons: 128)")
+    sp.add_argument("--scale", type=int, default=4, help="HR / LR size (HR crop = lr-size x scale)")
+    sp.add_argument("--seed", type=int, default=None, help="synthetic: base seed (default: data.seed)")
     sp = add("check-env", "report the main and IQA environments (with --ray: from a Ray actor in the IQA env)")
     sp.add_argument("--ray", action="store_true")
     add("show-config", "print the resolved configuration")
@@ -129,6 +138,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary = prepare_data(cfg.image, cfg.degradation, cfg.data, progress=not args.no_progress)
         print(summary.render())
         return 0 if summary.samples else 1
+    if args.command == "prepare-eval":
+        from evaluation.eval_sets import paired_set, synthetic_set
+
+        if bool(args.paired) == bool(args.synthetic) or (args.paired and "," not in args.paired):
+            print("realsr-r1 prepare-eval: give exactly one of --paired LR_DIR,HR_DIR or --synthetic HR_DIR",
+                  file=sys.stderr)
+            return 2
+        if args.lr_size < 1 or args.scale < 1:
+            print("realsr-r1 prepare-eval: --lr-size and --scale must be >= 1", file=sys.stderr)
+            return 2
+        try:
+            if args.paired:
+                lr_dir, hr_dir = args.paired.split(",", 1)
+                summary = paired_set(Path(lr_dir), Path(hr_dir), Path(args.out), args.lr_size, args.scale)
+            else:
+                seed = cfg.data.seed if args.seed is None else args.seed
+                summary = synthetic_set(Path(args.synthetic), Path(args.out), cfg.degradation, args.lr_size,
+                                        args.scale, seed)
+        except FileNotFoundError as exc:
+            print(f"realsr-r1 prepare-eval: {exc}", file=sys.stderr)
+            return 2
+        print(summary.render())
+        return 0 if summary.pairs else 1
     if args.command == "init-policy":
         from vlcot.policy import policy_from_config
         from vlcot.vq import vq_from_config
