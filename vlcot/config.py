@@ -114,6 +114,9 @@ class BlurConfig:
     kernel_probs: List[float] = field(default_factory=lambda: [0.45, 0.25, 0.12, 0.03, 0.12, 0.03])
     sigma: List[float] = field(default_factory=lambda: [0.2, 3.0])
     betag: List[float] = field(default_factory=lambda: [0.5, 4.0])  # generalised Gaussian shape
+    # Real-ESRGAN draws the generalised-Gaussian beta below 1 half of the time and above 1 the
+    # other half; false (ours) draws it uniformly over betag (below 1 one time in seven)
+    betag_split: bool = False
     betap: List[float] = field(default_factory=lambda: [1.0, 2.0])  # plateau shape
     sinc_prob: float = 0.1  # chance the kernel is a sinc (ringing) filter instead
 
@@ -200,6 +203,9 @@ class DataConfig:
     # a missing caption or tag stops prepare-data (naming the images) instead of being counted
     # and warned about: SFT would teach "A photograph." and the understanding reward would be 0
     require_annotations: bool = False
+    # Real-ESRGAN's USM-sharpened ground truth: the HR target is unsharp-masked (radius 50,
+    # weight 0.5, threshold 10) while the LR is still degraded from the unsharpened HR
+    usm_hr: bool = False
     min_side: int = 128  # smaller HQ images are skipped (counted, with the reason)
     max_pixels: int = 80_000_000  # larger images are skipped before decoding (PIL's bomb guard is ~89M)
     variants_per_image: int = 1  # degraded LR copies per HQ image (different seeds)

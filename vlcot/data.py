@@ -3,7 +3,7 @@ images, degradation labels and a JSONL manifest.
 
 Manifest record (paths relative to the manifest's folder):
 
-    {"id", "source", "hr_path", "lr_path", "hr_size", "lr_size", "seed",
+    {"id", "source", "hr_path", "lr_path", "hr_size", "hr_usm", "lr_size", "seed",
      "captions": {"x4", "x2", "x1"} | null, "tags": [...],
      "degradation": {"labels": [5 words], "text": "...", "params": {...}}, "notes": [...]}
 
@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlcot.config import DataConfig, DegradationConfig, ImageConfig
-from vlcot.degradation import degrade, label_degradation
+from vlcot.degradation import degrade, label_degradation, usm_sharpen
 from vlcot.examples import FALLBACK_CAPTION
 from vlcot.images import IMAGE_SUFFIXES, open_image, to_rgb
 from vlcot.text_tokenizer import ANNOTATIONS
@@ -246,8 +246,8 @@ def prepare(candidates, out_dir: Path, image: ImageConfig, degradation: Degradat
         summary.images_ok += 1
         hr = center_square(img, image.hr_size)
         hr_rel = Path("hr") / f"{cand.id}.png"
-        hr.save(out_dir / hr_rel)
-        hr_arr = np.asarray(hr, dtype=np.uint8)
+        hr_arr = np.asarray(hr, dtype=np.uint8)  # the LR is degraded from this, sharpened or not
+        (Image.fromarray(usm_sharpen(hr_arr)) if data.usm_hr else hr).save(out_dir / hr_rel)
         ann = cand.annotation or {}
         lacks = missing_annotation(ann)
         summary.missing_captions += "captions" in lacks
@@ -266,6 +266,7 @@ def prepare(candidates, out_dir: Path, image: ImageConfig, degradation: Degradat
                 "hr_path": hr_rel.as_posix(),
                 "lr_path": lr_rel.as_posix(),
                 "hr_size": image.hr_size,
+                "hr_usm": data.usm_hr,
                 "lr_size": image.lr_size,
                 "seed": seed,
                 "captions": ann.get("captions"),

@@ -172,6 +172,24 @@ def degrade(hr: np.ndarray, lr_size: Tuple[int, int], cfg: DegradationConfig, se
     return lr, p
 
 
+def usm_sharpen(img: np.ndarray, radius: int = 50, weight: float = 0.5, threshold: float = 10.0) -> np.ndarray:
+    """Unsharp masking as Real-ESRGAN sharpens its ground truth: add `weight` x the detail the
+    Gaussian blur removes, only where that detail exceeds `threshold` (0..255; the mask itself
+    blurred so the edit fades in). uint8 [H, W, 3] -> uint8 [H, W, 3]."""
+    size = radius + 1 if radius % 2 == 0 else radius
+    sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8  # OpenCV's sigma for a kernel of this size
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    g = np.exp(-0.5 * (x / sigma) ** 2)
+    g /= g.sum()
+    kernel = np.outer(g, g)
+    t = torch.from_numpy(img.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    detail = t - _filter(t, kernel)
+    soft = _filter((detail.abs() * 255.0 > threshold).float(), kernel)
+    sharp = (t + weight * detail).clamp(0.0, 1.0)
+    out = soft * sharp + (1.0 - soft) * t
+    return (out[0].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+
+
 def strengths(p: Dict[str, Any]) -> Dict[str, float]:
     """The scalar strengths the labeller thresholds, derived from the drawn parameters."""
     h = p["hr_size"][0]

@@ -75,7 +75,11 @@ def random_kernel(rng: np.random.Generator, cfg) -> tuple[np.ndarray, dict]:
         sy, theta = sx, 0.0
     params = {"type": ktype, "size": size, "sigma_x": sx, "sigma_y": sy, "theta": theta}
     if ktype.startswith("generalized"):
-        beta = float(rng.uniform(*cfg.betag))
+        lo, hi = cfg.betag
+        if cfg.betag_split and lo < 1.0 < hi:  # Real-ESRGAN: below 1 half of the time, above 1 the other half
+            beta = float(rng.uniform(lo, 1.0) if rng.random() < 0.5 else rng.uniform(1.0, hi))
+        else:
+            beta = float(rng.uniform(lo, hi))
         params["beta"] = beta
         return generalized_gaussian_kernel(size, sx, sy, theta, beta), params
     if ktype.startswith("plateau"):

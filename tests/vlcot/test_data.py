@@ -180,3 +180,18 @@ def test_require_annotations_stops_before_any_work_naming_the_images(tmp_path):
     summary = prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(), data,
                       progress=False)
     assert summary.samples == 4 and summary.missing_captions == summary.missing_tags == 0
+
+
+def test_usm_hr_sharpens_the_target_but_degrades_from_the_plain_hr(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo().save(folder / "p.png")
+    plain = prepare(folder_candidates(folder), tmp_path / "a", IMAGE, DegradationConfig(),
+                    DataConfig(output_dir=str(tmp_path / "a")), progress=False)
+    usm = prepare(folder_candidates(folder), tmp_path / "b", IMAGE, DegradationConfig(),
+                  DataConfig(output_dir=str(tmp_path / "b"), usm_hr=True), progress=False)
+    assert plain.samples == usm.samples == 1
+    a, b = read_manifest(tmp_path / "a" / "manifest.jsonl")[0], read_manifest(tmp_path / "b" / "manifest.jsonl")[0]
+    assert (a["hr_usm"], b["hr_usm"]) == (False, True)
+    assert np.array_equal(np.asarray(Image.open(a["lr_path"])), np.asarray(Image.open(b["lr_path"])))
+    assert not np.array_equal(np.asarray(Image.open(a["hr_path"])), np.asarray(Image.open(b["hr_path"])))

@@ -120,3 +120,30 @@ def test_kernels():
 def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="uint8"):
         degrade(HR.astype(np.float32), (32, 32), DegradationConfig(), 0)
+
+
+def test_betag_split_draws_below_one_half_of_the_time():
+    from vlcot.config import BlurConfig
+    from vlcot.kernels import random_kernel
+
+    def below_one(split):
+        cfg = BlurConfig(kernel_types=["generalized_iso"], kernel_probs=[1.0], sinc_prob=0.0, betag_split=split)
+        rng = np.random.default_rng(0)
+        betas = [random_kernel(rng, cfg)[1]["beta"] for _ in range(2000)]
+        assert all(0.5 <= b <= 4.0 for b in betas)
+        return np.mean([b < 1.0 for b in betas])
+
+    assert abs(below_one(True) - 0.5) < 0.04  # Real-ESRGAN's draw
+    assert abs(below_one(False) - 0.5 / 3.5) < 0.03  # uniform over [0.5, 4]
+
+
+def test_usm_sharpening_adds_edge_contrast_only_where_there_is_detail():
+    from vlcot.degradation import usm_sharpen
+
+    flat = np.full((64, 64, 3), 120, np.uint8)
+    assert np.array_equal(usm_sharpen(flat), flat)  # no detail above the threshold: unchanged
+    sharp = usm_sharpen(HR)
+    lap = lambda a: np.var(np.diff(a.astype(float), 2, axis=0)) + np.var(np.diff(a.astype(float), 2, axis=1))  # noqa: E731
+    assert sharp.shape == HR.shape and sharp.dtype == np.uint8
+    assert lap(sharp) > 1.2 * lap(HR)
+    assert np.abs(sharp.astype(int) - HR.astype(int)).mean() < 12  # a sharpening, not a new image
