@@ -3,6 +3,7 @@
 Every subcommand takes `--config FILE` (default: configs/tiny-cpu.yaml) and `key=value`
 overrides, and validates the whole configuration before doing any work.
 
+    realsr-r1 annotate --input DIR [--overwrite]          captions + tags sidecars with local models
     realsr-r1 prepare-data [--config F] [key=value ...]   HQ images -> LR, labels, manifest
     realsr-r1 init-policy --out DIR [...]                 write the tiny policy + VQ tokenizer
     realsr-r1 import-policy --src DIR --out DIR           convert a released PURE / Lumina-mGPT folder once
@@ -80,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--vq", default=None)
     sp.add_argument("--out", default=None, help="output folder (same as eval.out_dir=...)")
     sp.add_argument("--no-progress", action="store_true")
+    sp = add("annotate", "write captions and tags (<stem>.json sidecars) for a folder of photographs with local "
+             "models (annotate.captioner, annotate.detector)")
+    sp.add_argument("--input", required=True, help="the folder prepare-data will read (data.input_dir)")
+    sp.add_argument("--overwrite", action="store_true", help="redo images that already have a sidecar")
+    sp.add_argument("--no-progress", action="store_true")
     sp = add("prepare-eval", "build a test set in the paper's layout: centre-cropped LR/HR pairs from two folders, "
              "or a synthetic (OST-Val-like) set degraded from HR images with a fixed seed")
     sp.add_argument("--paired", default=None, metavar="LR_DIR,HR_DIR", help="match by stem (_HR/_LR4/x4 suffixes dropped)")
@@ -138,6 +144,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary = prepare_data(cfg.image, cfg.degradation, cfg.data, progress=not args.no_progress)
         print(summary.render())
         return 0 if summary.samples else 1
+    if args.command == "annotate":
+        from vlcot.annotate import annotate_folder
+
+        try:
+            summary = annotate_folder(Path(args.input), cfg.annotate, cfg.image, cfg.data, cfg.degradation,
+                                      overwrite=args.overwrite, progress=not args.no_progress)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            print(f"realsr-r1 annotate: {exc}", file=sys.stderr)
+            return 2
+        print(summary.render())
+        return 0 if not summary.failed else 1
     if args.command == "prepare-eval":
         from evaluation.eval_sets import paired_set, synthetic_set
 

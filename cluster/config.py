@@ -25,8 +25,8 @@ from rewards.config import RewardsConfig
 from rollout.config import RolloutConfig
 from rollout.config import problems as rollout_problems
 from rewards.config import problems as reward_problems
-from vlcot.config import (DataConfig, DegradationConfig, ImageConfig, OrderConfig, PolicyConfig, VQConfig,
-                          architecture_problem)
+from vlcot.config import (AnnotateConfig, DataConfig, DegradationConfig, ImageConfig, OrderConfig, PolicyConfig,
+                          VQConfig, annotate_problems, architecture_problem)
 from vlcot.conversation import conversation_problems
 from vlcot.kernels import KERNEL_TYPES
 
@@ -97,6 +97,7 @@ class Config:
     envs: EnvConfig = field(default_factory=EnvConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
 
 
 class ConfigError(ValueError):
@@ -313,7 +314,7 @@ def validate(cfg: Config) -> None:
         _fail("data", "min_side, max_pixels and variants_per_image must be >= 1")
     for key, msg in (reward_problems(cfg.rewards) + learner_problems(cfg.learner) + rollout_problems(cfg.rollout)
                      + schedule_problems(cfg.learner.schedule, cfg.trainer.steps)
-                     + evaluation_problems(cfg.infer, cfg.eval)):
+                     + evaluation_problems(cfg.infer, cfg.eval) + annotate_problems(cfg.annotate)):
         _fail(key, msg)
     _validate_gpu_sharing(cfg)
     estimator = ADVANTAGE_ESTIMATORS.get(cfg.learner.grpo.advantage)

@@ -9,7 +9,7 @@ documented next to its default.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List, Tuple
 
 from vlcot.conversation import ConversationConfig
 
@@ -210,3 +210,48 @@ class DataConfig:
     max_pixels: int = 80_000_000  # larger images are skipped before decoding (PIL's bomb guard is ~89M)
     variants_per_image: int = 1  # degraded LR copies per HQ image (different seeds)
     seed: int = 1234
+
+
+@dataclass
+class AnnotateConfig:
+    """`realsr-r1 annotate`: captions (three levels) and object tags for a folder of photographs,
+    written as the `<stem>.json` sidecars prepare-data reads. Models are local folders."""
+
+    captioner: str = ""  # an image-text-to-text model folder (BLIP, LLaVA, Qwen2-VL, ...): required
+    # per level; the image is the HR crop at HR/4, HR/2 and HR, as the paper captions GT/4, GT/2, GT.
+    # Chat models (a chat template in the processor) get these as instructions; others (BLIP)
+    # as the caption's opening words: give BLIP prefixes such as "a photograph of"
+    prompts: Dict[str, str] = field(default_factory=lambda: {
+        "x4": "Describe the main subject of this image in a few words.",
+        "x2": "Describe this image in one sentence: its main objects and the scene.",
+        "x1": "Describe this image in detail: the objects, their colours and textures, and the background.",
+    })
+    max_new_tokens: int = 60
+    min_new_tokens: int = 1
+    # a zero-shot object detector folder (OWLv2 / OWL-ViT), run on the LR image prepare-data will
+    # make (same seed); empty = tags are the nouns of the coarsest (x4) caption
+    detector: str = ""
+    vocabulary: List[str] = field(default_factory=lambda: [
+        "person", "face", "animal", "cat", "dog", "bird", "horse", "flower", "plant", "tree", "grass", "sky",
+        "cloud", "water", "mountain", "rock", "sand", "building", "house", "window", "door", "road", "car",
+        "bicycle", "boat", "food", "cup", "table", "chair", "book", "text", "sign", "clothing", "hat",
+    ])
+    score_threshold: float = 0.3  # detector score for a vocabulary word to become a tag
+    max_tags: int = 8
+    batch_size: int = 4
+    device: str = "cpu"
+
+
+def annotate_problems(cfg: AnnotateConfig) -> List[Tuple[str, str]]:
+    out: List[Tuple[str, str]] = []
+    if sorted(cfg.prompts) != ["x1", "x2", "x4"] or not all(isinstance(v, str) for v in cfg.prompts.values()):
+        out.append(("annotate.prompts", f"must give a prompt for each of x4, x2, x1, got {sorted(cfg.prompts)}"))
+    if cfg.batch_size < 1 or cfg.max_tags < 1 or cfg.max_new_tokens < 1 or not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
+        out.append(("annotate", "batch_size, max_tags and max_new_tokens must be >= 1, min_new_tokens in "
+                    "[0, max_new_tokens]"))
+    if not 0.0 <= cfg.score_threshold <= 1.0:
+        out.append(("annotate.score_threshold", f"must be in [0, 1], got {cfg.score_threshold}"))
+    if cfg.detector and not cfg.vocabulary:
+        out.append(("annotate.vocabulary", "a detector needs words to look for"))
+    return out
+
