@@ -153,16 +153,23 @@ def _generate(cfg, ckpt, sets: Sequence[EvalSet], outs: Sequence[Path]) -> List[
         group.shutdown()
 
 
-def _score(cfg, pairs: List[Tuple[str, Optional[str]]]) -> MetricShard:
-    """Every (SR, HR) pair of every column, sharded over metric actors in the IQA environment."""
+def _score(cfg, pairs: List[Tuple[str, Optional[str]]], groups: List[Tuple[List[str], List[str]]]
+           ) -> Tuple[MetricShard, List[Dict[str, Optional[float]]]]:
+    """Every (SR, HR) pair of every column, sharded over metric actors in the IQA environment,
+    and the set-level metrics (FID) of each (SR paths, HR paths) group, spread over the same
+    actors."""
     from evaluation.actors import MetricWorker, shards
     from evaluation.metrics import MetricSuite, score_pairs
 
     ev = cfg.eval
     if not pairs:
-        return MetricShard(status={m: MetricStatus(m, METRICS[m].label, False, "no outputs to score") for m in ev.metrics})
+        return MetricShard(status={m: MetricStatus(m, METRICS[m].label, False, "no outputs to score")
+                                   for m in ev.metrics}), [{} for _ in groups]
     if ev.num_workers == 0:
-        return score_pairs(MetricSuite(ev.metrics, ev.weights_dir, ev.crop_border), pairs)
+        suite = MetricSuite(ev.metrics, ev.weights_dir, ev.crop_border)
+        return score_pairs(suite, pairs), [suite.score_set(sr, hr) for sr, hr in groups]
+    import ray
+
     from cluster.actor_group import ActorGroup
     from cluster.envs import runtime_env_for_iqa
 
@@ -172,6 +179,13 @@ def _score(cfg, pairs: List[Tuple[str, Optional[str]]]) -> MetricShard:
                        dict(num_cpus=ev.num_cpus, num_gpus=ev.num_gpus, runtime_env=runtime_env_for_iqa(cfg.envs)))
     try:
         results = group.run("score", shards=[[pairs[i] for i in p] for p in parts])
+        set_values: List[Dict[str, Optional[float]]] = [{} for _ in groups]
+        if groups:
+            by_actor = [list(range(k, len(groups), len(group))) for k in range(len(group))]
+            refs = [a.score_sets.remote([groups[i] for i in idx]) for a, idx in zip(group.actors, by_actor) if idx]
+            for idx, vals in zip([i for i in by_actor if i], ray.get(refs)):
+                for i, v in zip(idx, vals):
+                    set_values[i] = v
     finally:
         group.shutdown()
     merged = MetricShard(status=results[0].status)
@@ -179,7 +193,7 @@ def _score(cfg, pairs: List[Tuple[str, Optional[str]]]) -> MetricShard:
         merged.values += r.values
         merged.resized += r.resized
         merged.unreadable += r.unreadable
-    return merged
+    return merged, set_values
 
 
 # ---- the job ---------------------------------------------------------------------------------
@@ -232,17 +246,25 @@ def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkp
             if path:
                 pairs.append((path, item.hr_path))
                 where.append((es.name, col.name, j))
+    group_keys, groups = [], []  # set-level metrics (FID): each column's outputs against the set's HR images
+    if any(METRICS[m].set_level for m in ev.metrics):
+        for es, col in keys:
+            if es.paired:
+                group_keys.append((es.name, col.name))
+                groups.append(([p for p in sr[(es.name, col.name)] if p], [i.hr_path for i in es.items if i.hr_path]))
     t1 = time.perf_counter()
-    scored = _score(cfg, pairs)
+    scored, set_values = _score(cfg, pairs, groups)
     metrics_s = time.perf_counter() - t1
     per_image: Dict[Tuple[str, str, int], Dict[str, Optional[float]]] = dict(zip(where, scored.values))
+    per_set = dict(zip(group_keys, set_values))
 
-    blocks, notes = _tabulate(cfg, sets, columns, sr, records, per_image, scored)
+    blocks, notes = _tabulate(cfg, sets, columns, sr, records, per_image, scored, per_set)
     directions = {m: METRICS[m].higher_better for m in ev.metrics}
     directions.update(COT_HIGHER_BETTER)
     (out / "table.md").write_text(markdown(blocks, directions, notes))
     (out / "table.csv").write_text(to_csv(blocks))
-    _write_per_image(out / "per_image.csv", sets, columns, per_image, records, ev.metrics)
+    _write_per_image(out / "per_image.csv", sets, columns, per_image, records,
+                     [m for m in ev.metrics if not METRICS[m].set_level])
     grids = _grids(cfg, sets, columns, sr, out / "grids")
     images = sum(len(es.items) for es in sets)
     summary = {"out_dir": str(out), "sets": {es.name: {"images": len(es.items), "paired": es.paired,
@@ -265,7 +287,7 @@ def _mean(vals: Sequence[Optional[float]]) -> Optional[float]:
     return float(np.mean(v)) if v else None
 
 
-def _tabulate(cfg, sets, columns, sr, records, per_image, scored) -> Tuple[List[Block], List[str]]:
+def _tabulate(cfg, sets, columns, sr, records, per_image, scored, per_set) -> Tuple[List[Block], List[str]]:
     ev = cfg.eval
     notes: List[str] = []
     labels = {m: f"{scored.status[m].label if m in scored.status else METRICS[m].label}{METRICS[m].arrow}"
@@ -285,7 +307,7 @@ def _tabulate(cfg, sets, columns, sr, records, per_image, scored) -> Tuple[List[
         notes.append(f"PSNR/SSIM on the Y channel with {ev.crop_border} border pixels cropped")
     blocks = []
     for es in sets:
-        rows = [Row(m, labels[m], 2 if m in ("psnr", "niqe", "musiq") else 4) for m in ev.metrics]
+        rows = [Row(m, labels[m], 2 if m in ("psnr", "niqe", "musiq", "fid") else 4) for m in ev.metrics]
         rows += [Row(k, COT_LABELS[k], 3) for k in COT_METRICS]
         b = Block(es.name, es.paired, len(es.items), rows, [c.name for c in columns])
         for col in columns:
@@ -299,6 +321,12 @@ def _tabulate(cfg, sets, columns, sr, records, per_image, scored) -> Tuple[List[
                     b.cells[(m, col.name)] = UNAVAILABLE
                 elif METRICS[m].full_reference and not es.paired:
                     b.cells[(m, col.name)] = NOT_APPLICABLE
+                elif METRICS[m].set_level:
+                    v = per_set.get((es.name, col.name), {}).get(m)
+                    b.cells[(m, col.name)] = NOT_APPLICABLE if v is None else v
+                    if v is None:
+                        notes.append(f"{es.name}/{col.name}: no {METRICS[m].label} (it needs at least 2 images on "
+                                     "each side, or it failed: see the log)")
                 else:
                     b.cells[(m, col.name)] = _mean([per_image.get((es.name, col.name, j), {}).get(m)
                                                     for j in range(len(es.items))])

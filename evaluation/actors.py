@@ -63,3 +63,8 @@ class MetricWorker:
         from evaluation.metrics import score_pairs
 
         return score_pairs(self.suite, pairs)
+
+    def score_sets(self, groups: Sequence[Tuple[Sequence[str], Sequence[str]]]) -> List[Dict[str, Optional[float]]]:
+        """Set-level metrics (FID) for each (SR paths, HR paths) group."""
+        return [self.suite.score_set(sr, hr) for sr, hr in groups]
+

@@ -40,7 +40,7 @@ class EvalConfig:
 
     metrics: List[str] = field(default_factory=lambda: [
         "psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "maniqa_pipal", "clipiqa", "topiq_nr",
-        "topiq_nr_spaq"])
+        "topiq_nr_spaq", "fid"])
     weights_dir: str = ""  # local metric weights (see evaluation/metrics.py for file names)
     crop_border: int = 0  # pixels cropped from each side before PSNR/SSIM (pyiqa's default 0)
     num_workers: int = 1  # Ray actors per stage (generation, metrics); 0 = everything in this process

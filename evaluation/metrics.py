@@ -27,6 +27,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # pyiqa's FID Inception, under weights_dir
+
+
 @dataclass(frozen=True)
 class EvalMetric:
     name: str
@@ -37,6 +40,7 @@ class EvalMetric:
     files: Tuple[str, ...] = ()  # under weights_dir; the first is pyiqa's pretrained_model_path
     options: Tuple[Tuple[str, object], ...] = ()
     min_size: int = 0  # short side below this is bicubic-upsampled first
+    set_level: bool = False  # one value per (set, column) from all its images (FID), not a per-image mean
 
     @property
     def arrow(self) -> str:
@@ -57,6 +61,8 @@ METRICS: Dict[str, EvalMetric] = {m.name: m for m in (
                (("backbone_pretrain", False),)),
     EvalMetric("topiq_nr_spaq", "TOPIQ [topiq_nr-spaq]", True, False, "topiq_nr-spaq", ("topiq_nr_spaq.pth",),
                (("backbone_pretrain", False),)),
+    # the set's SR outputs against its HR images (clean-fid resizing, the FID Inception weights)
+    EvalMetric("fid", "FID [fid: clean]", False, True, "fid", (FID_WEIGHTS,), set_level=True),
 )}
 # The paper's Table 1 uses maniqa-pipal and topiq_nr-spaq; the KonIQ-trained defaults of pyiqa
 # (maniqa, topiq_nr, musiq) give different numbers. Each row's label names its pyiqa metric.
@@ -86,6 +92,20 @@ def _offline_caches(weights_dir: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _fid_weights(path: Path):
+    """pyiqa builds its FID Inception from a URL constant (downloading into its cache); point it
+    at the local file for the duration of the build."""
+    import pyiqa.archs.inception as inception
+
+    old = inception.FID_WEIGHTS_URL
+    inception.FID_WEIGHTS_URL = str(path)
+    try:
+        yield
+    finally:
+        inception.FID_WEIGHTS_URL = old
 
 
 class MetricSuite:
@@ -123,7 +143,12 @@ class MetricSuite:
             kwargs["pretrained_model_path"] = str(Path(weights_dir) / spec.files[0])
         try:
             with _offline_caches(weights_dir or "/nonexistent"):
-                self.nets[spec.name] = pyiqa.create_metric(spec.pyiqa_name, device=self.device, as_loss=False, **kwargs)
+                if spec.set_level:
+                    with _fid_weights(Path(kwargs.pop("pretrained_model_path"))):
+                        self.nets[spec.name] = pyiqa.create_metric(spec.pyiqa_name, device=self.device, as_loss=False)
+                else:
+                    self.nets[spec.name] = pyiqa.create_metric(spec.pyiqa_name, device=self.device, as_loss=False,
+                                                               **kwargs)
         except Exception as exc:  # offline construction failed: report, do not crash
             return MetricStatus(spec.name, label, False, f"could not be built offline: {type(exc).__name__}: {exc}"[:300])
         return MetricStatus(spec.name, label, True, note)
@@ -143,7 +168,7 @@ class MetricSuite:
         out: Dict[str, Optional[float]] = {}
         for spec in self.specs:
             out[spec.name] = None
-            if not self.status[spec.name].available or (spec.full_reference and hr is None):
+            if spec.set_level or not self.status[spec.name].available or (spec.full_reference and hr is None):
                 continue
             try:
                 if spec.name == "psnr":
@@ -160,6 +185,38 @@ class MetricSuite:
                 out[spec.name] = v if (math.isfinite(v) or spec.name == "psnr") else None
             except Exception as exc:
                 log.warning("metric %s failed on an image: %s", spec.name, exc)
+        return out
+
+
+    def score_set(self, sr_paths: Sequence[str], hr_paths: Sequence[str]) -> Dict[str, Optional[float]]:
+        """Set-level metrics (FID) of one column on one set: its SR outputs against the set's HR
+        images; None where unavailable or with fewer than 2 images on either side (logged)."""
+        import shutil
+        import tempfile
+
+        out: Dict[str, Optional[float]] = {}
+        for spec in self.specs:
+            if not spec.set_level:
+                continue
+            out[spec.name] = None
+            if not self.status[spec.name].available:
+                continue
+            if min(len(sr_paths), len(hr_paths)) < 2:
+                log.warning("%s needs at least 2 images per side, got %d SR and %d HR", spec.name, len(sr_paths),
+                            len(hr_paths))
+                continue
+            tmp = Path(tempfile.mkdtemp(prefix="realsr-fid-"))
+            try:  # pyiqa's FID reads folders: link the files in (a column's outputs share a folder with others)
+                for side, paths in (("sr", sr_paths), ("hr", hr_paths)):
+                    (tmp / side).mkdir()
+                    for i, p in enumerate(paths):
+                        (tmp / side / f"{i:06d}{Path(p).suffix.lower()}").symlink_to(Path(p).resolve())
+                v = float(self.nets[spec.name](str(tmp / "sr"), str(tmp / "hr"), num_workers=0, verbose=False))
+                out[spec.name] = v if math.isfinite(v) else None
+            except Exception as exc:
+                log.warning("metric %s failed on a set: %s", spec.name, exc)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return out
 
 

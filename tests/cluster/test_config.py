@@ -100,7 +100,7 @@ def test_bad_reward_values_name_the_key(override, key):
 @pytest.mark.parametrize("overrides,key", [
     (["infer.mode=crop"], "infer.mode"),
     (["infer.tile_overlap=32"], "infer.tile_overlap"),  # not smaller than the 32-px tile
-    (["eval.metrics=[psnr,fid]"], "eval.metrics"),
+    (["eval.metrics=[psnr,kid]"], "eval.metrics"),
     (["eval.num_workers=-1"], "eval"),
 ])
 def test_bad_infer_and_eval_values_name_the_key(overrides, key):

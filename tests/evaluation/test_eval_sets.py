@@ -64,8 +64,8 @@ def test_synthetic_set_is_seeded_and_labelled(tmp_path):
     noise(300, 300, 1).save(hr_in / "tiny.png")
     cfg = DegradationConfig()
     a = synthetic_set(hr_in, tmp_path / "a", cfg, seed=5)
-    b = synthetic_set(hr_in, tmp_path / "b", cfg, seed=5)
-    c = synthetic_set(hr_in, tmp_path / "c", cfg, seed=6)
+    synthetic_set(hr_in, tmp_path / "b", cfg, seed=5)
+    synthetic_set(hr_in, tmp_path / "c", cfg, seed=6)
     assert a.pairs == 1 and [s["reason"].split(":")[0] for s in a.skipped] == ["too small"]
     read = lambda d: np.asarray(Image.open(tmp_path / d / "lr" / "scene.png"))  # noqa: E731
     assert read("a").shape == (128, 128, 3) and np.asarray(Image.open(tmp_path / "a" / "hr" / "scene.png")).shape[0] == 512

@@ -147,11 +147,15 @@ def _eval_data(root):
 
 
 def test_eval_paired_and_unpaired_table_grids_and_mlflow(run_dir, tmp_path, capsys):
+    from evaluation.metrics import FID_WEIGHTS
+    from tests.evaluation.fid_weights import write_in_iqa_env
+
     lr, hr, un = _eval_data(tmp_path)
     out = tmp_path / "eval"
+    weights = write_in_iqa_env(tmp_path / "weights" / FID_WEIGHTS).parent  # FID's file only: the rest are n/a
     rc = main(["eval", "--checkpoint", f"tiny={run_dir / 'policy'}", "--data", f"paired={lr},{hr}",
                "--data", f"unpaired={un}", "--out", str(out), "--no-progress", f"run_dir={tmp_path / 'r'}",
-               "eval.grid_images=2", *FAST])
+               "eval.grid_images=2", f"eval.weights_dir={weights}", *FAST])
     assert rc == 0
     rows = {(r["dataset"], r["metric"]): r for r in csv.DictReader((out / "table.csv").open())}
     for col in ("tiny", "Bicubic"):
@@ -159,6 +163,8 @@ def test_eval_paired_and_unpaired_table_grids_and_mlflow(run_dir, tmp_path, caps
         assert float(rows[("unpaired", "NIQE*↓")][col]) > 0
         assert rows[("paired", "LPIPS↓")][col] == "unavailable" and rows[("unpaired", "MUSIQ [musiq: KonIQ]↑")][col] == "unavailable"
         assert rows[("unpaired", "PSNR↑")][col] == ""  # no reference: not applicable
+        assert float(rows[("paired", "FID [fid: clean]↓")][col]) > 0  # one value per set and column
+        assert rows[("unpaired", "FID [fid: clean]↓")][col] == ""  # no HR set to compare with
     assert 0 <= float(rows[("paired", "Format rate↑")]["tiny"]) <= 1 and rows[("paired", "Format rate↑")]["Bicubic"] == ""
     assert 0 <= float(rows[("paired", "Fallback tiles↓")]["tiny"]) <= 1
     assert rows[("paired", "Degradation acc.↑")]["tiny"] != ""  # chelsea has labels in its sidecar
@@ -171,7 +177,7 @@ def test_eval_paired_and_unpaired_table_grids_and_mlflow(run_dir, tmp_path, caps
     assert len(per_image) == (3 + 3) * 2
     assert len(list((out / "grids").glob("*.png"))) == 2 * 2
     md = (out / "table.md").read_text()
-    assert "### paired (paired, 3 images)" in md and "orphan.png" in md and "eval.weights_dir is not set" in md
+    assert "### paired (paired, 3 images)" in md and "orphan.png" in md and "missing" in md and "lpips.pth" in md
     assert "chelsea.json" not in md  # a sidecar, not a skipped input
     summary = json.loads((out / "summary.json").read_text())
     from mlflow.tracking import MlflowClient

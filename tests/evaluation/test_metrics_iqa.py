@@ -50,7 +50,7 @@ def test_psnr_ssim_match_pyiqa_called_directly(ray_local, pair):
 
 def test_offline_metrics_filled_learned_ones_unavailable_not_crashing(ray_local, pair, tmp_path):
     (tmp_path / "musiq.pth").write_bytes(b"not a checkpoint")  # present but unusable
-    names = ["psnr", "ssim", "niqe", "lpips", "musiq", "topiq_nr", "maniqa_pipal", "topiq_nr_spaq"]
+    names = ["psnr", "ssim", "niqe", "lpips", "musiq", "topiq_nr", "maniqa_pipal", "topiq_nr_spaq", "fid"]
     w = MetricWorker.options(runtime_env=runtime_env_for_iqa(EnvConfig())).remote(names, str(tmp_path), 0)
     shard = ray.get(w.score.remote([pair, (pair[0], None), (str(tmp_path / "missing.png"), pair[1])]))
     ray.kill(w)
@@ -65,8 +65,36 @@ def test_offline_metrics_filled_learned_ones_unavailable_not_crashing(ray_local,
     assert not st["topiq_nr_spaq"].available and "topiq_nr_spaq.pth" in st["topiq_nr_spaq"].reason
     assert (st["maniqa_pipal"].label, st["topiq_nr_spaq"].label) == ("MANIQA [maniqa-pipal]", "TOPIQ [topiq_nr-spaq]")
     assert st["topiq_nr"].label == "TOPIQ [topiq_nr: KonIQ]"
+    assert not st["fid"].available and "pt_inception-2015-12-05-6726825d.pth" in st["fid"].reason
     full, unpaired, unreadable = shard.values
     assert 18 < full["psnr"] < 35 and 0 < full["ssim"] < 1 and 2 < full["niqe"] < 30
     assert full["lpips"] is None and full["musiq"] is None
     assert unpaired["psnr"] is None and unpaired["niqe"] == pytest.approx(full["niqe"])
     assert all(v is None for v in unreadable.values()) and len(shard.unreadable) == 1
+
+
+def test_fid_is_a_set_level_metric_from_local_inception_weights(ray_local, tmp_path):
+    from evaluation.metrics import FID_WEIGHTS
+    from tests.evaluation.fid_weights import write_in_iqa_env
+
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(skimage.data.astronaut()).resize((96, 96))
+    hr, same, far = tmp_path / "hr", tmp_path / "same", tmp_path / "far"
+    for d in (hr, same, far):
+        d.mkdir()
+    for i in range(4):
+        img = base.rotate(90 * i)
+        img.save(hr / f"{i}.png")
+        img.save(same / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(far / f"{i}.png")
+    files = lambda d: [str(p) for p in sorted(d.glob("*.png"))]  # noqa: E731
+    env = runtime_env_for_iqa(EnvConfig())
+    write_in_iqa_env(tmp_path / FID_WEIGHTS)
+    w = MetricWorker.options(runtime_env=env).remote(["psnr", "fid"], str(tmp_path), 0)
+    shard = ray.get(w.score.remote([(files(same)[0], files(hr)[0])]))
+    assert shard.status["fid"].available and shard.values[0]["fid"] is None  # never a per-image value
+    identical, different, too_few = ray.get(w.score_sets.remote(
+        [(files(same), files(hr)), (files(far), files(hr)), (files(same)[:1], files(hr))]))
+    ray.kill(w)
+    assert abs(identical["fid"]) < 1e-3 < different["fid"]
+    assert too_few["fid"] is None
