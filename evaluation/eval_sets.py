@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from vlcot.images import IMAGE_SUFFIXES, open_image
+from vlcot.images import open_image
 
 PAIR_SUFFIX = re.compile(r"[_-](hr|lr\d*|x\d+)$", re.IGNORECASE)
 
@@ -57,9 +57,12 @@ def pair_key(stem: str) -> str:
 
 
 def _images(folder: Path) -> List[Path]:
+    """The folder's image files, as eval itself lists them (`evaluation.infer.list_inputs`)."""
+    from evaluation.infer import list_inputs
+
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return list_inputs(folder)[0]
 
 
 def _centre_box(w: int, h: int, size: int) -> Tuple[int, int, int, int]:

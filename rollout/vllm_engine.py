@@ -157,10 +157,13 @@ class VLLMEngine(RolloutEngine):
             for j, c in enumerate(out.outputs):
                 ids = list(c.token_ids)
                 lps = [float(d[t].logprob) for d, t in zip(c.logprobs or [], ids)]
-                reason = "stop" if (c.finish_reason == "stop" or (ids and ids[-1] == self.end_token_id)) else "length"
-                samples.append(Sample(0, j, ids, lps, reason, self.version))
+                samples.append(Sample(0, j, ids, lps, self._finish_reason(c.finish_reason, ids), self.version))
             results.append(samples)
         return results
+
+    def _finish_reason(self, vllm_reason: Optional[str], tokens: List[int]) -> str:
+        """"stop" when vLLM stopped on a stop token or the sequence ends with the end token."""
+        return "stop" if (vllm_reason == "stop" or (tokens and tokens[-1] == self.end_token_id)) else "length"
 
     def _generate_guided(self, prompts: List[List[int]], n: int, seed: int, greedy: bool) -> List[List[Sample]]:
         """Classifier-free guidance: every sample a request of its own; a twin joins when the
@@ -193,8 +196,7 @@ class VLLMEngine(RolloutEngine):
                     for t in c.token_ids:
                         req.state.feed(int(t), rules)
                     if out.finished:
-                        req.finish_reason = "stop" if (c.finish_reason == "stop"
-                                                       or req.sequence[-1] == self.end_token_id) else "length"
+                        req.finish_reason = self._finish_reason(c.finish_reason, req.sequence)
                     elif req.state.span_len and req.twin_for_image != req.state.images:
                         req.twin_for_image = req.state.images
                         twins.append(self._add_twin(out.request_id, req.state.images,
