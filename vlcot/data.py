@@ -93,7 +93,6 @@ class Summary:
                 lines.append(f"  labels/{slot}: " + ", ".join(f"{w} {n}" for w, n in sorted(c.items())))
         return "\n".join(lines)
 
-
     def annotation_warnings(self) -> List[str]:
         out = []
         if self.missing_captions:
@@ -104,7 +103,7 @@ class Summary:
                        "is 0 for every sample")
         if out:
             out.append("add a <stem>.json sidecar beside each image (docs/vlcot.md), or set "
-                       "data.require_annotations=true to stop on the first missing one")
+                       "data.require_annotations=true to stop before any work, naming each image that lacks one")
         return out
 
 
