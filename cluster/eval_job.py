@@ -181,10 +181,10 @@ def _score(cfg, pairs: List[Tuple[str, Optional[str]]], groups: List[Tuple[List[
         results = group.run("score", shards=[[pairs[i] for i in p] for p in parts])
         set_values: List[Dict[str, Optional[float]]] = [{} for _ in groups]
         if groups:
-            by_actor = [list(range(k, len(groups), len(group))) for k in range(len(group))]
-            refs = [a.score_sets.remote([groups[i] for i in idx]) for a, idx in zip(group.actors, by_actor) if idx]
-            for idx, vals in zip([i for i in by_actor if i], ray.get(refs)):
-                for i, v in zip(idx, vals):
+            group_parts = shards(len(groups), len(group))
+            refs = [a.score_sets.remote([groups[i] for i in p]) for a, p in zip(group.actors, group_parts)]
+            for p, vals in zip(group_parts, ray.get(refs)):
+                for i, v in zip(p, vals):
                     set_values[i] = v
     finally:
         group.shutdown()
