@@ -1,11 +1,13 @@
 """The embedded default main job's reward curve and wall time: runs `realsr-r1 train` on
 configs/tiny-cpu.yaml (built-in data, cold-start SFT, GRPO) and prints the total reward of the
-first vs the last 20% of GRPO steps.
+first vs the last 20% of GRPO steps and the run's verdict (last quarter vs first, in
+standard errors; cluster/learning_curve.py). Starts from an empty runs/bench-demo.
 
     .venv/bin/python bench/demo_curve.py [key=value ...]
 """
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     run_dir = ROOT / "runs" / "bench-demo"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: its own data, tokenizer and SFT
     args = [sys.executable, "-m", "cluster.cli", "train", "--no-progress", f"run_dir={run_dir}",
             f"data.output_dir={run_dir / 'data'}", *sys.argv[1:]]
     t0 = time.perf_counter()
@@ -26,6 +29,8 @@ def main() -> None:
     print("total reward per GRPO step:", " ".join(f"{x:.2f}" for x in h))
     print(f"first 20% mean {s['first_20pct_mean']:.3f} -> last 20% mean {s['last_20pct_mean']:.3f} "
           f"({s['last_20pct_mean'] - s['first_20pct_mean']:+.3f}); wall time {wall:.0f}s for the whole job")
+    if s.get("learning"):
+        print(s["learning"].get("line", s["learning"]), "; plot:", s["learning"].get("plot"))
 
 
 if __name__ == "__main__":

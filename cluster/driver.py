@@ -284,7 +284,8 @@ class GRPOTrainer:
     def _save(self, step: int, version: int) -> None:
         out = self.run_dir / CKPT_DIR / f"step_{step:06d}"
         state = {"step": step, "version": version, "cursor": self.cursor.state(), "mlflow_run_id": self.tracker.run_id,
-                 "reward_history": self.reward_history, "lr_schedule": self._schedule_record()}
+                 "reward_history": self.reward_history, "component_history": self.component_history,
+                 "lr_schedule": self._schedule_record()}
         self.learner.save(str(out), {"driver_step": step})
         (out / DRIVER_STATE).write_text(json.dumps(state))
         kept = sorted((self.run_dir / CKPT_DIR).glob("step_*"))
@@ -304,6 +305,7 @@ class GRPOTrainer:
         self.learner.load(str(ckpt))
         self.cursor.restore(state["cursor"])
         self.reward_history = list(state.get("reward_history", []))
+        self.component_history = {k: list(v) for k, v in state.get("component_history", {}).items()}
         saved, now = state.get("lr_schedule"), self._schedule_record()
         if saved is not None and saved != now:
             log.warning("the learning-rate schedule differs from the checkpoint's (%s, now %s): steps after %d "
@@ -319,6 +321,7 @@ class GRPOTrainer:
         self._prepare()
         self._start_actors()
         self.reward_history: List[float] = []
+        self.component_history: Dict[str, List[float]] = {}
         start, version, run_id = 0, 0, None
         if self.resume:
             start, version, run_id = self._load()
@@ -350,10 +353,11 @@ class GRPOTrainer:
                     pending = self._dispatch(step + 1)
             bar.close()
             self.final_state = self._final_state(version)
+            self.learning = self._learning_report()
         finally:
             self.tracker.close()
             self.shutdown()
-        summary = {**self._summary(time.perf_counter() - t_run), **self.final_state}
+        summary = {**self._summary(time.perf_counter() - t_run), **self.final_state, "learning": self.learning}
         (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -367,6 +371,8 @@ class GRPOTrainer:
         m["rollout/worker_restarts"] = float(self.rollout.restarts)
         self.tracker.metrics(m, step=step)
         self.reward_history.append(m["reward/total/mean"])
+        for comp in cfg.rewards.weights:
+            self.component_history.setdefault(comp, []).append(m[f"reward/{comp}/mean"])
         tqdm.write(step_line(step, cfg.trainer.steps, m))
         if step % cfg.trainer.log_images_every == 0:
             self._log_grid(step, result.samples)
@@ -402,6 +408,21 @@ class GRPOTrainer:
         return {"actor_nodes": self.actor_nodes(), "learner_version": version, "rollout_versions": versions,
                 "rollout_workers_lost": self.rollout.lost, "rl_manifest": str(self.manifest),
                 "rl_records": len(self.records), "sft_examples": self.sft_examples}
+
+    def _learning_report(self) -> Optional[Dict[str, Any]]:
+        """The verdict line and learning_curve.png (also in MLflow); None when no step ran."""
+        from cluster.learning_curve import learning_report
+
+        if not self.reward_history:
+            return None
+        try:
+            report = learning_report(self.reward_history, self.component_history, self.run_dir)
+        except Exception as exc:  # the run's work is done and saved: a failed plot must not lose it
+            log.warning("could not write the learning report: %s: %s", type(exc).__name__, exc)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        self.tracker.artifact(report["plot"])
+        print(report["line"])
+        return report
 
     def _summary(self, wall_s: float) -> Dict[str, Any]:
         h = self.reward_history

@@ -78,7 +78,10 @@ def test_two_step_run_logs_every_metric(tmp_path, mode, placement):
     lag = client.get_metric_history(run.info.run_id, "policy/version_lag")
     assert {m.step: m.value for m in lag}[2] == (1.0 if mode == "async" else 0.0)
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "config.yaml" in arts and "grids" in arts
+    assert "config.yaml" in arts and "grids" in arts and "learning_curve.png" in arts
+    # the end-of-run verdict: two steps are too few to judge, and it says so
+    assert summary["learning"]["steps"] == 2 and summary["learning"]["line"].startswith("verdict: too few steps")
+    assert (tmp_path / "learning_curve.png").is_file()
 
 
 def test_kl_reference_after_in_run_sft_is_the_sft_policy(tmp_path):
@@ -140,6 +143,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     cfg = load_config(overrides=args[5:])
     summary = GRPOTrainer(cfg, resume=True, progress=False).run()
     assert summary["steps"] == 3  # history restored from the checkpoint + the remaining steps
+    assert summary["learning"]["steps"] == 3  # the per-component curves too (the plot has every step)
     client, run = run_metrics(summary)
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean"))
     assert steps[-1] == 3 and set(range(done + 1, 4)) <= set(steps)
