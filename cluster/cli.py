@@ -6,6 +6,7 @@ overrides, and validates the whole configuration before doing any work.
     realsr-r1 annotate --input DIR [--overwrite]          captions + tags sidecars with local models
     realsr-r1 prepare-data [--config F] [key=value ...]   HQ images -> LR, labels, manifest
     realsr-r1 init-policy --out DIR [...]                 write the tiny policy + VQ tokenizer
+    realsr-r1 train-vq --out DIR [vq_train.key=value ...]  train the demo VQ tokenizer on bundled photographs
     realsr-r1 import-policy --src DIR --out DIR           convert a released PURE / Lumina-mGPT folder once
     realsr-r1 sft [...]                                   cold-start SFT on traces built from the manifest
     realsr-r1 train [--resume] [...]                      GRPO (after cold-start SFT) on a local or joined Ray
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true")
     sp = add("init-policy", "build the configured policy and VQ tokenizer and save them (HF layout)")
     sp.add_argument("--out", required=True)
+    sp = add("train-vq", "train the configured VQ architecture on CPU from photographs bundled with the dependencies "
+             "(vq_train.*); point vq.checkpoint at the folder it writes")
+    sp.add_argument("--out", required=True, help="new folder: vq_config.json, vq_model.safetensors, training.json")
     sp = add("import-policy", "convert a released PURE / Lumina-mGPT checkpoint folder into this project's HF layout")
     sp.add_argument("--src", required=True, help="the downloaded folder (config.json, safetensors shards, tokenizer file)")
     sp.add_argument("--out", required=True, help="new folder for the converted policy (point policy.checkpoint here)")
@@ -101,6 +105,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from vlcot.config import VQCheckpointError
+
+    try:
+        return _main(argv)
+    except VQCheckpointError as exc:  # found when a command loads the tokenizer: one line, not a traceback
+        print(f"realsr-r1: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Optional[List[str]]) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may sit after flags too (`train --resume learner.lr=1e-4 --no-progress ...`)
@@ -188,6 +202,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         vq_from_config(cfg.vq).save(out / "vq")
         print(f"policy -> {out / 'policy'}  ({sum(p.numel() for p in policy.model.parameters()):,} params)")
         print(f"vq     -> {out / 'vq'}")
+        return 0
+    if args.command == "train-vq":
+        from vlcot.vq_train import train_vq
+
+        print(train_vq(cfg.vq, cfg.vq_train, args.out).render())
         return 0
     if args.command == "import-policy":
         from vlcot.importer import ImportRefused, import_policy

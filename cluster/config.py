@@ -26,7 +26,8 @@ from rollout.config import RolloutConfig
 from rollout.config import problems as rollout_problems
 from rewards.config import problems as reward_problems
 from vlcot.config import (AnnotateConfig, DataConfig, DegradationConfig, ImageConfig, OrderConfig, PolicyConfig,
-                          VQConfig, annotate_problems, architecture_problem)
+                          VQConfig, VQTrainConfig, annotate_problems, architecture_problem, resolve_checkpoint,
+                          vq_train_problems)
 from vlcot.conversation import conversation_problems
 from vlcot.kernels import KERNEL_TYPES
 
@@ -98,6 +99,7 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    vq_train: VQTrainConfig = field(default_factory=VQTrainConfig)
 
 
 class ConfigError(ValueError):
@@ -274,8 +276,13 @@ def validate(cfg: Config) -> None:
         _fail("vq.norm_num_groups", f"must divide every channel count {list(vq.block_out_channels)} and z {vq.z_channels}")
     if vq.codebook_size < 2 or vq.codebook_dim < 1 or vq.layers_per_block < 1:
         _fail("vq", "codebook_size >= 2, codebook_dim >= 1 and layers_per_block >= 1 are required")
-    if vq.checkpoint and not Path(vq.checkpoint).exists():
-        _fail("vq.checkpoint", f"no such file or directory: {vq.checkpoint}")
+    if vq.checkpoint:
+        try:
+            vq_path = resolve_checkpoint(vq.checkpoint)
+        except ValueError as exc:
+            _fail("vq.checkpoint", str(exc))
+        if not vq_path.exists():
+            _fail("vq.checkpoint", f"no such file or directory: {vq_path}")
     if vq.weights not in ("model", "ema"):
         _fail("vq.weights", f"{vq.weights!r} not in ['model', 'ema']")
 
@@ -314,7 +321,8 @@ def validate(cfg: Config) -> None:
         _fail("data", "min_side, max_pixels and variants_per_image must be >= 1")
     for key, msg in (reward_problems(cfg.rewards) + learner_problems(cfg.learner) + rollout_problems(cfg.rollout)
                      + schedule_problems(cfg.learner.schedule, cfg.trainer.steps)
-                     + evaluation_problems(cfg.infer, cfg.eval) + annotate_problems(cfg.annotate)):
+                     + evaluation_problems(cfg.infer, cfg.eval) + annotate_problems(cfg.annotate)
+                     + vq_train_problems(cfg.vq_train)):
         _fail(key, msg)
     _validate_gpu_sharing(cfg)
     estimator = ADVANTAGE_ESTIMATORS.get(cfg.learner.grpo.advantage)

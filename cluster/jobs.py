@@ -54,11 +54,25 @@ def ensure_policy_dir(cfg: Config) -> Path:
 
 
 def ensure_vq_dir(cfg: Config) -> Path:
-    out = Path(cfg.run_dir) / "vq"
-    if not (out / "vq_config.json").is_file():
-        from vlcot.vq import vq_from_config
+    """The run's VQ tokenizer as a directory every actor can load: the configured one (`vq.*`),
+    saved under run_dir once. A run_dir that already holds a different tokenizer is an error:
+    the policy's image codes mean something only to the tokenizer they were learned with."""
+    import torch
 
-        vq_from_config(cfg.vq).save(out)
+    from vlcot.config import VQCheckpointError
+    from vlcot.vq import VQTokenizer, vq_from_config
+
+    out = Path(cfg.run_dir) / "vq"
+    configured = vq_from_config(cfg.vq)
+    if not (out / "vq_config.json").is_file():
+        configured.save(out)
+        return out
+    saved = VQTokenizer.load(out).state_dict()
+    mine = configured.state_dict()
+    if saved.keys() != mine.keys() or any(not torch.equal(saved[k], mine[k]) for k in mine):
+        source = f"vq.checkpoint={cfg.vq.checkpoint}" if cfg.vq.checkpoint else f"a random tokenizer (vq.seed={cfg.vq.seed})"
+        raise VQCheckpointError(f"{out} holds another VQ tokenizer than the configured one ({source}); the policy's image "
+                         f"codes belong to the tokenizer they were learned with: use a new run_dir or delete {out}")
     return out
 
 

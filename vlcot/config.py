@@ -9,6 +9,7 @@ documented next to its default.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 from vlcot.conversation import ConversationConfig
@@ -29,8 +30,9 @@ class VQConfig:
     """LlamaGen-style VQ image tokenizer (paper: ds8, 16,384 codes, dim 8, L2-normalised).
 
     Defaults are LlamaGen `VQ_8` (`vq_ds8_c2i.pt`): ch 128, ch_mult (1, 2, 2, 4), 2 res
-    blocks, z 256. `checkpoint` is a local `vq_ds8_c2i.pt` (LlamaGen layout) or a directory
-    written by `ImageTokenizer.save`; empty means randomly initialised (tests, demo).
+    blocks, z 256. `checkpoint` is a local `vq_ds8_c2i.pt` (LlamaGen layout), a directory
+    written by `VQTokenizer.save` / `realsr-r1 train-vq`, or `builtin:tiny-vq` (the demo's
+    trained tokenizer, vlcot/builtin/tiny_vq); empty means randomly initialised from `seed`.
     """
 
     codebook_size: int = 16384
@@ -42,6 +44,65 @@ class VQConfig:
     checkpoint: str = ""
     weights: str = "model"  # which weights of a LlamaGen training checkpoint: model (as PURE loads) | ema
     seed: int = 0
+
+
+class VQCheckpointError(ValueError):
+    """The configured VQ tokenizer cannot be used (missing, damaged or mismatched files);
+    the message names the file and the config key. Commands print it as one line."""
+
+
+# Tokenizers shipped inside the package, named in config as `vq.checkpoint: builtin:NAME`
+BUILTIN_VQ = {"tiny-vq": Path(__file__).parent / "builtin" / "tiny_vq"}
+
+
+def resolve_checkpoint(value: str) -> Path:
+    """`vq.checkpoint` as a path: `builtin:NAME` is a tokenizer shipped in vlcot/builtin/."""
+    if value.startswith("builtin:"):
+        name = value[len("builtin:"):]
+        if name not in BUILTIN_VQ:
+            raise ValueError(f"no built-in tokenizer {name!r} (there is {sorted(BUILTIN_VQ)})")
+        return BUILTIN_VQ[name]
+    return Path(value)
+
+
+@dataclass
+class VQTrainConfig:
+    """`realsr-r1 train-vq`: train the `vq` architecture on CPU from photographs that ship with
+    the project's dependencies (vlcot/vq_train.py). Two phases: an autoencoder on the
+    L2-normalised latent, then (after spherical k-means seeds the codebook from its latents)
+    the quantised model with straight-through gradients, codebook and commitment losses."""
+
+    autoencoder_steps: int = 1500   # phase 1: no codebook, the decoder learns images
+    quantised_steps: int = 3500     # phase 2: the codebook in the loop
+    batch_size: int = 16
+    crop: int = 64                  # training crops (multiple of 8); the demo encodes 128-px images
+    lr: float = 2.0e-3              # Adam; linear warm-up, then cosine to lr * min_lr_ratio
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    l1_weight: float = 1.0          # loss = mse + l1_weight * l1 + codebook + commitment * commit
+    commitment: float = 0.25
+    kmeans_crops: int = 2048        # latents of this many crops seed the codebook
+    kmeans_iters: int = 8
+    scales: List[float] = field(default_factory=lambda: [1.0, 0.7, 0.5, 0.35])  # source images resized by these
+    channel_shuffle_prob: float = 0.25  # colour augmentation: a random RGB permutation
+    log_every: int = 100
+    threads: int = 0                # torch threads (0 = torch's default)
+    seed: int = 0
+
+
+def vq_train_problems(cfg: VQTrainConfig) -> List[Tuple[str, str]]:
+    out: List[Tuple[str, str]] = []
+    if cfg.crop < 8 or cfg.crop % 8:
+        out.append(("vq_train.crop", f"must be a positive multiple of 8, got {cfg.crop}"))
+    if cfg.autoencoder_steps < 0 or cfg.quantised_steps < 1 or cfg.batch_size < 1:
+        out.append(("vq_train", "autoencoder_steps >= 0, quantised_steps >= 1 and batch_size >= 1 are required"))
+    if cfg.kmeans_crops < 1 or cfg.kmeans_iters < 1:
+        out.append(("vq_train", "kmeans_crops and kmeans_iters must be >= 1"))
+    if not cfg.scales or any(not 0 < s <= 1 for s in cfg.scales):
+        out.append(("vq_train.scales", f"each scale must be in (0, 1], got {list(cfg.scales)}"))
+    if cfg.lr <= 0 or not 0 < cfg.min_lr_ratio <= 1 or not 0 <= cfg.channel_shuffle_prob <= 1:
+        out.append(("vq_train", "lr > 0, min_lr_ratio in (0, 1] and channel_shuffle_prob in [0, 1] are required"))
+    return out
 
 
 @dataclass

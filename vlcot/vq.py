@@ -26,7 +26,7 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from vlcot.config import VQConfig
+from vlcot.config import VQCheckpointError, VQConfig, resolve_checkpoint
 from vlcot.images import to_rgb
 
 CONFIG_NAME = "vq_config.json"
@@ -116,14 +116,28 @@ class VQTokenizer(nn.Module):
     @classmethod
     def load(cls, path: str | Path, cfg: VQConfig | None = None) -> "VQTokenizer":
         """A directory written by `save`, or a LlamaGen `.pt` checkpoint (with `cfg` giving
-        its architecture, default VQ_8)."""
+        its architecture, default VQ_8). A missing, unreadable or mismatched file is a
+        FileNotFoundError / ValueError naming it."""
         path = Path(path)
         if path.is_dir():
-            if not (path / CONFIG_NAME).is_file():
-                raise FileNotFoundError(f"{path} has no {CONFIG_NAME}")
-            saved = VQConfig(**json.loads((path / CONFIG_NAME).read_text()))
+            config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+            for f in (config_file, weights_file):
+                if not f.is_file():
+                    raise FileNotFoundError(f"{path} has no {f.name}")
+            try:
+                saved = VQConfig(**json.loads(config_file.read_text()))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{config_file} is not a VQ configuration: {exc}") from None
             model = cls(saved)
-            model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
+            try:
+                state = load_file(str(weights_file))
+            except Exception as exc:  # safetensors raises its own error types for a damaged file
+                raise ValueError(f"{weights_file} is not a readable safetensors file: {exc}") from None
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise ValueError(f"{weights_file} does not hold the weights {config_file.name} describes: "
+                                 f"{str(exc).splitlines()[0]}") from None
             return model.eval()
         if not path.is_file():
             raise FileNotFoundError(f"VQ checkpoint not found: {path}")
@@ -165,7 +179,18 @@ def read_llamagen_weights(path: str | Path, which: str = "model") -> Dict[str, t
 
 
 def vq_from_config(cfg: VQConfig) -> VQTokenizer:
-    return VQTokenizer.load(cfg.checkpoint, cfg) if cfg.checkpoint else VQTokenizer(cfg)
+    """The configured tokenizer: `vq.checkpoint` loaded, or a random one built from `vq.*`
+    when it is empty. A bad checkpoint is a VQCheckpointError naming the file and the config key."""
+    if not cfg.checkpoint:
+        return VQTokenizer(cfg)
+    try:
+        vq = VQTokenizer.load(resolve_checkpoint(cfg.checkpoint), cfg)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: a .pt torch cannot read or map
+        raise VQCheckpointError(f"vq.checkpoint={cfg.checkpoint}: {str(exc).splitlines()[0]}") from None
+    if vq.cfg.codebook_size != cfg.codebook_size or vq.cfg.codebook_dim != cfg.codebook_dim:
+        raise VQCheckpointError(f"vq.checkpoint={cfg.checkpoint} has a {vq.cfg.codebook_size} x {vq.cfg.codebook_dim} "
+                         f"codebook; vq.codebook_size / codebook_dim say {cfg.codebook_size} x {cfg.codebook_dim}")
+    return vq
 
 
 # ---- LlamaGen key mapping ------------------------------------------------------------------

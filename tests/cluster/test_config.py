@@ -91,8 +91,11 @@ def test_published_iqa_preset_without_weights_fails_before_start(tmp_path):
     ("rewards.generation.aggregate=max", "rewards.generation.aggregate"),
     ("rewards.generation.fidelity.metric=lpips", "rewards.generation.fidelity.metric"),
     ("rewards.weights.format=-1", "rewards.weights.format"),
+    ("vq_train.crop=60", "vq_train.crop"),
+    ("vq_train.scales=[1.0,1.5]", "vq_train.scales"),
+    ("vq_train.quantised_steps=0", "vq_train"),
 ])
-def test_bad_reward_values_name_the_key(override, key):
+def test_bad_reward_and_vq_train_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(overrides=[override])
 
