@@ -83,6 +83,7 @@ def plot_curves(curves: Mapping[str, Sequence[float]], verdict: RiseVerdict, pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = list(curves)
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.9 * len(names) + 0.6), sharex=True, squeeze=False)
@@ -100,6 +101,7 @@ def plot_curves(curves: Mapping[str, Sequence[float]], verdict: RiseVerdict, pat
             ax.axvspan(len(v) - q + 0.5, len(v) + 0.5, color="C2", alpha=0.12)
             ax.legend(fontsize=8, loc="lower right")
     axes[-1, 0].set_xlabel("GRPO step")
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(verdict.line().replace("verdict: ", "", 1).split(", 95%")[0], fontsize=8)
     fig.tight_layout()
     path = Path(path)
