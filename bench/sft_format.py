@@ -33,6 +33,7 @@ from vlcot.images import open_image  # noqa: E402
 from vlcot.policy import load_policy  # noqa: E402
 from vlcot.trace import parse_response  # noqa: E402
 from vlcot.vq import VQTokenizer  # noqa: E402
+from vlcot.vq_train import reconstruction_psnr  # noqa: E402
 
 
 @torch.no_grad()
@@ -71,8 +72,7 @@ def main() -> None:
     hrs = [np.asarray(open_image(r["hr_path"])[0]) for r in records]
     lrs = [open_image(r["lr_path"])[0] for r in records]
     size = cfg.image.hr_size
-    vq_psnr = float(np.mean([psnr_y(np.asarray(vq.decode_images(vq.encode_images([Image.fromarray(h)], size))[0]), h)
-                             for h in hrs]))
+    vq_psnr = float(np.mean([reconstruction_psnr(vq, Image.fromarray(h)) for h in hrs]))
     bicubic = float(np.mean([psnr_y(np.asarray(lr.resize((size, size), Image.BICUBIC)), h) for lr, h in zip(lrs, hrs)]))
     print(f"{len(prompts)} traces, response length {np.mean([len(r) for r in responses]):.0f} tokens; "
           f"lr {cfg.learner.sft.lr}, batch {cfg.learner.sft.batch_size}, {cfg.learner.num_workers} ZeRO-{cfg.learner.zero_stage} ranks; "

@@ -31,6 +31,7 @@ from evaluation.fidelity import psnr_y  # noqa: E402
 from vlcot.data import center_square  # noqa: E402
 from vlcot.images import open_image  # noqa: E402
 from vlcot.vq import VQTokenizer, pil_to_tensor, vq_from_config  # noqa: E402
+from vlcot.vq_train import reconstruction_psnr  # noqa: E402
 
 SIZE = 128
 FIND_HELD_OUT = ("import importlib.util as u, os\n"
@@ -62,11 +63,6 @@ def bicubic_x8(img: Image.Image) -> Image.Image:
     return img.resize((SIZE // 8, SIZE // 8), Image.BICUBIC).resize((SIZE, SIZE), Image.BICUBIC)
 
 
-def vq_psnr(vq: VQTokenizer, images: list) -> list:
-    recon = vq.decode_images(vq.encode_images(images, SIZE))
-    return [psnr_y(np.asarray(r), np.asarray(im)) for r, im in zip(recon, images)]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vq", default=None, help="VQ folder (default: the tiny-cpu config's vq.checkpoint)")
@@ -89,7 +85,8 @@ def main() -> None:
     for name, photo in photos:
         cs = crops(photo)
         bic = [psnr_y(np.asarray(bicubic_x8(c)), np.asarray(c)) for c in cs]
-        rows.append((name, np.mean(vq_psnr(vq, cs)), np.mean(bic), np.mean(vq_psnr(random_vq, cs))))
+        rows.append((name, np.mean([reconstruction_psnr(vq, c) for c in cs]), np.mean(bic),
+                     np.mean([reconstruction_psnr(random_vq, c) for c in cs])))
         print(f"  {name:32s} vq {rows[-1][1]:6.2f} dB  bicubic x8 {rows[-1][2]:6.2f} dB  random vq {rows[-1][3]:6.2f} dB")
     v, b, r = (float(np.mean([row[i] for row in rows])) for i in (1, 2, 3))
     print(f"PSNR (Y) over {len(rows) * 5} crops of {SIZE} px: trained VQ {v:.2f} dB, bicubic x8 {b:.2f} dB, "

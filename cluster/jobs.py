@@ -71,8 +71,8 @@ def ensure_vq_dir(cfg: Config) -> Path:
     mine = configured.state_dict()
     if saved.keys() != mine.keys() or any(not torch.equal(saved[k], mine[k]) for k in mine):
         source = f"vq.checkpoint={cfg.vq.checkpoint}" if cfg.vq.checkpoint else f"a random tokenizer (vq.seed={cfg.vq.seed})"
-        raise VQCheckpointError(f"{out} holds another VQ tokenizer than the configured one ({source}); the policy's image "
-                         f"codes belong to the tokenizer they were learned with: use a new run_dir or delete {out}")
+        raise VQCheckpointError(f"{out} holds another VQ tokenizer than the configured one ({source}); the policy's "
+                                f"image codes belong to the tokenizer they were learned with: use a new run_dir or delete {out}")
     return out
 
 
