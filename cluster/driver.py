@@ -30,7 +30,7 @@ from cluster.reward_pool import RewardPool
 from cluster.rollout_pool import RolloutBatch, RolloutPool
 from cluster.step_data import ScoredSample, StepResult
 from cluster.tracking import Tracker
-from cluster.weight_sync import WEIGHT_SYNCS
+from cluster.weight_sync import WEIGHT_SYNCS, sync_living_workers
 from learner.batch import pack_grpo
 from learner.advantages import estimate_advantages
 from learner.schedule import lr_at
@@ -220,13 +220,10 @@ class GRPOTrainer:
         batch, info = self._learner_batch(samples, version)
         self.learner.set_lr(self.lr_at(step + 1))
         learn = self.learner.grpo_step(batch)
-        change = self.rollout.check_workers()  # a worker that died since the collect would stall the sync
-        if change:
-            dispatched.rollout.lost += change.lost
-            self.weight_sync.workers_changed([], version + 1)
+        sync, lost = sync_living_workers(self.weight_sync, self.rollout, version + 1)  # workers lost since the collect
+        dispatched.rollout.lost += lost
         info.update({"rollout/workers": float(dispatched.rollout.workers),
                      "rollout/workers_lost": float(len(dispatched.rollout.lost))})
-        sync = self.weight_sync.sync(version + 1)
         return StepResult(samples, prompt_errors, learn, sync, info, generate_s, reward_s), following
 
     def lr_at(self, step: int) -> float:

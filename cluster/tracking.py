@@ -24,6 +24,18 @@ def resolve_uri(uri: str, run_dir: str) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
+def set_uri_keeping_environment(mlflow, uri: str) -> None:
+    """Point MLflow's fluent API at `uri` without leaving it in MLFLOW_TRACKING_URI: MLflow
+    exports the URI there for subprocesses, so a later run in the same process (or a job it
+    submits, which forwards the variable) would otherwise log into this run's store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str, run_dir: str, resume_run_id: Optional[str] = None):
         self.enabled = True
@@ -33,7 +45,7 @@ class Tracker:
             import mlflow
 
             self.mlflow = mlflow
-            mlflow.set_tracking_uri(self.uri)
+            set_uri_keeping_environment(mlflow, self.uri)
             artifacts = (Path(run_dir).resolve() / "mlartifacts").as_uri()
             exp = mlflow.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location=artifacts)

@@ -24,18 +24,21 @@ refuses them with `network`, whose NCCL group cannot hold two ranks on one GPU).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import ray
 
 from cluster.shm_weights import shm_dir
 from cluster.transport import WeightTransport
 from vlcot.registry import Registry
+
+log = logging.getLogger(__name__)
 
 WEIGHT_SYNCS: Registry[type] = Registry("weight sync")
 
@@ -145,3 +148,32 @@ class FilesystemSync(WeightSync):
     def workers_changed(self, added: List[int], version: int) -> None:
         for slot in added:
             self.worker_replaced(slot, version)
+
+
+def sync_living_workers(weight_sync: WeightSync, pool, version: int) -> Tuple[Dict[str, float], List[str]]:
+    """Bring every living rollout worker of `pool` (a RolloutPool) to `version`; returns the
+    sync's stats and the nodes of the workers dropped on the way.
+
+    A worker that died since it last answered is dropped (autoscale) or replaced before the
+    sync, and the group is formed again. A node can also go down during the sync itself (the
+    probe found it alive a moment before): the sync then fails, the pool is probed again and,
+    if a worker is gone, the sync is done again over the workers there are now. A failure
+    with every worker still answering is not a lost worker and is raised as it is. Each
+    retry needs a worker fewer or a replacement from the restart budget, so this ends.
+    """
+    lost: List[str] = []
+    change = pool.check_workers()
+    while True:
+        if change:
+            lost += change.lost
+            weight_sync.workers_changed([], version)
+        try:
+            return weight_sync.sync(version), lost
+        except Exception as exc:
+            change = pool.check_workers()
+            if not change:
+                raise
+            log.warning("the weight sync to version %d failed (%s: %s) as rollout workers went away (lost on %s, "
+                        "replaced in slots %s): syncing again over the workers that are left", version,
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", change.lost or "-",
+                        change.replaced or "-")

@@ -54,14 +54,18 @@ def text_length(batch):
 
 
 @pytest.mark.parametrize("mode,placement", [("sync", "enabled"), ("async", "disabled")])
-def test_two_step_run_logs_every_metric(tmp_path, mode, placement):
+def test_two_step_run_logs_every_metric(tmp_path, mode, placement, monkeypatch):
     """Every metric, including a user's reward loaded from a file path into the reward actors,
-    weighted into the total and logged as its own metric."""
+    weighted into the total and logged as its own metric, in the run's own store (MLflow
+    exports the URI to the environment; a run must not leave it there for the next run)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "my_reward.py").write_text(PLUGIN)
     cfg = small(tmp_path, f"trainer.mode={mode}", f"trainer.placement={placement}",
                 f"rewards.plugins.text_length={tmp_path / 'my_reward.py'}:text_length", "rewards.weights.text_length=0.5")
     summary = GRPOTrainer(cfg, progress=False).run()
     assert summary["steps"] == 2
+    assert summary["mlflow_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     client, run = run_metrics(summary)
     required = reward_metric_names(cfg.rewards.weights) + REQUIRED
     assert {"reward/format/mean", "reward/generation/std", "reward/text_length/mean"} <= set(required)

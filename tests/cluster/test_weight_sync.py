@@ -8,8 +8,9 @@ import ray
 
 from cluster.config import load_config
 from cluster.learner_group import LearnerGroup
-from cluster.rollout_pool import RolloutPool
-from cluster.weight_sync import WEIGHT_SYNCS
+from cluster.rollout_pool import PoolChange, RolloutPool
+from cluster.weight_sync import WEIGHT_SYNCS, sync_living_workers
+from tests.cluster.test_rollout_pool import kill
 from tests.learner.test_learner_group import grpo_batch
 from vlcot.trace import build_prompt
 
@@ -68,6 +69,76 @@ def test_each_transport_brings_every_worker_to_the_learner(actors, tiny_policy, 
     sync.close()
     if cfg.trainer.weight_sync == "network":
         assert not Path(sync.folder).exists()  # the shared-memory file is gone with the group
+
+
+def test_a_node_lost_during_the_sync_is_dropped_and_the_sync_done_again(actors, policy_dir, tiny_policy):
+    """The race a real cluster has: a worker answers the pool's probe, then its node goes down
+    before the broadcast reaches it. The sync fails, the worker is dropped and the survivor
+    still ends the step holding the learner's weights."""
+    _, learner, _ = actors
+    cfg = load_config(overrides=["trainer.weight_sync=network", "trainer.weight_sync_shm=false",
+                                 "trainer.weight_sync_timeout_s=20", "rollout.engine=hf", "rollout.num_workers=2",
+                                 "rollout.autoscale=true", "rollout.group_size=2", "rollout.sampling.text_budget=16"])
+    pool = RolloutPool(cfg.rollout, policy_dir, cfg.image, cfg.policy, ready_timeout_s=60)
+    sync = WEIGHT_SYNCS.get("network")(learner, pool.group, cfg)
+    try:
+        sync.connect()
+        survivor, node = pool.workers[0], pool.group.info[1]["node_ip"]
+        probe = pool.check_workers
+
+        def answers_then_goes_down():
+            change = probe()
+            kill(pool.workers[1])
+            pool.check_workers = probe
+            return change
+
+        pool.check_workers = answers_then_goes_down
+        learner.grpo_step(grpo_batch(tiny_policy.layout, 11, n=2))
+        stats, lost = sync_living_workers(sync, pool, 9)
+        assert lost == [node] and pool.workers == [survivor] and pool.lost == 1
+        assert stats["sync/network_workers"] == 1.0
+        assert ray.get(survivor.version.remote()) == 9
+        emb = ray.get(survivor.get_parameter.remote("model.embed_tokens.weight"))
+        assert np.array_equal(emb, learner.full_state_dict()["model.embed_tokens.weight"])
+    finally:
+        sync.close()
+        pool.shutdown()
+
+
+class ScriptedPool:
+    """Probe answers in order (the code around the transport, without actors)."""
+
+    def __init__(self, *changes):
+        self.changes = list(changes)
+
+    def check_workers(self):
+        return self.changes.pop(0)
+
+
+class FailingSync:
+    def __init__(self, failures):
+        self.failures, self.formed = failures, 0
+
+    def workers_changed(self, added, version):
+        self.formed += 1
+
+    def sync(self, version):
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("gloo: connection reset by peer")
+        return {"version": version}
+
+
+def test_a_failed_sync_with_every_worker_answering_is_raised_not_retried():
+    sync = FailingSync(failures=1)
+    with pytest.raises(RuntimeError, match="connection reset"):
+        sync_living_workers(sync, ScriptedPool(PoolChange([], []), PoolChange([], [])), 3)
+    assert sync.formed == 0
+    # two nodes lost one after the other during two syncs: the group is formed again each time
+    sync = FailingSync(failures=2)
+    stats, lost = sync_living_workers(sync, ScriptedPool(PoolChange([], []), PoolChange(["10.0.0.3"], []),
+                                                         PoolChange([], [1])), 3)
+    assert stats == {"version": 3} and lost == ["10.0.0.3"] and sync.formed == 2
 
 
 def test_unknown_transport_is_a_config_error():
