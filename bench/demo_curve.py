@@ -1,9 +1,10 @@
 """The embedded default main job's reward curve and wall time: runs `realsr-r1 train` on
 configs/tiny-cpu.yaml (built-in data, cold-start SFT, GRPO) and prints the total reward of the
 first vs the last 20% of GRPO steps and the run's verdict (last quarter vs first, in
-standard errors; cluster/learning_curve.py). Starts from an empty runs/bench-demo.
+standard errors; cluster/learning_curve.py) and the held-out rewards of the SFT and GRPO
+policies (cluster/heldout_eval.py). Starts from an empty runs/bench-demo (or --run-dir).
 
-    .venv/bin/python bench/demo_curve.py [key=value ...]
+    .venv/bin/python bench/demo_curve.py [--run-dir DIR] [key=value ...]   e.g. seed=1
 """
 
 import json
@@ -17,10 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
+    overrides = sys.argv[1:]
     run_dir = ROOT / "runs" / "bench-demo"
+    if overrides[:1] == ["--run-dir"]:
+        run_dir, overrides = Path(overrides[1]).resolve(), overrides[2:]
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: its own data, tokenizer and SFT
     args = [sys.executable, "-m", "cluster.cli", "train", "--no-progress", f"run_dir={run_dir}",
-            f"data.output_dir={run_dir / 'data'}", *sys.argv[1:]]
+            f"data.output_dir={run_dir / 'data'}", *overrides]
     t0 = time.perf_counter()
     subprocess.run(args, cwd=ROOT, check=True)
     wall = time.perf_counter() - t0
@@ -31,6 +35,8 @@ def main() -> None:
           f"({s['last_20pct_mean'] - s['first_20pct_mean']:+.3f}); wall time {wall:.0f}s for the whole job")
     if s.get("learning"):
         print(s["learning"].get("line", s["learning"]), "; plot:", s["learning"].get("plot"))
+    if s.get("heldout"):
+        print((run_dir / "heldout.md").read_text())
 
 
 if __name__ == "__main__":

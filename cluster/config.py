@@ -72,6 +72,9 @@ class TrainerConfig:
     # /dev/shm file (written in the same parameter walk) instead of the network group
     weight_sync_shm: bool = True
     actor_start_timeout_s: float = 600.0  # an actor not up by then: the error names what it asked for
+    # greedy rewards on the held-out prompts (data.heldout_per_image) with the policy GRPO starts
+    # from and the one it ends with, side by side in <run_dir>/heldout.md (cluster/heldout_eval.py)
+    heldout_eval: bool = True
 
 
 @dataclass
@@ -319,6 +322,11 @@ def validate(cfg: Config) -> None:
         _fail("data.input_dir", f"not a directory: {data.input_dir}")
     if data.min_side < 1 or data.max_pixels < 1 or data.variants_per_image < 1:
         _fail("data", "min_side, max_pixels and variants_per_image must be >= 1")
+    if data.crops_per_image < 0 or data.heldout_per_image < 0:
+        _fail("data", f"crops_per_image and heldout_per_image must be >= 0, got {data.crops_per_image} and "
+              f"{data.heldout_per_image}")
+    if not 0 < data.crop_min_scale <= 1:
+        _fail("data.crop_min_scale", f"must be in (0, 1], got {data.crop_min_scale}")
     for key, msg in (reward_problems(cfg.rewards) + learner_problems(cfg.learner) + rollout_problems(cfg.rollout)
                      + schedule_problems(cfg.learner.schedule, cfg.trainer.steps)
                      + evaluation_problems(cfg.infer, cfg.eval) + annotate_problems(cfg.annotate)

@@ -24,7 +24,9 @@ import numpy as np
 
 from cluster.config import Config, flatten, to_yaml
 from cluster.envs import runtime_env_for_iqa
-from cluster.jobs import cold_start_sft, ensure_policy_dir, ensure_vq_dir, manifest_for, required_cpus, start_ray
+from cluster.heldout_eval import HeldOutEval, score_from, summary_line
+from cluster.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, manifest_for,
+                          required_cpus, start_ray)
 from cluster.metrics import step_metrics, step_line
 from cluster.reward_pool import RewardPool
 from cluster.rollout_pool import RolloutBatch, RolloutPool
@@ -36,8 +38,8 @@ from learner.advantages import estimate_advantages
 from learner.schedule import lr_at
 from rewards.scoring import RewardInput
 from rollout.engine import PromptError
-from vlcot.data import read_manifest
-from vlcot.trace import build_prompt, parse_response
+from vlcot.data import heldout_manifest_path, read_manifest
+from vlcot.trace import parse_response
 
 log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
@@ -124,16 +126,45 @@ class GRPOTrainer:
         self.vq = VQTokenizer.load(self.vq_dir)
         self.meta = meta = load_policy_meta(self.policy_dir, cfg.policy, cfg.image, cfg.vq)
         self.tokenizer, self.layout, self.codec = meta.tokenizer, meta.layout, meta.codec
-        from vlcot.images import open_image
-
-        self.prompt_ids: List[List[int]] = []
-        for rec in self.records:
-            lr, why, _ = open_image(rec["lr_path"])
-            if lr is None:
-                raise RuntimeError(f"manifest LR image unreadable: {rec['lr_path']}: {why}")
-            self.prompt_ids.append(build_prompt(self.vq.encode_images([lr], cfg.image.prompt_size)[0], self.codec, self.layout))
+        self.prompt_ids = encode_prompts(self.records, self.vq, cfg.image, self.codec, self.layout)
         self.image_ids = self.layout.image_span_ids()
         self.cursor = DataCursor(len(self.records), cfg.seed)
+        self.heldout = self._heldout_set()
+
+    def _heldout_set(self) -> Optional[HeldOutEval]:
+        """The held-out prompts (`trainer.heldout_eval`), or None with a line saying why not."""
+        cfg = self.cfg
+        if not cfg.trainer.heldout_eval:
+            return None
+        path = heldout_manifest_path(cfg.data)
+        if not path.is_file():
+            print(f"held-out eval: none ({path} does not exist; prepare-data writes it with data.heldout_per_image > 0)")
+            return None
+        records = read_manifest(path)
+        return HeldOutEval(records, encode_prompts(records, self.vq, cfg.image, self.codec, self.layout), path,
+                           self.run_dir, list(cfg.rewards.weights), cfg.image.hr_size, self.codec, self.layout)
+
+    def _measure_heldout(self, end: bool, version: int) -> Optional[Dict[str, Any]]:
+        """Score the held-out prompts with the policy the workers hold: the start column after
+        SFT (kept on disk for a resumed run), the end column after the last step."""
+        if self.heldout is None:
+            return None
+        t0 = time.perf_counter()
+        previous = self.heldout.load()
+        start = score_from(previous.get("start"))
+        if not end:
+            start = self.heldout.measure(self.rollout, self.rewards, "SFT" if self.sft_ran else "initial", version)
+            report = self.heldout.save(start, None)
+        else:
+            final = self.heldout.measure(self.rollout, self.rewards, "GRPO", version)
+            report = self.heldout.save(start, final)
+            print(summary_line(start, final, len(self.heldout.records)) + f" [{time.perf_counter() - t0:.0f}s; "
+                  f"{self.heldout.report.with_name('heldout.md')}]")
+            for column, score in (("start", start), ("end", final)):
+                if score:
+                    self.tracker.metrics({f"heldout/{column}/{k}": v for k, v in score.means.items()}, step=version)
+            self.tracker.artifact(str(self.heldout.report.with_name("heldout.md")))
+        return report
 
     def _start_actors(self) -> None:
         from cluster.learner_group import LearnerGroup
@@ -331,11 +362,14 @@ class GRPOTrainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             self.tracker.artifact(str(self.run_dir / "config.yaml"))
         try:
-            if cfg.trainer.sft and cfg.learner.sft.steps > 0:
+            self.sft_ran = cfg.trainer.sft and cfg.learner.sft.steps > 0
+            if self.sft_ran:
                 if not self.resume:
                     self._sft()
                 self._reference_is_sft()
-            self.weight_sync.sync(version)
+            sync_living_workers(self.weight_sync, self.rollout, version)
+            if start == 0:
+                self._measure_heldout(end=False, version=version)
             bar = tqdm(total=cfg.trainer.steps, initial=start, desc="grpo", disable=not self.progress)
             pending = self._dispatch(start) if start < cfg.trainer.steps else None
             for step in range(start, cfg.trainer.steps):
@@ -350,11 +384,13 @@ class GRPOTrainer:
                     pending = self._dispatch(step + 1)
             bar.close()
             self.final_state = self._final_state(version)
+            self.heldout_report = self._measure_heldout(end=True, version=version)
             self.learning = self._learning_report()
         finally:
             self.tracker.close()
             self.shutdown()
-        summary = {**self._summary(time.perf_counter() - t_run), **self.final_state, "learning": self.learning}
+        summary = {**self._summary(time.perf_counter() - t_run), **self.final_state, "learning": self.learning,
+                   "heldout": self.heldout_report}
         (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 

@@ -40,6 +40,22 @@ def manifest_for(cfg: Config, role: str) -> Path:
     return Path(path)
 
 
+def encode_prompts(records: List[Dict], vq, image_cfg, codec, layout) -> List[List[int]]:
+    """The policy's prompt token ids for manifest records: each LR image, encoded by the VQ
+    tokenizer at `image.prompt_size`, in the prompt template. An unreadable LR is an error
+    naming the file (a manifest is written by prepare-data, so damage should not pass)."""
+    from vlcot.images import open_image
+    from vlcot.trace import build_prompt
+
+    ids = []
+    for rec in records:
+        lr, why, _ = open_image(rec["lr_path"])
+        if lr is None:
+            raise RuntimeError(f"manifest LR image unreadable: {rec['lr_path']}: {why}")
+        ids.append(build_prompt(vq.encode_images([lr], image_cfg.prompt_size)[0], codec, layout))
+    return ids
+
+
 def ensure_policy_dir(cfg: Config) -> Path:
     """The starting policy as an HF-layout directory every actor can load: the configured
     checkpoint, or the tiny policy built from config once and saved under run_dir."""

@@ -41,6 +41,8 @@ class RolloutBatch:
     calls: Dict[int, Any]  # worker index -> in-flight object ref
     started: float  # perf_counter at dispatch
     lost: List[str] = field(default_factory=list)  # nodes of the workers dropped while collecting it
+    n: Optional[int] = None  # samples per prompt (None: rollout.group_size)
+    greedy: bool = False
 
     @property
     def workers(self) -> int:
@@ -93,17 +95,19 @@ class RolloutPool:
         return self.group.restarts
 
     # ---- generation ------------------------------------------------------------------------
-    def submit(self, prompts: Sequence[Sequence[int]], seed: int) -> RolloutBatch:
-        """Dispatch prompts (G samples each, on one worker) to the least-loaded workers."""
+    def submit(self, prompts: Sequence[Sequence[int]], seed: int, n: Optional[int] = None,
+               greedy: bool = False) -> RolloutBatch:
+        """Dispatch prompts (G samples each, or `n`; greedy decoding with `greedy`; all of a
+        prompt's samples on one worker) to the least-loaded workers."""
         load = [0] * len(self.workers)
         assignment: Dict[int, List[int]] = {i: [] for i in range(len(self.workers))}
         for p in range(len(prompts)):
             w = min(range(len(self.workers)), key=lambda i: (load[i], i))
             assignment[w].append(p)
             load[w] += 1
-        calls = {w: self.workers[w].generate.remote([prompts[i] for i in idx], None, worker_seed(seed, w))
+        calls = {w: self.workers[w].generate.remote([prompts[i] for i in idx], n, worker_seed(seed, w), greedy)
                  for w, idx in assignment.items() if idx}
-        return RolloutBatch([list(p) for p in prompts], seed, assignment, calls, time.perf_counter())
+        return RolloutBatch([list(p) for p in prompts], seed, assignment, calls, time.perf_counter(), n=n, greedy=greedy)
 
     def collect(self, batch: RolloutBatch, on_replaced: Optional[Callable[[int], None]] = None) -> List[Any]:
         """Results per prompt (list of samples or PromptError), in prompt order. A dead worker
@@ -154,7 +158,8 @@ class RolloutPool:
             if on_replaced is not None:
                 on_replaced(w)
             target = w
-        ref = self.workers[target].generate.remote([batch.prompts[i] for i in call.positions], None, call.seed)
+        ref = self.workers[target].generate.remote([batch.prompts[i] for i in call.positions], batch.n, call.seed,
+                                                   batch.greedy)
         return PendingCall(target, call.positions, call.seed, ref)
 
     def check_workers(self) -> "PoolChange":

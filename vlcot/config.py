@@ -269,7 +269,15 @@ class DataConfig:
     usm_hr: bool = False
     min_side: int = 128  # smaller HQ images are skipped (counted, with the reason)
     max_pixels: int = 80_000_000  # larger images are skipped before decoding (PIL's bomb guard is ~89M)
-    variants_per_image: int = 1  # degraded LR copies per HQ image (different seeds)
+    variants_per_image: int = 1  # degraded LR copies per HR crop (different seeds)
+    # 0 = one HR per image, its centre square; N = N random square crops per image, each its
+    # own HR (and LR copies), with sides from crop_min_scale to 1 of the image's short side
+    crops_per_image: int = 0
+    crop_min_scale: float = 0.6
+    # random crops per image written to heldout.jsonl beside the manifest, never into it: crop
+    # boxes and degradation draws no training prompt has (`trainer.heldout_eval` scores them)
+    heldout_per_image: int = 0
+    heldout_manifest: str = ""  # default: heldout.jsonl beside the manifest
     seed: int = 1234
 
 

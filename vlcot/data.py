@@ -3,7 +3,7 @@ images, degradation labels and a JSONL manifest.
 
 Manifest record (paths relative to the manifest's folder):
 
-    {"id", "source", "hr_path", "lr_path", "hr_size", "hr_usm", "lr_size", "seed",
+    {"id", "source", "hr_path", "lr_path", "hr_size", "hr_usm", "lr_size", "seed", "crop": [left, top, side],
      "captions": {"x4", "x2", "x1"} | null, "tags": [...],
      "degradation": {"labels": [5 words], "text": "...", "params": {...}}, "notes": [...]}
 
@@ -59,8 +59,11 @@ class Summary:
     annotation_problems: Counter = field(default_factory=Counter)
     missing_captions: int = 0  # usable images without captions (SFT writes the fallback caption)
     missing_tags: int = 0  # usable images without tags (their understanding reward is 0)
-    labels: List[Counter] = field(default_factory=lambda: [Counter() for _ in range(5)])
+    labels: List[Counter] = field(default_factory=lambda: [Counter() for _ in range(5)])  # of the manifest's samples
     manifest: str = ""
+    heldout_samples: int = 0
+    heldout_manifest: str = ""
+    heldout_missing: int = 0  # held-out crops not made: the image had no box training does not use
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -74,6 +77,9 @@ class Summary:
             "missing_tags": self.missing_tags,
             "labels": [dict(c) for c in self.labels],
             "manifest": self.manifest,
+            "heldout_samples": self.heldout_samples,
+            "heldout_manifest": self.heldout_manifest,
+            "heldout_missing": self.heldout_missing,
         }
 
     def render(self) -> str:
@@ -81,6 +87,10 @@ class Summary:
             f"prepare-data: {self.seen} files seen, {self.images_ok} usable -> {self.samples} samples",
             f"  manifest: {self.manifest}",
         ]
+        if self.heldout_manifest:
+            lines.append(f"  held-out: {self.heldout_samples} samples in {self.heldout_manifest}"
+                         + (f" (WARNING: {self.heldout_missing} crops not made: images too small for a crop "
+                            "training does not use)" if self.heldout_missing else ""))
         for title, counter in (("converted", self.converted), ("skipped", self.skipped),
                                ("annotation problems", self.annotation_problems)):
             if counter:
@@ -192,10 +202,56 @@ def _validate_annotation(obj: Any) -> Dict[str, Any]:
 # ---- processing ---------------------------------------------------------------------------
 def center_square(image: Image.Image, size: int) -> Image.Image:
     """Centre-crop to a square on the short side and resize to size x size (Lanczos)."""
-    w, h = image.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return image.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS)
+    return square_crop(image, center_box(*image.size), size)
+
+
+Box = Tuple[int, int, int]  # left, top, side of a square crop
+
+
+def center_box(width: int, height: int) -> Box:
+    s = min(width, height)
+    return (width - s) // 2, (height - s) // 2, s
+
+
+def square_crop(image: Image.Image, box: Box, size: int) -> Image.Image:
+    left, top, side = box
+    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+
+
+@dataclass(frozen=True)
+class View:
+    """One HR made from an image: its id, the square it crops, and the split it feeds."""
+
+    id: str
+    box: Box
+    heldout: bool = False
+
+
+def image_views(image_id: str, width: int, height: int, data: DataConfig, hr_size: int) -> List[View]:
+    """The HRs prepare-data makes from one image: its centre square (`data.crops_per_image` 0)
+    or that many random squares, plus `data.heldout_per_image` random squares for the held-out
+    set, each a box no training view has. Seeded by the image id, so a rerun makes the same."""
+    short = min(width, height)
+    smallest = min(short, max(hr_size, int(round(data.crop_min_scale * short))))
+    rng = np.random.default_rng(sample_seed(data.seed, image_id, -1))
+
+    def random_box() -> Box:
+        side = int(rng.integers(smallest, short + 1))
+        return int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1)), side
+
+    if data.crops_per_image == 0:
+        views = [View(image_id, center_box(width, height))]
+    else:
+        views = [View(f"{image_id}_c{k}", random_box()) for k in range(data.crops_per_image)]
+    taken = {v.box for v in views}
+    for k in range(data.heldout_per_image):
+        for _ in range(1000):  # a small image has few distinct boxes: a repeat is drawn again
+            box = random_box()
+            if box not in taken:
+                taken.add(box)
+                views.append(View(f"{image_id}_h{k}", box, heldout=True))
+                break
+    return views  # fewer held-out views than asked when the image has no other box (the caller counts them)
 
 
 def sample_seed(base: int, image_id: str, variant: int) -> int:
@@ -219,9 +275,11 @@ def prepare(candidates, out_dir: Path, image: ImageConfig, degradation: Degradat
     (out_dir / "hr").mkdir(parents=True, exist_ok=True)
     (out_dir / "lr").mkdir(parents=True, exist_ok=True)
     manifest = Path(data.manifest) if data.manifest else out_dir / "manifest.jsonl"
-    summary = Summary(manifest=str(manifest))
+    summary = Summary(manifest=str(manifest),
+                      heldout_manifest=str(heldout_manifest_path(data)) if data.heldout_per_image else "")
     lr_hw = (image.lr_size, image.lr_size)
     records: List[Dict[str, Any]] = []
+    heldout: List[Dict[str, Any]] = []
     skipped: List[Dict[str, str]] = []
     cands = list(candidates)
     if data.require_annotations:
@@ -243,40 +301,53 @@ def prepare(candidates, out_dir: Path, image: ImageConfig, degradation: Degradat
             summary.annotation_problems[cand.annotation_error.split(":")[0]] += 1
             notes.append(cand.annotation_error)
         summary.images_ok += 1
-        hr = center_square(img, image.hr_size)
-        hr_rel = Path("hr") / f"{cand.id}.png"
-        hr_arr = np.asarray(hr, dtype=np.uint8)  # the LR is degraded from this, sharpened or not
-        (Image.fromarray(usm_sharpen(hr_arr)) if data.usm_hr else hr).save(out_dir / hr_rel)
         ann = cand.annotation or {}
         lacks = missing_annotation(ann)
         summary.missing_captions += "captions" in lacks
         summary.missing_tags += "tags" in lacks
-        for v in range(data.variants_per_image):
-            seed = sample_seed(data.seed, cand.id, v)
-            lr, params = degrade(hr_arr, lr_hw, degradation, seed)
-            labels = label_degradation(params, degradation.thresholds)
-            for i, w in enumerate(labels):
-                summary.labels[i][w] += 1
-            lr_rel = Path("lr") / f"{cand.id}_v{v}.png"
-            Image.fromarray(lr).save(out_dir / lr_rel)
-            records.append({
-                "id": f"{cand.id}_v{v}",
-                "source": cand.source,
-                "hr_path": hr_rel.as_posix(),
-                "lr_path": lr_rel.as_posix(),
-                "hr_size": image.hr_size,
-                "hr_usm": data.usm_hr,
-                "lr_size": image.lr_size,
-                "seed": seed,
-                "captions": ann.get("captions"),
-                "tags": ann.get("tags", []),
-                "degradation": {"labels": labels, "text": degradation_text(labels), "params": params},
-                "notes": notes,
-            })
-            summary.samples += 1
+        views = image_views(cand.id, *img.size, data, image.hr_size)
+        short = data.heldout_per_image - sum(v.heldout for v in views)
+        if short:
+            summary.heldout_missing += short
+            log.warning("%s: %dx%d has no crop left that training does not use: %d of its %d held-out crops are "
+                        "not made", cand.source, *img.size, short, data.heldout_per_image)
+        for view in views:
+            hr = square_crop(img, view.box, image.hr_size)
+            hr_rel = Path("hr") / f"{view.id}.png"
+            hr_arr = np.asarray(hr, dtype=np.uint8)  # the LR is degraded from this, sharpened or not
+            (Image.fromarray(usm_sharpen(hr_arr)) if data.usm_hr else hr).save(out_dir / hr_rel)
+            for v in range(data.variants_per_image):
+                seed = sample_seed(data.seed, view.id, v)
+                lr, params = degrade(hr_arr, lr_hw, degradation, seed)
+                labels = label_degradation(params, degradation.thresholds)
+                lr_rel = Path("lr") / f"{view.id}_v{v}.png"
+                Image.fromarray(lr).save(out_dir / lr_rel)
+                (heldout if view.heldout else records).append({
+                    "id": f"{view.id}_v{v}",
+                    "source": cand.source,
+                    "hr_path": hr_rel.as_posix(),
+                    "lr_path": lr_rel.as_posix(),
+                    "hr_size": image.hr_size,
+                    "hr_usm": data.usm_hr,
+                    "lr_size": image.lr_size,
+                    "seed": seed,
+                    "crop": list(view.box),
+                    "captions": ann.get("captions"),
+                    "tags": ann.get("tags", []),
+                    "degradation": {"labels": labels, "text": degradation_text(labels), "params": params},
+                    "notes": notes,
+                })
+                if view.heldout:
+                    summary.heldout_samples += 1
+                    continue
+                for i, w in enumerate(labels):
+                    summary.labels[i][w] += 1
+                summary.samples += 1
     for warning in summary.annotation_warnings():
         log.warning("prepare-data: %s", warning)
     _write_jsonl(manifest, records)
+    if data.heldout_per_image:
+        _write_jsonl(Path(summary.heldout_manifest), heldout)
     _write_jsonl(out_dir / "skipped.jsonl", skipped)
     (out_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
@@ -328,6 +399,14 @@ def read_manifest(path: str | Path) -> List[Dict[str, Any]]:
             row[key] = str((path.parent / row[key]).resolve())
         rows.append(row)
     return rows
+
+
+def heldout_manifest_path(data: DataConfig) -> Path:
+    """`data.heldout_manifest`, else heldout.jsonl beside the manifest."""
+    if data.heldout_manifest:
+        return Path(data.heldout_manifest)
+    manifest = Path(data.manifest) if data.manifest else Path(data.output_dir) / "manifest.jsonl"
+    return manifest.parent / "heldout.jsonl"
 
 
 def prepare_data(image: ImageConfig, degradation: DegradationConfig, data: DataConfig, progress: bool = True) -> Summary:

@@ -94,20 +94,39 @@ def test_kl_reference_after_in_run_sft_is_the_sft_policy(tmp_path):
     SFT and GRPO read their own manifests (`data.sft_manifest`, `data.rl_manifest`)."""
     from cluster.jobs import ensure_data
 
-    base = small(tmp_path)
+    base = small(tmp_path, "data.heldout_per_image=1")
     lines = ensure_data(base).read_text().splitlines()
     data = tmp_path / "data"
     (data / "sft.jsonl").write_text("\n".join(lines[:3]) + "\n")  # beside the manifest: same relative paths
     (data / "rl.jsonl").write_text("\n".join(lines[3:8]) + "\n")
     summary = GRPOTrainer(small(tmp_path, "trainer.sft=true", "learner.sft.steps=4", "trainer.steps=1",
                                 "learner.grpo.kl_monitor=true", f"data.sft_manifest={data / 'sft.jsonl'}",
-                                f"data.rl_manifest={data / 'rl.jsonl'}"), progress=False).run()
+                                f"data.rl_manifest={data / 'rl.jsonl'}", "data.heldout_per_image=1"),
+                          progress=False).run()
     client, run = run_metrics(summary)
     kl = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "kl")}
     assert abs(kl[1]) < 1e-6, kl
+    # the held-out prompts (one crop per built-in image) scored greedily with the SFT and the GRPO policy
+    held = summary["heldout"]
+    assert held["prompts"] == 11 and held["manifest"] == str(data / "heldout.jsonl")
+    assert (held["start"]["policy"], held["start"]["version"], held["end"]["policy"], held["end"]["version"]) == (
+        "SFT", 0, "GRPO", 1)
+    for column in ("start", "end"):
+        means = held[column]["means"]
+        assert held[column]["prompts"] + held[column]["refused"] == 11 and set(means) == {*cfg_rewards(), "total"}
+        assert 0 <= means["format"] <= 1 and 0 <= means["degradation"] <= 1
+    table = (tmp_path / "heldout.md").read_text()
+    assert "| SFT (v0) | GRPO (v1) | change |" in table and "| degradation |" in table
+    assert f"{held['end']['means']['total'] - held['start']['means']['total']:+.3f}" in table
+    assert "heldout/end/degradation" in run.data.metrics and "heldout.md" in {
+        a.path for a in client.list_artifacts(run.info.run_id)}
     assert (tmp_path / "sft" / "hf" / "config.json").is_file()
     saved = json.loads((tmp_path / "train_summary.json").read_text())
     assert (saved["sft_examples"], saved["rl_records"], saved["rl_manifest"]) == (3, 5, str(data / "rl.jsonl"))
+
+
+def cfg_rewards():
+    return list(load_config().rewards.weights)
 
 
 def test_killed_rollout_worker_and_reward_actor_do_not_lose_samples(tmp_path):
@@ -133,7 +152,8 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     args = [sys.executable, "-m", "cluster.cli", "train", "--no-progress", f"run_dir={tmp_path}",
             f"data.output_dir={tmp_path / 'data'}", "trainer.steps=3", "trainer.prompts_per_step=2",
             "rollout.group_size=2", "trainer.sft=false", "trainer.checkpoint_every=1", "rollout.sampling.text_budget=64",
-            "learner.schedule.name=linear", "learner.schedule.final_ratio=0.25", "learner.schedule.warmup_steps=1"]
+            "learner.schedule.name=linear", "learner.schedule.final_ratio=0.25", "learner.schedule.warmup_steps=1",
+            "data.heldout_per_image=1"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
     while time.time() < deadline and latest_checkpoint(str(tmp_path)) is None:
@@ -148,6 +168,8 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     summary = GRPOTrainer(cfg, resume=True, progress=False).run()
     assert summary["steps"] == 3  # history restored from the checkpoint + the remaining steps
     assert summary["learning"]["steps"] == 3  # the per-component curves too (the plot has every step)
+    held = summary["heldout"]  # the start column was measured by the killed run, before its first step
+    assert (held["start"]["policy"], held["start"]["version"], held["end"]["version"]) == ("initial", 0, 3)
     client, run = run_metrics(summary)
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean"))
     assert steps[-1] == 3 and set(range(done + 1, 4)) <= set(steps)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from cluster.cli import main as cli_main
 from vlcot.config import DataConfig, DegradationConfig, ImageConfig
-from vlcot.data import prepare, folder_candidates, read_manifest
+from vlcot.data import center_box, folder_candidates, prepare, read_manifest, square_crop
 from vlcot.images import open_image, to_rgb
 from vlcot.trace import SLOT_WORDS, SLOTS
 
@@ -107,6 +107,54 @@ def test_variants_have_distinct_seeds(tmp_path):
     rows = read_manifest(tmp_path / "out" / "manifest.jsonl")
     assert len(rows) == 3 and len({r["seed"] for r in rows}) == 3
     assert len({r["hr_path"] for r in rows}) == 1
+
+
+def test_random_crops_and_a_heldout_set_that_never_overlaps_the_training_prompts(tmp_path):
+    """Each crop is its own HR with its own degradations; the held-out crops are boxes and
+    degradation draws no manifest record has, written beside the manifest, never into it."""
+    (tmp_path / "in").mkdir()
+    photo((260, 200)).save(tmp_path / "in" / "a.png")
+    photo((200, 240)).transpose(Image.FLIP_LEFT_RIGHT).save(tmp_path / "in" / "b.png")
+    data = DataConfig(output_dir=str(tmp_path / "out"), crops_per_image=4, heldout_per_image=3, variants_per_image=2)
+    summary = prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(), data, progress=False)
+    train = read_manifest(tmp_path / "out" / "manifest.jsonl")
+    held = read_manifest(tmp_path / "out" / "heldout.jsonl")
+    assert (len(train), len(held)) == (2 * 4 * 2, 2 * 3 * 2) == (summary.samples, summary.heldout_samples)
+    assert summary.heldout_manifest == str(tmp_path / "out" / "heldout.jsonl")
+    assert sum(summary.labels[0].values()) == len(train)  # label counts describe the training prompts only
+    views = lambda rows: {(r["source"], tuple(r["crop"])) for r in rows}
+    assert len(views(train)) == 8 and len(views(held)) == 6 and not views(train) & views(held)
+    assert not {r["seed"] for r in train} & {r["seed"] for r in held}
+    assert not {r["hr_path"] for r in train} & {r["hr_path"] for r in held}
+    train_lr = {np.asarray(Image.open(r["lr_path"])).tobytes() for r in train}
+    assert not train_lr & {np.asarray(Image.open(r["lr_path"])).tobytes() for r in held}
+    for r in train + held:  # every box is a square inside its image, at least the HR size
+        left, top, side = r["crop"]
+        w, h = Image.open(r["source"]).size
+        assert side >= 128 and 0 <= left <= w - side and 0 <= top <= h - side, r["crop"]
+    r = held[0]  # the HR is exactly that box of the source, resized
+    hr = square_crop(Image.open(r["source"]).convert("RGB"), tuple(r["crop"]), 128)
+    assert np.array_equal(np.asarray(hr), np.asarray(Image.open(r["hr_path"])))
+    before = (tmp_path / "out" / "heldout.jsonl").read_text()  # seeded: a rerun makes the same sets
+    prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(), data, progress=False)
+    assert (tmp_path / "out" / "heldout.jsonl").read_text() == before
+
+
+def test_default_is_the_centre_square_and_no_heldout_set(tmp_path):
+    (tmp_path / "in").mkdir()
+    photo((160, 140)).save(tmp_path / "in" / "a.png")
+    data = DataConfig(output_dir=str(tmp_path / "out"))
+    summary = prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(), data, progress=False)
+    (row,) = read_manifest(tmp_path / "out" / "manifest.jsonl")
+    assert row["id"] == "a_v0" and tuple(row["crop"]) == center_box(160, 140) == (10, 0, 140)
+    assert summary.heldout_samples == 0 and not (tmp_path / "out" / "heldout.jsonl").exists()
+    # a 128-px square has one 128-px box, which training takes: its held-out crop is counted as not made
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(tmp_path / "in" / "small.png")
+    summary = prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(),
+                      DataConfig(output_dir=str(tmp_path / "out"), heldout_per_image=1), progress=False)
+    assert (summary.samples, summary.heldout_samples, summary.heldout_missing) == (2, 1, 1)
+    assert "1 crops not made" in summary.render()
+    assert [r["id"] for r in read_manifest(tmp_path / "out" / "heldout.jsonl")] == ["a_h0_v0"]
 
 
 def test_cli_prepare_data_builtin(tmp_path, capsys):

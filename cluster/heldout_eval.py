@@ -1,0 +1,115 @@
+"""The held-out check at both ends of a GRPO run.
+
+Greedy generations on prompts no training step sees (`data.heldout_per_image` crops with
+their own degradation draws, written by prepare-data to heldout.jsonl), scored by the run's
+own reward actors: once with the policy GRPO starts from (the cold-start SFT result) and
+once with the policy it ends with. Greedy, because sampling noise would swamp the
+difference between two checkpoints of a small policy. The two columns go side by side into
+`<run_dir>/heldout.md` and `heldout.json`, the summary and MLflow (`heldout/start/*`,
+`heldout/end/*`). The start column is written as soon as it is measured, so a resumed run
+still has it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from rewards.scoring import RewardInput
+from rollout.engine import PromptError
+from vlcot.trace import parse_response
+
+log = logging.getLogger(__name__)
+REPORT_JSON, REPORT_MD = "heldout.json", "heldout.md"
+
+
+@dataclass
+class HeldOutScore:
+    """Mean rewards of one policy on the held-out prompts (one greedy sample each)."""
+
+    policy: str  # what was measured: "SFT" / "initial" / "GRPO"
+    version: int  # the policy version the rollout workers held
+    prompts: int  # prompts scored
+    refused: int  # prompts the rollout engine refused (each logged)
+    means: Dict[str, float]  # reward name -> mean over the prompts; "total" too
+
+
+class HeldOutEval:
+    def __init__(self, records: List[Dict[str, Any]], prompt_ids: List[List[int]], manifest: Path, run_dir: Path,
+                 reward_names: List[str], hr_size: int, codec, layout):
+        if not records:
+            raise ValueError(f"the held-out manifest {manifest} is empty")
+        self.records, self.prompt_ids, self.manifest = records, prompt_ids, manifest
+        self.report = Path(run_dir) / REPORT_JSON
+        self.reward_names, self.hr_size, self.codec, self.layout = list(reward_names), hr_size, codec, layout
+
+    def measure(self, rollout, rewards, policy: str, version: int) -> HeldOutScore:
+        """One greedy generation per held-out prompt on the rollout pool, scored by the reward pool."""
+        results = rollout.collect(rollout.submit(self.prompt_ids, seed=0, n=1, greedy=True))
+        inputs, refused = [], 0
+        for rec, res in zip(self.records, results):
+            if isinstance(res, PromptError):
+                refused += 1
+                log.warning("held-out prompt %s refused: %s", rec["id"], res.reason)
+                continue
+            parsed = parse_response(res[0].token_ids, self.codec, self.layout, hr_size=self.hr_size)
+            inputs.append(RewardInput(f"heldout:{rec['id']}", parsed, rec["degradation"]["labels"],
+                                      rec.get("tags") or [], rec["hr_path"]))
+        scored = rewards.score(inputs) if inputs else []
+        means = {name: float(np.mean([r.components[name] for r in scored])) if scored else float("nan")
+                 for name in self.reward_names}
+        means["total"] = float(np.mean([r.total for r in scored])) if scored else float("nan")
+        return HeldOutScore(policy, version, len(scored), refused, means)
+
+    # ---- the report ------------------------------------------------------------------------
+    def load(self) -> Dict[str, Any]:
+        return json.loads(self.report.read_text()) if self.report.is_file() else {}
+
+    def save(self, start: Optional[HeldOutScore], end: Optional[HeldOutScore]) -> Dict[str, Any]:
+        """Write heldout.json and heldout.md; returns what was written."""
+        report = {"manifest": str(self.manifest), "prompts": len(self.records), "decoding": "greedy",
+                  "start": asdict(start) if start else None, "end": asdict(end) if end else None}
+        self.report.write_text(json.dumps(report, indent=2))
+        self.report.with_name(REPORT_MD).write_text(render(report))
+        return report
+
+
+def score_from(d: Optional[Dict[str, Any]]) -> Optional[HeldOutScore]:
+    return HeldOutScore(**d) if d else None
+
+
+def render(report: Dict[str, Any]) -> str:
+    """Markdown: one row per reward, the start and end policy side by side, and the change."""
+    start, end = score_from(report.get("start")), score_from(report.get("end"))
+    cols = [s for s in (start, end) if s]
+    head = " | ".join(f"{s.policy} (v{s.version})" for s in cols)
+    lines = [f"Held-out prompts: {report['prompts']} from {report['manifest']}, one greedy sample each.", "",
+             f"| reward | {head} |" + (" change |" if start and end else ""),
+             "|---|" + "---|" * (len(cols) + (1 if start and end else 0))]
+    names = list((start or end).means) if cols else []
+    for name in names:
+        row = f"| {name} | " + " | ".join(f"{s.means[name]:.3f}" for s in cols) + " |"
+        if start and end:
+            row += f" {end.means[name] - start.means[name]:+.3f} |"
+        lines.append(row)
+    for s in cols:
+        if s.refused:
+            lines.append(f"\n{s.policy}: {s.refused} prompts refused by the rollout engine (logged), not scored.")
+    if not start:
+        lines.append("\nThe start policy was not measured (the run was resumed from before this report existed).")
+    return "\n".join(lines) + "\n"
+
+
+def summary_line(start: Optional[HeldOutScore], end: Optional[HeldOutScore], prompts: int) -> str:
+    """One line: every reward's start -> end mean."""
+    if start and end:
+        parts = [f"{k} {start.means[k]:.3f} -> {end.means[k]:.3f}" for k in end.means]
+        return f"held-out ({prompts} prompts, greedy) {start.policy} -> {end.policy}: " + ", ".join(parts)
+    only = start or end
+    return (f"held-out ({prompts} prompts, greedy) {only.policy}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in only.means.items())) if only else "held-out: not measured"
