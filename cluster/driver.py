@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,13 @@ import numpy as np
 
 from cluster.config import Config, flatten, to_yaml
 from cluster.envs import runtime_env_for_iqa
-from cluster.heldout_eval import HeldOutEval, score_from, summary_line
+from cluster.heldout_eval import heldout_for
 from cluster.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, manifest_for,
                           required_cpus, start_ray)
 from cluster.metrics import step_metrics, step_line
 from cluster.reward_pool import RewardPool
 from cluster.rollout_pool import RolloutBatch, RolloutPool
+from cluster.run_state import CKPT_DIR, DataCursor, DriverState, latest_checkpoint, prune_checkpoints
 from cluster.step_data import ScoredSample, StepResult
 from cluster.tracking import Tracker
 from cluster.weight_sync import WEIGHT_SYNCS, sync_living_workers
@@ -38,12 +38,10 @@ from learner.advantages import estimate_advantages
 from learner.schedule import lr_at
 from rewards.scoring import RewardInput
 from rollout.engine import PromptError
-from vlcot.data import heldout_manifest_path, read_manifest
+from vlcot.data import read_manifest
 from vlcot.trace import parse_response
 
 log = logging.getLogger(__name__)
-CKPT_DIR = "checkpoints"
-DRIVER_STATE = "driver_state.json"
 SFT_POLICY = "sft/hf"  # the cold-start SFT result: GRPO's starting point and its KL reference
 
 
@@ -52,41 +50,6 @@ class DispatchedStep:
     step: int  # 0-based
     records: List[int]  # manifest index of each prompt, in prompt order
     rollout: RolloutBatch
-
-
-class DataCursor:
-    """Epoch-shuffled walk over the manifest; its whole state is JSON (for resume)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n = n
-        self.rng = np.random.default_rng(seed)
-        self.order: List[int] = []
-        self.position = 0
-        self.epoch = 0
-
-    def take(self, k: int) -> List[int]:
-        out = []
-        while len(out) < k:
-            if self.position >= len(self.order):
-                self.order = [int(i) for i in self.rng.permutation(self.n)]
-                self.position = 0
-                self.epoch += 1
-            out.append(self.order[self.position])
-            self.position += 1
-        return out
-
-    def state(self) -> Dict[str, Any]:
-        return {"order": self.order, "position": self.position, "epoch": self.epoch, "rng": self.rng.bit_generator.state}
-
-    def restore(self, s: Dict[str, Any]) -> None:
-        self.order, self.position, self.epoch = list(s["order"]), int(s["position"]), int(s["epoch"])
-        self.rng.bit_generator.state = s["rng"]
-
-
-def latest_checkpoint(run_dir: str) -> Optional[Path]:
-    root = Path(run_dir) / CKPT_DIR
-    done = sorted(p for p in root.glob("step_*") if (p / DRIVER_STATE).is_file())
-    return done[-1] if done else None
 
 
 class GRPOTrainer:
@@ -129,42 +92,7 @@ class GRPOTrainer:
         self.prompt_ids = encode_prompts(self.records, self.vq, cfg.image, self.codec, self.layout)
         self.image_ids = self.layout.image_span_ids()
         self.cursor = DataCursor(len(self.records), cfg.seed)
-        self.heldout = self._heldout_set()
-
-    def _heldout_set(self) -> Optional[HeldOutEval]:
-        """The held-out prompts (`trainer.heldout_eval`), or None with a line saying why not."""
-        cfg = self.cfg
-        if not cfg.trainer.heldout_eval:
-            return None
-        path = heldout_manifest_path(cfg.data)
-        if not path.is_file():
-            print(f"held-out eval: none ({path} does not exist; prepare-data writes it with data.heldout_per_image > 0)")
-            return None
-        records = read_manifest(path)
-        return HeldOutEval(records, encode_prompts(records, self.vq, cfg.image, self.codec, self.layout), path,
-                           self.run_dir, list(cfg.rewards.weights), cfg.image.hr_size, self.codec, self.layout)
-
-    def _measure_heldout(self, end: bool, version: int) -> Optional[Dict[str, Any]]:
-        """Score the held-out prompts with the policy the workers hold: the start column after
-        SFT (kept on disk for a resumed run), the end column after the last step."""
-        if self.heldout is None:
-            return None
-        t0 = time.perf_counter()
-        previous = self.heldout.load()
-        start = score_from(previous.get("start"))
-        if not end:
-            start = self.heldout.measure(self.rollout, self.rewards, "SFT" if self.sft_ran else "initial", version)
-            report = self.heldout.save(start, None)
-        else:
-            final = self.heldout.measure(self.rollout, self.rewards, "GRPO", version)
-            report = self.heldout.save(start, final)
-            print(summary_line(start, final, len(self.heldout.records)) + f" [{time.perf_counter() - t0:.0f}s; "
-                  f"{self.heldout.report.with_name('heldout.md')}]")
-            for column, score in (("start", start), ("end", final)):
-                if score:
-                    self.tracker.metrics({f"heldout/{column}/{k}": v for k, v in score.means.items()}, step=version)
-            self.tracker.artifact(str(self.heldout.report.with_name("heldout.md")))
-        return report
+        self.heldout = heldout_for(cfg, self.run_dir, self.vq, self.codec, self.layout)
 
     def _start_actors(self) -> None:
         from cluster.learner_group import LearnerGroup
@@ -311,14 +239,10 @@ class GRPOTrainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def _save(self, step: int, version: int) -> None:
         out = self.run_dir / CKPT_DIR / f"step_{step:06d}"
-        state = {"step": step, "version": version, "cursor": self.cursor.state(), "mlflow_run_id": self.tracker.run_id,
-                 "reward_history": self.reward_history, "component_history": self.component_history,
-                 "lr_schedule": self._schedule_record()}
         self.learner.save(str(out), {"driver_step": step})
-        (out / DRIVER_STATE).write_text(json.dumps(state))
-        kept = sorted((self.run_dir / CKPT_DIR).glob("step_*"))
-        for old in kept[: -self.cfg.trainer.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        DriverState(step, version, self.cursor.state(), self.tracker.run_id, self.reward_history,
+                    self.component_history, self._schedule_record()).write(out)
+        prune_checkpoints(self.run_dir, self.cfg.trainer.keep_checkpoints)
 
     def _schedule_record(self) -> Dict[str, Any]:
         """What decides the learning rate of every step (stored with each checkpoint)."""
@@ -329,17 +253,17 @@ class GRPOTrainer:
         ckpt = latest_checkpoint(str(self.run_dir))
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / CKPT_DIR}")
-        state = json.loads((ckpt / DRIVER_STATE).read_text())
+        state = DriverState.read(ckpt)
         self.learner.load(str(ckpt))
-        self.cursor.restore(state["cursor"])
-        self.reward_history = list(state.get("reward_history", []))
-        self.component_history = {k: list(v) for k, v in state.get("component_history", {}).items()}
-        saved, now = state.get("lr_schedule"), self._schedule_record()
-        if saved is not None and saved != now:
+        self.cursor.restore(state.cursor)
+        self.reward_history = list(state.reward_history)
+        self.component_history = {k: list(v) for k, v in state.component_history.items()}
+        now = self._schedule_record()
+        if state.lr_schedule is not None and state.lr_schedule != now:
             log.warning("the learning-rate schedule differs from the checkpoint's (%s, now %s): steps after %d "
-                        "follow the new one", saved, now, state["step"])
-        print(f"resumed from {ckpt}: step {state['step']}, policy version {state['version']}")
-        return int(state["step"]), int(state["version"]), state.get("mlflow_run_id")
+                        "follow the new one", state.lr_schedule, now, state.step)
+        print(f"resumed from {ckpt}: step {state.step}, policy version {state.version}")
+        return state.step, state.version, state.mlflow_run_id
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
@@ -368,8 +292,8 @@ class GRPOTrainer:
                     self._sft()
                 self._reference_is_sft()
             sync_living_workers(self.weight_sync, self.rollout, version)
-            if start == 0:
-                self._measure_heldout(end=False, version=version)
+            if start == 0 and self.heldout:
+                self.heldout.at_start(self.rollout, self.rewards, "SFT" if self.sft_ran else "initial", version)
             bar = tqdm(total=cfg.trainer.steps, initial=start, desc="grpo", disable=not self.progress)
             pending = self._dispatch(start) if start < cfg.trainer.steps else None
             for step in range(start, cfg.trainer.steps):
@@ -384,7 +308,8 @@ class GRPOTrainer:
                     pending = self._dispatch(step + 1)
             bar.close()
             self.final_state = self._final_state(version)
-            self.heldout_report = self._measure_heldout(end=True, version=version)
+            self.heldout_report = (self.heldout.at_end(self.rollout, self.rewards, self.tracker, version)
+                                   if self.heldout else None)
             self.learning = self._learning_report()
         finally:
             self.tracker.close()

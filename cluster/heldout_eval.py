@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -37,6 +38,22 @@ class HeldOutScore:
     prompts: int  # prompts scored
     refused: int  # prompts the rollout engine refused (each logged)
     means: Dict[str, float]  # reward name -> mean over the prompts; "total" too
+
+
+def heldout_for(cfg, run_dir: Path, vq, codec, layout) -> Optional["HeldOutEval"]:
+    """The run's held-out prompts (`trainer.heldout_eval`), or None with a line saying why not."""
+    from cluster.jobs import encode_prompts
+    from vlcot.data import heldout_manifest_path, read_manifest
+
+    if not cfg.trainer.heldout_eval:
+        return None
+    path = heldout_manifest_path(cfg.data)
+    if not path.is_file():
+        print(f"held-out eval: none ({path} does not exist; prepare-data writes it with data.heldout_per_image > 0)")
+        return None
+    records = read_manifest(path)
+    return HeldOutEval(records, encode_prompts(records, vq, cfg.image, codec, layout), path, run_dir,
+                       list(cfg.rewards.weights), cfg.image.hr_size, codec, layout)
 
 
 class HeldOutEval:
@@ -65,6 +82,24 @@ class HeldOutEval:
                  for name in self.reward_names}
         means["total"] = float(np.mean([r.total for r in scored])) if scored else float("nan")
         return HeldOutScore(policy, version, len(scored), refused, means)
+
+    def at_start(self, rollout, rewards, policy: str, version: int) -> None:
+        """The start column, written at once (a resumed run reads it back)."""
+        self.save(self.measure(rollout, rewards, policy, version), None)
+
+    def at_end(self, rollout, rewards, tracker, version: int) -> Dict[str, Any]:
+        """The end column beside the start one: heldout.md/json, a printed line, MLflow."""
+        t0 = time.perf_counter()
+        start = score_from(self.load().get("start"))
+        end = self.measure(rollout, rewards, "GRPO", version)
+        report = self.save(start, end)
+        table = self.report.with_name(REPORT_MD)
+        print(summary_line(start, end, len(self.records)) + f" [{time.perf_counter() - t0:.0f}s; {table}]")
+        for column, score in (("start", start), ("end", end)):
+            if score:
+                tracker.metrics({f"heldout/{column}/{k}": v for k, v in score.means.items()}, step=version)
+        tracker.artifact(str(table))
+        return report
 
     # ---- the report ------------------------------------------------------------------------
     def load(self) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from cluster.driver import CKPT_DIR, latest_checkpoint
+from cluster.run_state import CKPT_DIR, latest_checkpoint
 
 
 @dataclass

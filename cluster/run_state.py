@@ -1,0 +1,81 @@
+"""What a GRPO run carries across a restart: the data cursor and the driver's part of a
+checkpoint (`<run_dir>/checkpoints/step_N/driver_state.json`, beside the learner's weights
+and optimizer state)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+CKPT_DIR = "checkpoints"
+DRIVER_STATE = "driver_state.json"
+
+
+class DataCursor:
+    """Epoch-shuffled walk over the manifest; its whole state is JSON (for resume)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.rng = np.random.default_rng(seed)
+        self.order: List[int] = []
+        self.position = 0
+        self.epoch = 0
+
+    def take(self, k: int) -> List[int]:
+        out = []
+        while len(out) < k:
+            if self.position >= len(self.order):
+                self.order = [int(i) for i in self.rng.permutation(self.n)]
+                self.position = 0
+                self.epoch += 1
+            out.append(self.order[self.position])
+            self.position += 1
+        return out
+
+    def state(self) -> Dict[str, Any]:
+        return {"order": self.order, "position": self.position, "epoch": self.epoch, "rng": self.rng.bit_generator.state}
+
+    def restore(self, s: Dict[str, Any]) -> None:
+        self.order, self.position, self.epoch = list(s["order"]), int(s["position"]), int(s["epoch"])
+        self.rng.bit_generator.state = s["rng"]
+
+
+def latest_checkpoint(run_dir: str) -> Optional[Path]:
+    root = Path(run_dir) / CKPT_DIR
+    done = sorted(p for p in root.glob("step_*") if (p / DRIVER_STATE).is_file())
+    return done[-1] if done else None
+
+
+@dataclass
+class DriverState:
+    """The driver's state after step `step`: enough to go on at step + 1 in the same MLflow run."""
+
+    step: int
+    version: int  # policy version the learner holds
+    cursor: Dict[str, Any]  # DataCursor.state()
+    mlflow_run_id: Optional[str]
+    reward_history: List[float] = field(default_factory=list)  # total reward per step
+    component_history: Dict[str, List[float]] = field(default_factory=dict)  # per reward, per step
+    lr_schedule: Optional[Dict[str, Any]] = None  # what decided the learning rates (None: older checkpoint)
+
+    def write(self, checkpoint: Path) -> None:
+        (Path(checkpoint) / DRIVER_STATE).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> "DriverState":
+        """A checkpoint's driver state; keys that older checkpoints lack take their defaults."""
+        d = json.loads((Path(checkpoint) / DRIVER_STATE).read_text())
+        return cls(int(d["step"]), int(d["version"]), d["cursor"], d.get("mlflow_run_id"),
+                   list(d.get("reward_history", [])), dict(d.get("component_history", {})), d.get("lr_schedule"))
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints."""
+    kept = sorted((Path(run_dir) / CKPT_DIR).glob("step_*"))
+    for old in kept[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,34 @@
+"""The driver's checkpoint state and data cursor, without actors."""
+
+import json
+
+from cluster.run_state import CKPT_DIR, DRIVER_STATE, DataCursor, DriverState, latest_checkpoint, prune_checkpoints
+
+
+def test_driver_state_round_trip_and_an_older_checkpoint(tmp_path):
+    cursor = DataCursor(5, seed=3)
+    first = cursor.take(7)  # into the second epoch
+    state = DriverState(4, 4, cursor.state(), "run123", [1.0, 2.0], {"format": [0.5, 0.75]}, {"lr": 1e-4})
+    ckpt = tmp_path / CKPT_DIR / "step_000004"
+    ckpt.mkdir(parents=True)
+    state.write(ckpt)
+    back = DriverState.read(ckpt)
+    assert back == state and latest_checkpoint(str(tmp_path)) == ckpt
+    resumed = DataCursor(5, seed=99)  # the seed no longer matters: the saved RNG state does
+    resumed.restore(back.cursor)
+    assert resumed.take(6) == cursor.take(6) and len(set(first[:5])) == 5
+    # a checkpoint from before the histories and the schedule were saved
+    (ckpt / DRIVER_STATE).write_text(json.dumps({"step": 2, "version": 2, "cursor": cursor.state()}))
+    old = DriverState.read(ckpt)
+    assert (old.reward_history, old.component_history, old.lr_schedule, old.mlflow_run_id) == ([], {}, None, None)
+
+
+def test_prune_keeps_the_newest_and_an_unfinished_checkpoint_is_not_latest(tmp_path):
+    for step in (1, 2, 3):
+        d = tmp_path / CKPT_DIR / f"step_{step:06d}"
+        d.mkdir(parents=True)
+        DriverState(step, step, {}, None).write(d)
+    (tmp_path / CKPT_DIR / "step_000004").mkdir()  # killed while saving: no driver state yet
+    assert latest_checkpoint(str(tmp_path)).name == "step_000003"
+    prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in (tmp_path / CKPT_DIR).iterdir()) == ["step_000003", "step_000004"]
