@@ -56,6 +56,9 @@ class TrainerConfig:
 
     steps: int = 100
     prompts_per_step: int = 8  # B; each gets rollout.group_size samples
+    # shuffle: each epoch a random order | spread: each step's prompts from as many different
+    # source images as it can (round-robin over the sources; cluster/run_state.DataCursor)
+    prompt_order: str = "shuffle"
     mode: str = "sync"  # sync (on-policy) | async (one-step-off: rollout of t+1 overlaps training of t)
     max_staleness: int = 1  # async: samples more policy versions behind are dropped (counted)
     sft: bool = True  # cold-start SFT (learner.sft) before GRPO; skipped on resume
@@ -322,6 +325,8 @@ def validate(cfg: Config) -> None:
         _fail("data.input_dir", f"not a directory: {data.input_dir}")
     if data.min_side < 1 or data.max_pixels < 1 or data.variants_per_image < 1:
         _fail("data", "min_side, max_pixels and variants_per_image must be >= 1")
+    if cfg.trainer.prompt_order not in ("shuffle", "spread"):
+        _fail("trainer.prompt_order", f"{cfg.trainer.prompt_order!r} not in ['shuffle', 'spread']")
     if data.crops_per_image < 0 or data.heldout_per_image < 0:
         _fail("data", f"crops_per_image and heldout_per_image must be >= 0, got {data.crops_per_image} and "
               f"{data.heldout_per_image}")

@@ -91,7 +91,8 @@ class GRPOTrainer:
         self.tokenizer, self.layout, self.codec = meta.tokenizer, meta.layout, meta.codec
         self.prompt_ids = encode_prompts(self.records, self.vq, cfg.image, self.codec, self.layout)
         self.image_ids = self.layout.image_span_ids()
-        self.cursor = DataCursor(len(self.records), cfg.seed)
+        spread = cfg.trainer.prompt_order == "spread"
+        self.cursor = DataCursor(len(self.records), cfg.seed, [r["source"] for r in self.records] if spread else None)
         self.heldout = heldout_for(cfg, self.run_dir, self.vq, self.codec, self.layout)
 
     def _start_actors(self) -> None:

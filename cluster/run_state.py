@@ -8,7 +8,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -17,20 +17,43 @@ DRIVER_STATE = "driver_state.json"
 
 
 class DataCursor:
-    """Epoch-shuffled walk over the manifest; its whole state is JSON (for resume)."""
+    """Epoch-shuffled walk over the manifest; its whole state is JSON (for resume).
 
-    def __init__(self, n: int, seed: int):
+    With `sources` (the source image of each record) an epoch is spread over the sources
+    instead of plainly shuffled: each source's records in a shuffled order, dealt round-robin
+    over the sources in a shuffled order. Every run of as many prompts as there are sources
+    then holds each source once (while they have records left), so a step's reward reflects
+    the policy rather than which photographs the draw happened to pick.
+    """
+
+    def __init__(self, n: int, seed: int, sources: Optional[Sequence[str]] = None):
+        if sources is not None and len(sources) != n:
+            raise ValueError(f"{len(sources)} sources for {n} records")
         self.n = n
+        self.sources = list(sources) if sources is not None else None
         self.rng = np.random.default_rng(seed)
         self.order: List[int] = []
         self.position = 0
         self.epoch = 0
 
+    def _epoch_order(self) -> List[int]:
+        if self.sources is None:
+            return [int(i) for i in self.rng.permutation(self.n)]
+        by_source: Dict[str, List[int]] = {}
+        for i, src in enumerate(self.sources):
+            by_source.setdefault(src, []).append(i)
+        queues = [[group[j] for j in self.rng.permutation(len(group))] for group in by_source.values()]
+        queues = [queues[j] for j in self.rng.permutation(len(queues))]
+        order: List[int] = []
+        for r in range(max(len(q) for q in queues)):
+            order += [q[r] for q in queues if r < len(q)]
+        return order
+
     def take(self, k: int) -> List[int]:
         out = []
         while len(out) < k:
             if self.position >= len(self.order):
-                self.order = [int(i) for i in self.rng.permutation(self.n)]
+                self.order = self._epoch_order()
                 self.position = 0
                 self.epoch += 1
             out.append(self.order[self.position])

@@ -274,8 +274,8 @@ class DataConfig:
     # own HR (and LR copies), with sides from crop_min_scale to 1 of the image's short side
     crops_per_image: int = 0
     crop_min_scale: float = 0.6
-    # random crops per image written to heldout.jsonl beside the manifest, never into it: crop
-    # boxes and degradation draws no training prompt has (`trainer.heldout_eval` scores them)
+    # random crops per image (one LR each) written to heldout.jsonl beside the manifest, never into
+    # it: crop boxes and degradation draws no training prompt has (`trainer.heldout_eval` scores them)
     heldout_per_image: int = 0
     heldout_manifest: str = ""  # default: heldout.jsonl beside the manifest
     seed: int = 1234

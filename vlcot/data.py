@@ -316,7 +316,7 @@ def prepare(candidates, out_dir: Path, image: ImageConfig, degradation: Degradat
             hr_rel = Path("hr") / f"{view.id}.png"
             hr_arr = np.asarray(hr, dtype=np.uint8)  # the LR is degraded from this, sharpened or not
             (Image.fromarray(usm_sharpen(hr_arr)) if data.usm_hr else hr).save(out_dir / hr_rel)
-            for v in range(data.variants_per_image):
+            for v in range(1 if view.heldout else data.variants_per_image):  # one LR per held-out crop
                 seed = sample_seed(data.seed, view.id, v)
                 lr, params = degrade(hr_arr, lr_hw, degradation, seed)
                 labels = label_degradation(params, degradation.thresholds)

@@ -54,14 +54,16 @@ def text_length(batch):
 
 
 @pytest.mark.parametrize("mode,placement", [("sync", "enabled"), ("async", "disabled")])
-def test_two_step_run_logs_every_metric(tmp_path, mode, placement, monkeypatch):
+def test_two_step_run_logs_every_metric(tmp_path, mode, placement, monkeypatch, capsys):
     """Every metric, including a user's reward loaded from a file path into the reward actors,
     weighted into the total and logged as its own metric, in the run's own store (MLflow
     exports the URI to the environment; a run must not leave it there for the next run)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "my_reward.py").write_text(PLUGIN)
+    heldout = 1 if mode == "sync" else 0  # the demo's held-out crops, or none
     cfg = small(tmp_path, f"trainer.mode={mode}", f"trainer.placement={placement}",
-                f"rewards.plugins.text_length={tmp_path / 'my_reward.py'}:text_length", "rewards.weights.text_length=0.5")
+                f"rewards.plugins.text_length={tmp_path / 'my_reward.py'}:text_length", "rewards.weights.text_length=0.5",
+                f"data.heldout_per_image={heldout}")
     summary = GRPOTrainer(cfg, progress=False).run()
     assert summary["steps"] == 2
     assert summary["mlflow_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
@@ -86,6 +88,12 @@ def test_two_step_run_logs_every_metric(tmp_path, mode, placement, monkeypatch):
     # the end-of-run verdict: two steps are too few to judge, and it says so
     assert summary["learning"]["steps"] == 2 and summary["learning"]["line"].startswith("verdict: too few steps")
     assert (tmp_path / "learning_curve.png").is_file()
+    out = capsys.readouterr().out
+    if heldout:  # every reward, the plug-in too, in the held-out columns
+        assert set(summary["heldout"]["end"]["means"]) == {*cfg.rewards.weights, "total"}
+        assert "held-out (11 prompts, greedy) initial -> GRPO: format" in out
+    else:
+        assert summary["heldout"] is None and f"held-out eval: none ({tmp_path / 'data' / 'heldout.jsonl'} does not exist" in out
 
 
 def test_kl_reference_after_in_run_sft_is_the_sft_policy(tmp_path):

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from cluster.run_state import CKPT_DIR, DRIVER_STATE, DataCursor, DriverState, latest_checkpoint, prune_checkpoints
 
 
@@ -32,3 +34,20 @@ def test_prune_keeps_the_newest_and_an_unfinished_checkpoint_is_not_latest(tmp_p
     assert latest_checkpoint(str(tmp_path)).name == "step_000003"
     prune_checkpoints(tmp_path, 2)
     assert sorted(p.name for p in (tmp_path / CKPT_DIR).iterdir()) == ["step_000003", "step_000004"]
+
+
+def test_spread_order_puts_every_source_once_in_each_run_and_resumes_exactly():
+    sources = [f"img{i % 5}" for i in range(20)] + ["img5"] * 2  # 5 sources x 4 records, one source with 2
+    cursor = DataCursor(len(sources), seed=1, sources=sources)
+    first = cursor.take(6)
+    assert len({sources[i] for i in first}) == 6  # six prompts, six different photographs
+    epoch = first + cursor.take(len(sources) - 6)
+    assert sorted(epoch) == list(range(len(sources)))  # an epoch is still every record once
+    for r in range(2):  # the rounds while every source has records left: each source once
+        assert sorted(sources[i] for i in epoch[6 * r: 6 * r + 6]) == [f"img{i}" for i in range(6)]
+    saved = cursor.state()
+    again = DataCursor(len(sources), seed=7, sources=sources)
+    again.restore(saved)
+    assert again.take(30) == cursor.take(30)
+    plain = DataCursor(len(sources), seed=1)  # shuffle: the same draws it always made
+    assert [int(i) for i in np.random.default_rng(1).permutation(len(sources))][:6] == plain.take(6)

@@ -119,11 +119,11 @@ def test_random_crops_and_a_heldout_set_that_never_overlaps_the_training_prompts
     summary = prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(), data, progress=False)
     train = read_manifest(tmp_path / "out" / "manifest.jsonl")
     held = read_manifest(tmp_path / "out" / "heldout.jsonl")
-    assert (len(train), len(held)) == (2 * 4 * 2, 2 * 3 * 2) == (summary.samples, summary.heldout_samples)
+    assert (len(train), len(held)) == (2 * 4 * 2, 2 * 3) == (summary.samples, summary.heldout_samples)
     assert summary.heldout_manifest == str(tmp_path / "out" / "heldout.jsonl")
     assert sum(summary.labels[0].values()) == len(train)  # label counts describe the training prompts only
     views = lambda rows: {(r["source"], tuple(r["crop"])) for r in rows}
-    assert len(views(train)) == 8 and len(views(held)) == 6 and not views(train) & views(held)
+    assert len(views(train)) == 8 and len(views(held)) == 6 and not views(train) & views(held)  # one LR per held-out crop
     assert not {r["seed"] for r in train} & {r["seed"] for r in held}
     assert not {r["hr_path"] for r in train} & {r["hr_path"] for r in held}
     train_lr = {np.asarray(Image.open(r["lr_path"])).tobytes() for r in train}
