@@ -12,6 +12,7 @@ importance weight corrects for the stale rollout policy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -294,7 +295,8 @@ class GRPOTrainer:
                 self._reference_is_sft()
             sync_living_workers(self.weight_sync, self.rollout, version)
             if start == 0 and self.heldout:
-                self.heldout.at_start(self.rollout, self.rewards, "SFT" if self.sft_ran else "initial", version)
+                self.heldout.at_start(functools.partial(self._generate_now, version=version), self.rewards,
+                                      "SFT" if self.sft_ran else "initial", version)
             bar = tqdm(total=cfg.trainer.steps, initial=start, desc="grpo", disable=not self.progress)
             pending = self._dispatch(start) if start < cfg.trainer.steps else None
             for step in range(start, cfg.trainer.steps):
@@ -309,8 +311,7 @@ class GRPOTrainer:
                     pending = self._dispatch(step + 1)
             bar.close()
             self.final_state = self._final_state(version)
-            self.heldout_report = (self.heldout.at_end(self.rollout, self.rewards, self.tracker, version)
-                                   if self.heldout else None)
+            self.heldout_report = self._heldout_end(version)
             self.learning = self._learning_report()
         finally:
             self.tracker.close()
@@ -367,6 +368,28 @@ class GRPOTrainer:
         return {"actor_nodes": self.actor_nodes(), "learner_version": version, "rollout_versions": versions,
                 "rollout_workers_lost": self.rollout.lost, "rl_manifest": str(self.manifest),
                 "rl_records": len(self.records), "sft_examples": self.sft_examples}
+
+    def _generate_now(self, prompts: List[List[int]], version: int, **how) -> List[Any]:
+        """Generate on the rollout pool and wait (the held-out check). A worker lost meanwhile
+        is replaced and brought to `version`, or dropped and the weight group formed again."""
+        batch = self.rollout.submit(prompts, **how)
+        results = self.rollout.collect(batch, lambda slot: self.weight_sync.worker_replaced(slot, version))
+        if batch.lost:
+            self.weight_sync.workers_changed([], version)
+        return results
+
+    def _heldout_end(self, version: int) -> Optional[Dict[str, Any]]:
+        """The held-out check of the final policy; a failure is reported, not raised: the
+        trained policy is saved by then."""
+        if self.heldout is None:
+            return None
+        try:
+            return self.heldout.at_end(functools.partial(self._generate_now, version=version), self.rewards,
+                                       self.tracker, version)
+        except Exception as exc:
+            log.warning("the held-out check of the final policy failed: %s: %s", type(exc).__name__, exc)
+            print(f"warning: held-out check failed ({type(exc).__name__}: {exc}); the trained policy is saved")
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
     def _learning_report(self) -> Optional[Dict[str, Any]]:
         """The verdict line and learning_curve.png (also in MLflow); None when no step ran."""

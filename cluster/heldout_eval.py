@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -38,6 +38,7 @@ class HeldOutScore:
     prompts: int  # prompts scored
     refused: int  # prompts the rollout engine refused (each logged)
     means: Dict[str, float]  # reward name -> mean over the prompts; "total" too
+    sample_versions: List[int] = field(default_factory=list)  # policy versions that generated them
 
 
 def heldout_for(cfg, run_dir: Path, vq, codec, layout) -> Optional["HeldOutEval"]:
@@ -65,15 +66,17 @@ class HeldOutEval:
         self.report = Path(run_dir) / REPORT_JSON
         self.reward_names, self.hr_size, self.codec, self.layout = list(reward_names), hr_size, codec, layout
 
-    def measure(self, rollout, rewards, policy: str, version: int) -> HeldOutScore:
-        """One greedy generation per held-out prompt on the rollout pool, scored by the reward pool."""
-        results = rollout.collect(rollout.submit(self.prompt_ids, seed=0, n=1, greedy=True))
-        inputs, refused = [], 0
+    def measure(self, generate: Callable[..., List[Any]], rewards, policy: str, version: int) -> HeldOutScore:
+        """One greedy generation per held-out prompt (`generate(prompts, **how)`: the driver's
+        rollout pool, which handles a worker lost meanwhile), scored by the reward pool."""
+        results = generate(self.prompt_ids, seed=0, n=1, greedy=True)
+        inputs, refused, versions = [], 0, set()
         for rec, res in zip(self.records, results):
             if isinstance(res, PromptError):
                 refused += 1
                 log.warning("held-out prompt %s refused: %s", rec["id"], res.reason)
                 continue
+            versions.add(int(res[0].version))
             parsed = parse_response(res[0].token_ids, self.codec, self.layout, hr_size=self.hr_size)
             inputs.append(RewardInput(f"heldout:{rec['id']}", parsed, rec["degradation"]["labels"],
                                       rec.get("tags") or [], rec["hr_path"]))
@@ -81,17 +84,19 @@ class HeldOutEval:
         means = {name: float(np.mean([r.components[name] for r in scored])) if scored else float("nan")
                  for name in self.reward_names}
         means["total"] = float(np.mean([r.total for r in scored])) if scored else float("nan")
-        return HeldOutScore(policy, version, len(scored), refused, means)
+        if versions != {version}:  # a worker not holding the policy being measured would blur the columns
+            log.warning("held-out check of version %d: samples came from versions %s", version, sorted(versions))
+        return HeldOutScore(policy, version, len(scored), refused, means, sorted(versions))
 
-    def at_start(self, rollout, rewards, policy: str, version: int) -> None:
+    def at_start(self, generate, rewards, policy: str, version: int) -> None:
         """The start column, written at once (a resumed run reads it back)."""
-        self.save(self.measure(rollout, rewards, policy, version), None)
+        self.save(self.measure(generate, rewards, policy, version), None)
 
-    def at_end(self, rollout, rewards, tracker, version: int) -> Dict[str, Any]:
+    def at_end(self, generate, rewards, tracker, version: int) -> Dict[str, Any]:
         """The end column beside the start one: heldout.md/json, a printed line, MLflow."""
         t0 = time.perf_counter()
         start = score_from(self.load().get("start"))
-        end = self.measure(rollout, rewards, "GRPO", version)
+        end = self.measure(generate, rewards, "GRPO", version)
         report = self.save(start, end)
         table = self.report.with_name(REPORT_MD)
         print(summary_line(start, end, len(self.records)) + f" [{time.perf_counter() - t0:.0f}s; {table}]")

@@ -145,13 +145,18 @@ def test_killed_rollout_worker_and_reward_actor_do_not_lose_samples(tmp_path):
             ray.kill(trainer.rollout.workers[0])  # its prompts are in flight
             ray.kill(trainer.rewards.actors[0])
             killed["step"] = step
+        if event == "step_end" and step == 2:
+            ray.kill(trainer.rollout.workers[0])  # before the held-out check of the final policy
+            killed["end"] = step
 
-    summary = GRPOTrainer(small(tmp_path), progress=False, callbacks=[chaos]).run()
-    assert killed == {"step": 1} and summary["steps"] == 2
+    summary = GRPOTrainer(small(tmp_path, "data.heldout_per_image=1"), progress=False, callbacks=[chaos]).run()
+    assert killed == {"step": 1, "end": 2} and summary["steps"] == 2
+    end = summary["heldout"]["end"]  # every held-out prompt scored, all by the final policy (the replacement's too)
+    assert (end["prompts"], end["refused"], end["version"], end["sample_versions"]) == (11, 0, 2, [2])
     client, run = run_metrics(summary)
     counts = client.get_metric_history(run.info.run_id, "samples/count")
     assert [m.value for m in sorted(counts, key=lambda m: m.step)] == [4.0, 4.0]  # none lost, none doubled
-    assert run.data.metrics["rollout/worker_restarts"] == 1.0
+    assert run.data.metrics["rollout/worker_restarts"] == 1.0  # the second restart comes after the last step's metrics
     assert run.data.metrics["rewards/actor_restarts"] >= 1.0
 
 
