@@ -50,7 +50,9 @@ def heldout_for(cfg, run_dir: Path, vq, codec, layout) -> Optional["HeldOutEval"
         return None
     path = heldout_manifest_path(cfg.data)
     if not path.is_file():
-        print(f"held-out eval: none ({path} does not exist; prepare-data writes it with data.heldout_per_image > 0)")
+        how = ("prepare-data writes it with data.heldout_per_image > 0" if not cfg.data.heldout_per_image else
+               "the data was prepared without it: run `realsr-r1 prepare-data` again to add it")
+        print(f"held-out eval: none ({path} does not exist; {how})")
         return None
     records = read_manifest(path)
     return HeldOutEval(records, encode_prompts(records, vq, cfg.image, codec, layout), path, run_dir,

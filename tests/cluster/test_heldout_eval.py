@@ -20,3 +20,16 @@ def test_a_resumed_run_without_a_start_column_says_so():
     md = render({"manifest": "h.jsonl", "prompts": 3, "start": None, "end": vars(end)})
     assert "| reward | GRPO (v5) |" in md and "change" not in md and "was not measured" in md
     assert summary_line(None, end, 3) == "held-out (3 prompts, greedy) GRPO: format 1.000, total 1.000"
+
+
+def test_no_heldout_file_says_how_to_make_one(tmp_path, capsys):
+    from cluster.config import load_config
+    from cluster.heldout_eval import heldout_for
+
+    for k, how in ((0, "prepare-data writes it with data.heldout_per_image > 0"),
+                   (1, "the data was prepared without it: run `realsr-r1 prepare-data` again")):
+        cfg = load_config(overrides=[f"data.output_dir={tmp_path}", f"data.heldout_per_image={k}"])
+        assert heldout_for(cfg, tmp_path, None, None, None) is None
+        assert f"held-out eval: none ({tmp_path / 'heldout.jsonl'} does not exist; {how}" in capsys.readouterr().out
+    assert heldout_for(load_config(overrides=["trainer.heldout_eval=false"]), tmp_path, None, None, None) is None
+    assert capsys.readouterr().out == ""
