@@ -167,10 +167,7 @@ class GRPOTrainer:
         is dispatched as soon as this one's results are in, so it overlaps scoring and learning."""
         cfg, step = self.cfg, dispatched.step
         self._emit("dispatched", step + 1)
-        results = self.rollout.collect(dispatched.rollout, lambda slot: self.weight_sync.worker_replaced(slot, version))
-        generate_s = time.perf_counter() - dispatched.rollout.started
-        if dispatched.rollout.lost:  # the pool dropped dead workers: the group is formed again without them
-            self.weight_sync.workers_changed([], version)
+        results, generate_s = self._collect(dispatched.rollout, version)
         following = None
         if cfg.trainer.mode == "async" and step + 1 < cfg.trainer.steps:
             following = self._dispatch(step + 1)
@@ -369,14 +366,19 @@ class GRPOTrainer:
                 "rollout_workers_lost": self.rollout.lost, "rl_manifest": str(self.manifest),
                 "rl_records": len(self.records), "sft_examples": self.sft_examples}
 
-    def _generate_now(self, prompts: List[List[int]], version: int, **how) -> List[Any]:
-        """Generate on the rollout pool and wait (the held-out check). A worker lost meanwhile
-        is replaced and brought to `version`, or dropped and the weight group formed again."""
-        batch = self.rollout.submit(prompts, **how)
+    def _collect(self, batch: RolloutBatch, version: int) -> Tuple[List[Any], float]:
+        """A dispatched generation's results and its seconds from dispatch to results. A worker
+        lost meanwhile is replaced and brought to `version`, or dropped (autoscale) and the
+        weight group formed again without it."""
         results = self.rollout.collect(batch, lambda slot: self.weight_sync.worker_replaced(slot, version))
+        generate_s = time.perf_counter() - batch.started
         if batch.lost:
             self.weight_sync.workers_changed([], version)
-        return results
+        return results, generate_s
+
+    def _generate_now(self, prompts: List[List[int]], version: int, **how) -> List[Any]:
+        """Generate on the rollout pool and wait (the held-out check)."""
+        return self._collect(self.rollout.submit(prompts, **how), version)[0]
 
     def _heldout_end(self, version: int) -> Optional[Dict[str, Any]]:
         """The held-out check of the final policy; a failure is reported, not raised: the
