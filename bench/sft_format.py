@@ -4,7 +4,8 @@ they draw are the pictures SFT taught (not noise): the Y-PSNR of the decoded fin
 its HR, against the PSNR of the VQ's own reconstruction of that HR (goal: within 3 dB), and
 against bicubic x4 of the LR it was given. Also how long it takes on this machine.
 
-Trains on the built-in set (11 traces) with the real learner group (2 ZeRO-2 CPU ranks),
+Trains on the built-in set as the config prepares it (88 traces by default: 8 degradation
+draws of 11 photographs) with the real learner group (2 ZeRO-2 CPU ranks),
 and every `--eval-every` steps greedily generates one response per prompt with HF
 transformers (no decoding constraints: the policy alone must write the structure). Runs
 `--max-steps`, or stops at 90% strict format with `--stop-at-format`.

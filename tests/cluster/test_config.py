@@ -6,7 +6,7 @@ from cluster.config import CONFIG_DIR, Config, ConfigError, flatten, load_config
 def test_default_is_the_tiny_cpu_config():
     cfg = load_config()
     assert isinstance(cfg, Config)
-    assert cfg.image.hr_size == 128 and cfg.image.lr_size == 32
+    assert (cfg.image.hr_size, cfg.image.lr_size, cfg.image.prompt_size, cfg.image.patch_px) == (64, 16, 64, 16)
     assert cfg.vq.codebook_size == 16384 and cfg.vq.codebook_dim == 8
 
 
@@ -70,7 +70,7 @@ def test_bad_yaml_key_names_the_key(tmp_path):
 
 def test_flatten_for_tracking():
     flat = flatten(load_config())
-    assert flat["image.hr_size"] == 128
+    assert flat["image.hr_size"] == 64
     assert flat["degradation.thresholds.noise_std"] == [6.0, 15.0, 25.0]
 
 

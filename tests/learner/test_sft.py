@@ -22,7 +22,7 @@ def test_sft_lowers_the_loss(tiny_cfg, tiny_policy, tiny_vq, tmp_path):
     records = read_manifest(tmp_path / "data" / "manifest.jsonl")
     records.append(dict(records[0], id="gone", hr_path=str(tmp_path / "missing.png")))
     prompts, responses, skipped = build_sft_examples(records, tiny_vq, tiny_policy.codec, tiny_policy.layout, tiny_cfg.image)
-    assert len(prompts) == 11 and len(skipped) == 1 and "gone" in skipped[0]
+    assert len(prompts) == 11 * tiny_cfg.data.variants_per_image and len(skipped) == 1 and "gone" in skipped[0]
     policy_dir = tiny_policy.save(tmp_path / "policy")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

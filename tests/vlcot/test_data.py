@@ -157,16 +157,16 @@ def test_default_is_the_centre_square_and_no_heldout_set(tmp_path):
     assert [r["id"] for r in read_manifest(tmp_path / "out" / "heldout.jsonl")] == ["a_h0_v0"]
 
 
-def test_cli_prepare_data_builtin(tmp_path, capsys):
+def test_cli_prepare_data_builtin(tmp_path, capsys, tiny_cfg):
     assert cli_main(["prepare-data", "--no-progress", "--out", str(tmp_path / "builtin")]) == 0
     out = capsys.readouterr().out
     rows = read_manifest(tmp_path / "builtin" / "manifest.jsonl")
-    assert len(rows) == 11 and "11 usable" in out
+    assert len(rows) == 11 * tiny_cfg.data.variants_per_image and "11 usable" in out
     names = {r["id"] for r in rows}
     assert {"astronaut_v0", "chelsea_v0", "retina_v0"} <= names
     astro = next(r for r in rows if r["id"] == "astronaut_v0")
     assert "spacesuit" in astro["tags"] and astro["captions"]["x4"]
-    assert Image.open(astro["lr_path"]).size == (32, 32)
+    assert Image.open(astro["lr_path"]).size == (tiny_cfg.image.lr_size,) * 2  # the default config's sizes
     assert "WARNING" not in out  # every built-in image is annotated
 
 

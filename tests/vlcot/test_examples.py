@@ -16,8 +16,9 @@ def test_manifest_record_to_sft_example(tiny_cfg, tiny_policy, tiny_vq, tmp_path
     assert parsed.valid, parsed.invalid_reasons()
     assert parsed.degradation == record["degradation"]["labels"]
     assert parsed.stages["rough_understand"].text == record["captions"]["x4"]
-    assert parsed.stages["final_image"].codes.shape == (16, 16)
-    assert parsed.stages["rough_image"].codes.shape == (4, 4)
+    hr = tiny_cfg.image.hr_size  # codes are 8 px each; the rough image is HR/4
+    assert parsed.stages["final_image"].codes.shape == (hr // 8, hr // 8)
+    assert parsed.stages["rough_image"].codes.shape == (hr // 32, hr // 32)
     ids, labels = ex.sft_pair()
     assert len(ids) == len(labels)
     assert labels[: len(ex.prompt_ids)] == [IGNORE_INDEX] * len(ex.prompt_ids)
@@ -26,8 +27,8 @@ def test_manifest_record_to_sft_example(tiny_cfg, tiny_policy, tiny_vq, tmp_path
     lay = tiny_policy.layout
     start = ex.prompt_ids.index(lay.image_start)
     codes, _ = lay.parse_image_span(ex.prompt_ids[start: ex.prompt_ids.index(lay.image_end) + 1])
-    assert codes.shape == (16, 16)
+    assert codes.shape == (tiny_cfg.image.prompt_size // 8,) * 2
     # the final image is the HR image's own codes
     from PIL import Image
-    hr_codes = tiny_vq.encode_images([Image.open(record["hr_path"])], 128)[0]
+    hr_codes = tiny_vq.encode_images([Image.open(record["hr_path"])], hr)[0]
     np.testing.assert_array_equal(parsed.stages["final_image"].codes, hr_codes)

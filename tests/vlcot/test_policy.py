@@ -45,7 +45,7 @@ def test_save_load_roundtrip(tiny_policy, tmp_path):
     assert again.codec.encode_text("<rough_image> a cat") == tiny_policy.codec.encode_text("<rough_image> a cat")
 
 
-def test_external_checkpoint_layout_from_config(tiny_policy, tmp_path):
+def test_external_checkpoint_layout_from_config(tiny_cfg, tiny_policy, tmp_path):
     """A checkpoint without our layout key (as PURE / Lumina-mGPT ship) takes the special
     token ids from config and finds image codes by their IMGIMG names."""
     tiny_policy.save(tmp_path / "ext")
@@ -55,7 +55,7 @@ def test_external_checkpoint_layout_from_config(tiny_policy, tmp_path):
     cfg_path.write_text(json.dumps(raw))
     special = SpecialTokenIds(image_start=stored["image_start"], image_end=stored["image_end"],
                               row_newline=stored["row_newline"], grid_base=stored["grid_base"], max_grid=stored["max_grid"])
-    pol = load_policy(tmp_path / "ext", PolicyConfig(special_tokens=special), ImageConfig(), VQConfig())
+    pol = load_policy(tmp_path / "ext", PolicyConfig(special_tokens=special), tiny_cfg.image, VQConfig())
     assert pol.layout == tiny_policy.layout
     # with the Lumina defaults the tiny vocabulary has no token 8197: a clear error, not garbage
     with pytest.raises(ValueError):
