@@ -17,7 +17,8 @@ import pytest
 from tests.multinode import BIN, NamespaceCluster
 
 pytestmark = pytest.mark.slow
-STEPS = 6
+STEPS = 14  # the pool grows onto node 3 a few steps in (a 64-px demo step takes 1-3 s here); the
+            # steps after the kill must outlast the job log's delay, or the loss is never seen
 PROMPTS, GROUP = 2, 2
 
 

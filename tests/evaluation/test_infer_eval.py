@@ -1,6 +1,7 @@
 """`realsr-r1 infer` and `realsr-r1 eval` end to end with the tiny policy and built-in images."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -11,16 +12,22 @@ from PIL import Image
 from cluster.cli import main
 from evaluation.fidelity import psnr_y
 from rollout.engine import Sample
+from vlcot.config import ImageConfig
+from vlcot.policy import build_tiny_policy
 from vlcot.trace import Trace, serialise_response
 
 pytestmark = pytest.mark.slow
-FAST = ["rollout.sampling.text_budget=48"]  # the random policy babbles: keep its text short
+# The tile counts below are for 32-px LR tiles (a 50x37 image is 2x2 tiles, 20x30 is below one),
+# so this module's policy and commands use that geometry, whatever the default demo's sizes are
+IMAGE = ImageConfig(hr_size=128, lr_size=32, prompt_size=128, patch_px=32)
+GEOMETRY = [f"image.{k}={v}" for k, v in dataclasses.asdict(IMAGE).items()]
+FAST = ["rollout.sampling.text_budget=48", *GEOMETRY]  # the random policy babbles: keep its text short
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_policy, tiny_vq, tmp_path_factory):
+def run_dir(tiny_cfg, tiny_vq, tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
-    tiny_policy.save(d / "policy")
+    build_tiny_policy(tiny_cfg.policy, IMAGE, tiny_cfg.vq).save(d / "policy")
     tiny_vq.save(d / "vq")
     return d
 
@@ -113,7 +120,7 @@ class _TraceEngine:
 def test_well_formed_traces_are_decoded_and_blended_without_fallback(tiny_cfg, run_dir):
     from evaluation.infer import SuperResolver
 
-    r = SuperResolver(tiny_cfg, run_dir / "policy", run_dir / "vq")
+    r = SuperResolver(dataclasses.replace(tiny_cfg, image=IMAGE), run_dir / "policy", run_dir / "vq")
     fake = _TraceEngine(r)
     original = r._generate
 

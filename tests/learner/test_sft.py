@@ -38,12 +38,12 @@ def test_sft_lowers_the_loss(tiny_cfg, tiny_policy, tiny_vq, tmp_path):
         ray.shutdown()
 
 
-def test_cli_sft_writes_a_loadable_checkpoint(tmp_path, capsys):
+def test_cli_sft_writes_a_loadable_checkpoint(tmp_path, capsys, tiny_cfg):
     code = cli_main(["sft", "--no-progress", f"run_dir={tmp_path}", f"data.output_dir={tmp_path / 'data'}",
                      "learner.sft.steps=3", "learner.sft.batch_size=2"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "sft: 11 examples" in out and "3 steps" in out
+    assert f"sft: {11 * tiny_cfg.data.variants_per_image} examples" in out and "3 steps" in out
     pol = load_policy(tmp_path / "sft" / "hf")
     assert pol.model.config.vocab_size == 17152
     assert (tmp_path / "sft" / "learner_state.json").is_file()
