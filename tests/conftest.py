@@ -14,6 +14,14 @@ def tiny_cfg():
 
 
 @pytest.fixture(scope="session")
+def stage_sides(tiny_cfg):
+    """Codes per side of each drawn image under the default config, written from the paper
+    (rough HR/4, middle HR/2, final HR) and the VQ's 8 px per code, not from the code tested."""
+    hr = tiny_cfg.image.hr_size
+    return {"rough_image": hr // 32, "middle_image": hr // 16, "final_image": hr // 8}
+
+
+@pytest.fixture(scope="session")
 def tiny_policy(tiny_cfg):
     from vlcot.policy import build_tiny_policy
 

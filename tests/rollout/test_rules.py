@@ -27,7 +27,7 @@ def split_spans(tokens, layout):
     return spans
 
 
-def test_random_logits_always_give_valid_spans_in_stage_order(rules, tiny_cfg, tiny_policy):
+def test_random_logits_always_give_valid_spans_in_stage_order(rules, stage_sides, tiny_policy):
     layout = tiny_policy.layout
     masks = Masks(rules, "cpu")
     g = torch.Generator().manual_seed(0)
@@ -42,8 +42,7 @@ def test_random_logits_always_give_valid_spans_in_stage_order(rules, tiny_cfg, t
         state.feed(tok, rules)
     spans = split_spans(out, layout)
     assert len(spans) == 3  # rough, middle, final; then image_start is blocked
-    hr = tiny_cfg.image.hr_size  # rough HR/4, middle HR/2, final HR; 8 px per code
-    for span, side in zip(spans, (hr // 32, hr // 16, hr // 8)):
+    for span, side in zip(spans, stage_sides.values()):  # rough, middle, final
         codes, why = layout.parse_image_span(span)
         assert why == "" and codes.shape == (side, side)
     text = [t for t in out if not layout.is_image_code([t])[0]]

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from cluster.cli import main
-from cluster.config import load_config
 from vlcot.annotate import caption_nouns
 from vlcot.data import builtin_candidates, read_manifest
 from vlcot.tiny_annotators import WORDS, build_captioner, build_detector
@@ -39,7 +38,7 @@ def annotate(folder, models, *extra):
                  "annotate.prompts={x4: 'a photo of', x2: 'a photo of', x1: 'a photo of'}", *extra])
 
 
-def test_annotate_writes_sidecars_that_prepare_data_reads(models, photos, tmp_path, capsys):
+def test_annotate_writes_sidecars_that_prepare_data_reads(models, photos, tmp_path, capsys, tiny_cfg):
     rc = annotate(photos, models, f"annotate.detector={models / 'owl'}", "annotate.score_threshold=0.0",
                   f"annotate.vocabulary={VOCABULARY}")
     out = capsys.readouterr().out
@@ -53,8 +52,7 @@ def test_annotate_writes_sidecars_that_prepare_data_reads(models, photos, tmp_pa
         assert side["tags"] and set(side["tags"]) <= set(VOCABULARY)
     assert main(["prepare-data", "--no-progress", "--input", str(photos), "--out", str(tmp_path / "data")]) == 0
     rows = read_manifest(tmp_path / "data" / "manifest.jsonl")
-    per_photo = load_config().data.variants_per_image  # the default config's degradation draws per photograph
-    assert len(rows) == 5 * per_photo and all(r["captions"]["x4"] and r["tags"] for r in rows)
+    assert len(rows) == 5 * tiny_cfg.data.variants_per_image and all(r["captions"]["x4"] and r["tags"] for r in rows)
     summary = json.loads((tmp_path / "data" / "summary.json").read_text())
     assert (summary["missing_captions"], summary["missing_tags"]) == (0, 0)
 

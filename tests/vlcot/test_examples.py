@@ -7,7 +7,7 @@ from vlcot.examples import IGNORE_INDEX, build_example
 from vlcot.trace import parse_response
 
 
-def test_manifest_record_to_sft_example(tiny_cfg, tiny_policy, tiny_vq, tmp_path):
+def test_manifest_record_to_sft_example(tiny_cfg, stage_sides, tiny_policy, tiny_vq, tmp_path):
     data = dataclasses.replace(tiny_cfg.data, output_dir=str(tmp_path / "d"))
     prepare_data(tiny_cfg.image, tiny_cfg.degradation, data, progress=False)
     record = read_manifest(tmp_path / "d" / "manifest.jsonl")[0]
@@ -16,9 +16,8 @@ def test_manifest_record_to_sft_example(tiny_cfg, tiny_policy, tiny_vq, tmp_path
     assert parsed.valid, parsed.invalid_reasons()
     assert parsed.degradation == record["degradation"]["labels"]
     assert parsed.stages["rough_understand"].text == record["captions"]["x4"]
-    hr = tiny_cfg.image.hr_size  # codes are 8 px each; the rough image is HR/4
-    assert parsed.stages["final_image"].codes.shape == (hr // 8, hr // 8)
-    assert parsed.stages["rough_image"].codes.shape == (hr // 32, hr // 32)
+    for stage in ("final_image", "rough_image"):
+        assert parsed.stages[stage].codes.shape == (stage_sides[stage],) * 2
     ids, labels = ex.sft_pair()
     assert len(ids) == len(labels)
     assert labels[: len(ex.prompt_ids)] == [IGNORE_INDEX] * len(ex.prompt_ids)
@@ -30,5 +29,5 @@ def test_manifest_record_to_sft_example(tiny_cfg, tiny_policy, tiny_vq, tmp_path
     assert codes.shape == (tiny_cfg.image.prompt_size // 8,) * 2
     # the final image is the HR image's own codes
     from PIL import Image
-    hr_codes = tiny_vq.encode_images([Image.open(record["hr_path"])], hr)[0]
+    hr_codes = tiny_vq.encode_images([Image.open(record["hr_path"])], tiny_cfg.image.hr_size)[0]
     np.testing.assert_array_equal(parsed.stages["final_image"].codes, hr_codes)
