@@ -1,9 +1,11 @@
 """How the default degradation synthesis and label thresholds split each slot's words.
 
 Prints the word split per slot and the percentiles of each measured strength, so the
-thresholds in `LabelThresholds` can be re-tuned when the synthesis ranges change.
+thresholds in `LabelThresholds` can be re-tuned when the synthesis ranges change. Draws at
+the configured HR and LR sizes (`image.hr_size`, `image.lr_size`; `--config` for a YAML);
+with `degradation.thresholds.measure=lr` the LR strengths (lr_*_rms) are printed too.
 
-    .venv/bin/python bench/label_balance.py [--draws 300] [key=value overrides]
+    .venv/bin/python bench/label_balance.py [--draws 300] [--config configs/tiny-cpu.yaml] [key=value overrides]
 """
 
 import argparse
@@ -23,14 +25,16 @@ from vlcot.trace import SLOTS  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--draws", type=int, default=300)
+    ap.add_argument("--config", default=None, help="a YAML config; default: the dataclass (paper-scale) defaults")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    cfg = load_config(overrides=args.overrides, default=False)
-    hr = np.asarray(astronaut(256))
+    cfg = load_config(args.config, overrides=args.overrides, default=False)
+    hr = np.asarray(astronaut(cfg.image.hr_size))
+    lr_size = (cfg.image.lr_size, cfg.image.lr_size)
     words = [Counter() for _ in SLOTS]
     strengths = {}
     for seed in range(args.draws):
-        _, p = degrade(hr, (64, 64), cfg.degradation, seed)
+        _, p = degrade(hr, lr_size, cfg.degradation, seed)
         for i, w in enumerate(label_degradation(p, cfg.degradation.thresholds)):
             words[i][w] += 1
         for k, v in p["strength"].items():

@@ -317,6 +317,10 @@ def validate(cfg: Config) -> None:
     _monotone("degradation.thresholds.blur_sigma", t.blur_sigma, increasing=True)
     _monotone("degradation.thresholds.noise_std", t.noise_std, increasing=True)
     _monotone("degradation.thresholds.jpeg_quality", t.jpeg_quality, increasing=False)
+    if t.measure not in ("synthesis", "lr"):
+        _fail("degradation.thresholds.measure", f"must be 'synthesis' or 'lr', got {t.measure!r}")
+    for name in ("lr_blur_rms", "lr_noise_rms", "lr_jpeg_rms"):
+        _monotone(f"degradation.thresholds.{name}", getattr(t, name), increasing=True)
     if not 0 <= t.resize_tolerance < 1:
         _fail("degradation.thresholds.resize_tolerance", f"must be in [0, 1), got {t.resize_tolerance}")
 

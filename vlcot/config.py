@@ -233,10 +233,16 @@ class LabelThresholds:
     that script when you change the synthesis ranges.
     """
 
+    # what the blur, noise and compression words measure: "synthesis" (the parameters drawn, the
+    # fields above) or "lr" (the RMS change each effect made to the LR, the lr_* fields below)
+    measure: str = "synthesis"
     blur_sigma: List[float] = field(default_factory=lambda: [1.2, 2.5, 4.5])
     noise_std: List[float] = field(default_factory=lambda: [6.0, 15.0, 25.0])
     jpeg_quality: List[float] = field(default_factory=lambda: [80.0, 60.0, 40.0])
     resize_tolerance: float = 0.05
+    lr_blur_rms: List[float] = field(default_factory=lambda: [8.0, 13.0, 20.0])
+    lr_noise_rms: List[float] = field(default_factory=lambda: [6.0, 10.0, 14.0])
+    lr_jpeg_rms: List[float] = field(default_factory=lambda: [7.0, 11.0, 16.0])
 
 
 @dataclass

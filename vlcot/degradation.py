@@ -51,7 +51,10 @@ def _add_noise(img: torch.Tensor, rng: np.random.Generator, cfg: OrderConfig) ->
         arr = base.clamp(0, 1).numpy()
         levels = len(np.unique(np.round(arr * 255)))
         vals = float(2 ** np.ceil(np.log2(max(levels, 2))))
-        noisy = rng.poisson(arr * vals) / vals
+        # Poisson sampling takes a content-dependent count of random numbers: a generator of its
+        # own keeps the main stream, so the rest of the draw, the same for any image content
+        poisson = np.random.default_rng(int(rng.integers(2**63)))
+        noisy = poisson.poisson(arr * vals) / vals
         noise = torch.from_numpy(noisy - arr).to(img.dtype) * scale
         params = {"type": "poisson", "scale": scale, "gray": gray}
     noise = noise.expand_as(img)
@@ -69,12 +72,12 @@ def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 # ---- one order ----------------------------------------------------------------------------
-def _blur(img, rng, order: OrderConfig):
+def _blur(img, rng, order: OrderConfig, off: bool):
     if rng.random() >= order.blur.prob:
         return img, {"applied": False, "std": 0.0}
     kernel, params = random_kernel(rng, order.blur)
     params.update(applied=True, std=kernel_std(kernel))
-    return _filter(img, kernel), params
+    return (img if off else _filter(img, kernel)), params
 
 
 def _random_scale(rng, order: OrderConfig) -> Tuple[str, float]:
@@ -88,17 +91,18 @@ def _random_scale(rng, order: OrderConfig) -> Tuple[str, float]:
     return direction, 1.0
 
 
-def _noise_and_jpeg(img, rng, order: OrderConfig, with_jpeg: bool):
+def _noise_and_jpeg(img, rng, order: OrderConfig, with_jpeg: bool, without: frozenset):
     params: Dict[str, Any] = {}
     if rng.random() < order.noise_prob:
-        img, params["noise"] = _add_noise(img, rng, order)
+        noisy, params["noise"] = _add_noise(img, rng, order)
+        img = img if "noise" in without else noisy
     else:
         params["noise"] = {"type": "none", "measured_std": 0.0}
     img = img.clamp(0, 1)
     if with_jpeg:
         if rng.random() < order.jpeg_prob:
             q = int(rng.integers(order.jpeg_quality[0], order.jpeg_quality[1] + 1))
-            img = _jpeg(img, q)
+            img = img if "jpeg" in without else _jpeg(img, q)
             params["jpeg_quality"] = q
         else:
             params["jpeg_quality"] = None
@@ -106,13 +110,53 @@ def _noise_and_jpeg(img, rng, order: OrderConfig, with_jpeg: bool):
 
 
 # ---- the pipeline --------------------------------------------------------------------------
+EFFECTS = frozenset({"blur", "noise", "jpeg"})
+
+
 def degrade(hr: np.ndarray, lr_size: Tuple[int, int], cfg: DegradationConfig, seed: int) -> Tuple[np.ndarray, Dict[str, Any]]:
     """HR uint8 [H, W, 3] -> (LR uint8 [lr_h, lr_w, 3], every parameter drawn + derived strengths).
 
-    Deterministic for (hr, lr_size, cfg, seed).
+    Deterministic for (hr, lr_size, cfg, seed). With `thresholds.measure: lr` the strengths
+    also hold what each effect left in the LR (`lr_strengths`), for the labeller.
     """
     if hr.ndim != 3 or hr.shape[2] != 3 or hr.dtype != np.uint8:
         raise ValueError(f"expected uint8 [H, W, 3], got {hr.dtype} {hr.shape}")
+    lr, p = _synthesise(hr, lr_size, cfg, seed, frozenset())
+    if cfg.thresholds.measure == "lr":
+        p["strength"].update(lr_strengths(hr, lr, lr_size, cfg, seed))
+    return lr, p
+
+
+def _rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+
+
+def lr_strengths(hr: np.ndarray, lr: np.ndarray, lr_size: Tuple[int, int], cfg: DegradationConfig,
+                 seed: int) -> Dict[str, float]:
+    """How much blur, noise and JPEG changed the LR, in RMS 0..255 units: the same draw (same
+    seed, same random numbers) synthesised again with the effect left out.
+
+    - lr_noise_rms: LR vs the LR without noise (both orders);
+    - lr_jpeg_rms: LR vs the LR without JPEG (both places it is applied);
+    - lr_blur_rms: without noise and JPEG, the LR vs the LR with no blur kernel either
+      (both orders' kernels and the final sinc): the detail blur removed, as the LR shows it.
+    A strong effect the downscale then erased measures small: the label says what the LR shows.
+    """
+    def without(effects):
+        return _synthesise(hr, lr_size, cfg, seed, frozenset(effects))[0]
+
+    clean = without({"noise", "jpeg"})
+    return {
+        "lr_noise_rms": _rms(lr, without({"noise"})),
+        "lr_jpeg_rms": _rms(lr, without({"jpeg"})),
+        "lr_blur_rms": _rms(clean, without(EFFECTS)),
+    }
+
+
+def _synthesise(hr: np.ndarray, lr_size: Tuple[int, int], cfg: DegradationConfig, seed: int,
+                without: frozenset) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """The pipeline. `without` leaves effects out (blur kernels, noise, JPEG) while drawing
+    every random number as usual, so the rest of the draw is unchanged."""
     rng = np.random.default_rng(seed)
     h, w = hr.shape[:2]
     lr_h, lr_w = lr_size
@@ -120,24 +164,24 @@ def degrade(hr: np.ndarray, lr_size: Tuple[int, int], cfg: DegradationConfig, se
     p: Dict[str, Any] = {"seed": int(seed), "hr_size": [h, w], "lr_size": [lr_h, lr_w]}
 
     # order 1
-    img, p["blur1"] = _blur(img, rng, cfg.first)
+    img, p["blur1"] = _blur(img, rng, cfg.first, "blur" in without)
     direction, r1 = _random_scale(rng, cfg.first)
     mode = str(rng.choice(INTERPOLATIONS))
     img = _resize(img, (h * r1, w * r1), mode)
     p["resize1"] = {"direction": direction, "scale": r1, "mode": mode, "size": list(img.shape[-2:])}
-    img, o1 = _noise_and_jpeg(img, rng, cfg.first, with_jpeg=True)
+    img, o1 = _noise_and_jpeg(img, rng, cfg.first, with_jpeg=True, without=without)
     p["noise1"], p["jpeg1"] = o1["noise"], o1["jpeg_quality"]
 
     # order 2
     p["second_order"] = bool(rng.random() < cfg.second_order_prob)
     if p["second_order"]:
         before = list(img.shape[-2:])
-        img, p["blur2"] = _blur(img, rng, cfg.second)
+        img, p["blur2"] = _blur(img, rng, cfg.second, "blur" in without)
         direction2, r2 = _random_scale(rng, cfg.second)
         mode2 = str(rng.choice(INTERPOLATIONS))
         img = _resize(img, (lr_h * r2, lr_w * r2), mode2)
         p["resize2"] = {"direction": direction2, "scale": r2, "mode": mode2, "from": before, "size": list(img.shape[-2:])}
-        img, o2 = _noise_and_jpeg(img, rng, cfg.second, with_jpeg=False)
+        img, o2 = _noise_and_jpeg(img, rng, cfg.second, with_jpeg=False, without=without)
         p["noise2"] = o2["noise"]
 
     # final: resize to LR (+ sinc) and JPEG, in random order
@@ -157,14 +201,15 @@ def degrade(hr: np.ndarray, lr_size: Tuple[int, int], cfg: DegradationConfig, se
 
     def resize_and_sinc(x):
         x = _resize(x, (lr_h, lr_w), final_mode)
-        return _filter(x, sinc) if sinc is not None else x
+        return _filter(x, sinc) if sinc is not None and "blur" not in without else x
 
+    jpeg = q is not None and "jpeg" not in without
     if jpeg_first:
-        img = _jpeg(img.clamp(0, 1), q) if q is not None else img
+        img = _jpeg(img.clamp(0, 1), q) if jpeg else img
         img = resize_and_sinc(img)
     else:
         img = resize_and_sinc(img)
-        img = _jpeg(img.clamp(0, 1), q) if q is not None else img
+        img = _jpeg(img.clamp(0, 1), q) if jpeg else img
     p["final"] = {"mode": final_mode, "from": pre_final, "jpeg_first": jpeg_first, "jpeg_quality": q}
     lr = (img[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
 
@@ -248,10 +293,21 @@ def label_degradation(params: Dict[str, Any], thresholds: LabelThresholds) -> Li
     """Parameters of one `degrade` call -> the five slot words
     [blur level, resize, noise level, compression level, final resize]."""
     s = params.get("strength") or strengths(params)
+    if thresholds.measure == "lr":
+        if "lr_noise_rms" not in s:
+            raise ValueError("degradation.thresholds.measure is 'lr' but these parameters hold no LR strengths: "
+                             "they come from a degrade() call made with measure 'synthesis'")
+        blur = level_increasing(s["lr_blur_rms"], thresholds.lr_blur_rms)
+        noise = level_increasing(s["lr_noise_rms"], thresholds.lr_noise_rms)
+        compression = level_increasing(s["lr_jpeg_rms"], thresholds.lr_jpeg_rms)
+    else:
+        blur = level_increasing(s["blur_sigma"], thresholds.blur_sigma)
+        noise = level_increasing(s["noise_std"], thresholds.noise_std)
+        compression = level_decreasing(s["jpeg_quality"], thresholds.jpeg_quality)
     return [
-        level_increasing(s["blur_sigma"], thresholds.blur_sigma),
+        blur,
         resize_word(s["resize_scale"], thresholds.resize_tolerance),
-        level_increasing(s["noise_std"], thresholds.noise_std),
-        level_decreasing(s["jpeg_quality"], thresholds.jpeg_quality),
+        noise,
+        compression,
         resize_word(s["final_scale"], thresholds.resize_tolerance),
     ]

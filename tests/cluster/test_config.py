@@ -33,6 +33,8 @@ def test_overrides_apply():
     ("image.hr_size=200", "image.hr_size"),                                     # not a multiple of 128
     ("degradation.thresholds.blur_sigma=[3,2,1]", "degradation.thresholds.blur_sigma"),
     ("degradation.thresholds.jpeg_quality=[40,60,80]", "degradation.thresholds.jpeg_quality"),
+    ("degradation.thresholds.measure=visible", "degradation.thresholds.measure"),
+    ("degradation.thresholds.lr_noise_rms=[9,6,12]", "degradation.thresholds.lr_noise_rms"),
     ("degradation.first.blur.kernel_types=[iso,box]", "degradation.first.blur.kernel_types"),
     ("degradation.second.jpeg_prob=1.5", "degradation.second.jpeg_prob"),
     ("policy.dtype=int8", "policy.dtype"),

@@ -5,7 +5,7 @@ import pytest
 import skimage.data
 
 from vlcot.config import DegradationConfig, LabelThresholds
-from vlcot.degradation import degrade, label_degradation, level_decreasing, level_increasing, resize_word
+from vlcot.degradation import degrade, label_degradation, level_decreasing, level_increasing, lr_strengths, resize_word
 from vlcot.kernels import (
     gaussian_kernel, generalized_gaussian_kernel, kernel_std, plateau_kernel, sinc_kernel,
 )
@@ -77,6 +77,65 @@ def test_strong_settings_give_heavy_words():
     assert abs(p["strength"]["blur_sigma"] - 5.0) < 0.2  # measured kernel spread ~ sigma
     assert abs(p["strength"]["noise_std"] - 40.0) < 4.0
     assert p["strength"]["jpeg_quality"] == 20
+
+
+def lr_measured(cfg):
+    cfg = copy.deepcopy(cfg)
+    cfg.thresholds.measure = "lr"
+    return cfg
+
+
+def test_lr_strengths_measure_only_what_was_applied():
+    """Each LR strength is the change its effect made: 0 where the effect is off, and leaving
+    an effect out changes nothing else in the draw (the same LR when nothing is left out)."""
+    cfg = lr_measured(clean_config())
+    lr, p = degrade(HR, (32, 32), cfg, seed=0)
+    assert {k: p["strength"][k] for k in ("lr_blur_rms", "lr_noise_rms", "lr_jpeg_rms")} == \
+        {"lr_blur_rms": 0.0, "lr_noise_rms": 0.0, "lr_jpeg_rms": 0.0}
+    assert label_degradation(p, cfg.thresholds) == ["none", "keep", "none", "none", "downsample"]
+    noisy = copy.deepcopy(cfg)
+    noisy.first.noise_prob, noisy.first.gaussian_noise_prob, noisy.first.noise_sigma = 1.0, 1.0, [20.0, 20.0]
+    s = degrade(HR, (32, 32), noisy, seed=0)[1]["strength"]
+    assert s["lr_blur_rms"] == 0.0 and s["lr_jpeg_rms"] == 0.0
+    assert 2.0 < s["lr_noise_rms"] < 20.0  # the 4x downscale removes part of it (an area resize most)
+    full = lr_measured(DegradationConfig())
+    for seed in range(6):
+        lr, p = degrade(HR, (32, 32), full, seed)
+        again = lr_strengths(HR, lr, (32, 32), full, seed)
+        assert again == {k: p["strength"][k] for k in again}
+        assert all(v >= 0 for v in again.values())
+
+
+def test_lr_strengths_grow_with_the_drawn_strength():
+    """Heavier noise drawn, more noise in the LR; more blur drawn, more detail gone."""
+    def mean_strength(key, **order):
+        cfg = lr_measured(clean_config())
+        for k, v in order.items():
+            setattr(cfg.first, k, v)
+        return np.mean([degrade(HR, (32, 32), cfg, seed)[1]["strength"][key] for seed in range(4)])
+
+    noise = dict(noise_prob=1.0, gaussian_noise_prob=1.0)
+    assert mean_strength("lr_noise_rms", **noise, noise_sigma=[30.0, 30.0]) > \
+        2 * mean_strength("lr_noise_rms", **noise, noise_sigma=[5.0, 5.0])
+    jpeg = dict(jpeg_prob=1.0, resize_probs=[0.0, 1.0, 0.0], resize_range=[0.25, 1.0])  # JPEG near LR scale
+    assert mean_strength("lr_jpeg_rms", **jpeg, jpeg_quality=[15, 15]) > \
+        mean_strength("lr_jpeg_rms", **jpeg, jpeg_quality=[90, 90])
+
+
+def test_lr_measure_labels_by_the_lr_edges():
+    cfg = lr_measured(DegradationConfig())
+    _, p = degrade(HR, (32, 32), cfg, seed=3)
+    s = p["strength"]
+    low = LabelThresholds(measure="lr", lr_blur_rms=[s["lr_blur_rms"] + 1] * 3,
+                          lr_noise_rms=[s["lr_noise_rms"] + 1] * 3, lr_jpeg_rms=[s["lr_jpeg_rms"] + 1] * 3)
+    high = LabelThresholds(measure="lr", lr_blur_rms=[-3, -2, -1], lr_noise_rms=[-3, -2, -1], lr_jpeg_rms=[-3, -2, -1])
+    assert [label_degradation(p, low)[i] for i in (0, 2, 3)] == ["none"] * 3
+    assert [label_degradation(p, high)[i] for i in (0, 2, 3)] == ["heavy"] * 3
+    # the synthesis words ignore the LR edges
+    assert label_degradation(p, LabelThresholds()) == label_degradation(p, LabelThresholds(lr_noise_rms=[-3, -2, -1]))
+    _, synthesis_only = degrade(HR, (32, 32), DegradationConfig(), seed=3)
+    with pytest.raises(ValueError, match="no LR strengths"):
+        label_degradation(synthesis_only, low)
 
 
 @pytest.mark.parametrize("value,word", [(0.0, "none"), (1.19, "none"), (1.2, "light"), (2.49, "light"),
