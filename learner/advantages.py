@@ -12,12 +12,17 @@ advantages [N] and declares the smallest group it can learn from: config validat
 | reinforce_pp_baseline | r - mean_g, then divided by the std over the whole batch (REINFORCE++-baseline) | 2 |
 
 A group whose rewards are all equal, or of size 1, gets exactly 0 under every estimator.
+
+`learner.grpo.normalise` picks what the estimator sees: `total` (published) runs it once on
+the weighted total; `per_reward` runs it on each reward separately and sums the weighted
+results (`per_reward_advantages`), so a reward with a small spread (the degradation words
+beside the 0/1 format) still moves the advantage as much as its weight says.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Tuple
+from typing import Callable, Dict, Mapping, NamedTuple, Tuple
 
 import torch
 
@@ -121,3 +126,28 @@ def reinforce_pp_baseline_advantages(rewards, group_index, eps):
     adv = _zero_flat(rewards.double() - m.mean[m.inverse], m)
     std = adv.std() if adv.numel() > 1 else torch.zeros((), dtype=adv.dtype)
     return (adv / (std + eps)).float(), m.stats()
+
+
+NORMALISE_MODES = ("total", "per_reward")
+
+
+def per_reward_advantages(name: str, components: Mapping[str, torch.Tensor], weights: Mapping[str, float],
+                          group_index: torch.Tensor, eps: float = 1e-6) -> Tuple[torch.Tensor, AdvantageStats]:
+    """Estimator `name` on each reward of `components` ({name: [N]}) within the groups, the
+    results summed with `weights`, then divided by the batch std of that sum (so its scale
+    does not grow with the number of rewards). A group counts as flat (stats) when every one
+    of its rewards is flat: then its advantage is exactly 0, as under `total`."""
+    if not components:
+        raise ValueError("per_reward normalisation needs at least one reward component")
+    summed = torch.zeros(len(group_index), dtype=torch.float64)
+    flat: Dict[str, torch.Tensor] = {}
+    moments = None
+    for key, rewards in components.items():
+        adv, _ = estimate_advantages(name, rewards, group_index, eps)
+        summed += float(weights.get(key, 0.0)) * adv.double()
+        moments = group_moments(rewards, group_index)
+        flat[key] = moments.flat if weights.get(key, 0.0) else torch.ones_like(moments.flat)
+    all_flat = torch.stack(list(flat.values())).all(dim=0)
+    std = summed.std() if summed.numel() > 1 else torch.zeros((), dtype=summed.dtype)
+    adv = torch.where(all_flat[moments.inverse], torch.zeros_like(summed), summed / (std + eps))
+    return adv.float(), AdvantageStats(num_groups=len(all_flat), zero_std_groups=int(all_flat.sum()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
-from learner.advantages import ADVANTAGE_ESTIMATORS
+from learner.advantages import ADVANTAGE_ESTIMATORS, NORMALISE_MODES
 from learner.grpo import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from learner.schedule import ScheduleConfig
 
@@ -22,6 +22,9 @@ class GRPOConfig:
     loss_agg: str = "seq-mean-token-mean"  # the released code's aggregation
     norm_tokens: int = 0  # seq-mean-token-sum-norm constant; 0 = padded length
     advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp_baseline
+    # total: the estimator on the weighted reward total (published); per_reward: on each reward
+    # alone, the results weighted and summed (learner/advantages.py, per_reward_advantages)
+    normalise: str = "total"
     adv_eps: float = 1e-6
     policy_loss: str = "clipped"  # clipped (PPO-style, clip_low/clip_high) | unclipped
     kl_coef: float = 0.0  # 0 = no KL term in the loss (and no reference model unless kl_monitor)
@@ -84,6 +87,8 @@ def problems(cfg: LearnerConfig, prefix: str = "learner") -> List[Tuple[str, str
                           ("loss_agg", AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS)):
         if getattr(g, key) not in registry:
             out.append((f"{prefix}.grpo.{key}", f"{getattr(g, key)!r} not in {registry.names()}"))
+    if g.normalise not in NORMALISE_MODES:
+        out.append((f"{prefix}.grpo.normalise", f"{g.normalise!r} not in {list(NORMALISE_MODES)}"))
     if g.recompute_old_logp not in ("auto", "always", "never"):
         out.append((f"{prefix}.grpo.recompute_old_logp", f"{g.recompute_old_logp!r} not in ['auto', 'always', 'never']"))
     if cfg.dtype not in ("auto", "float32", "bfloat16"):

@@ -47,6 +47,7 @@ def test_overrides_apply():
     ("policy.conversation.instruction=no image here", "policy.conversation"),
     ("learner.save_shard_mb=0", "learner.save_shard_mb"),
     ("learner.grpo.advantage=ppo", "learner.grpo.advantage"),
+    ("learner.grpo.normalise=sum", "learner.grpo.normalise"),
     ("learner.grpo.policy_loss=dpo", "learner.grpo.policy_loss"),
     ("rollout.group_size=1", "rollout.group_size"),                          # every advantage would be 0
     ("rollout.resources.CPU=2", "rollout.resources"),                       # CPUs have their own key

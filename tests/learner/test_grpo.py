@@ -144,6 +144,33 @@ def test_registered_advantage_estimators_by_hand():
         estimate_advantages("ppo", r, gi)
 
 
+def test_per_reward_advantages_by_hand():
+    """Each reward normalised in its group, weighted, summed, then scaled by the batch std: a
+    reward with a small spread moves the advantage as much as a 0/1 one."""
+    from learner.advantages import estimate_advantages, per_reward_advantages
+
+    gi = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    fmt = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # group 1: all 1, no signal
+    deg = torch.tensor([0.4, 0.4, 0.6, 0.2, 0.4, 0.4, 0.4, 0.4])  # group 1 flat too
+    comps = {"format": fmt, "degradation": deg}
+    adv, stats = per_reward_advantages("grpo", comps, {"format": 1.0, "degradation": 2.0}, gi, eps=0.0)
+    a_fmt = estimate_advantages("grpo", fmt, gi, eps=0.0)[0]
+    a_deg = estimate_advantages("grpo", deg, gi, eps=0.0)[0]
+    want = a_fmt + 2 * a_deg
+    torch.testing.assert_close(adv, want / want.std())
+    assert stats.num_groups == 2 and stats.zero_std_groups == 1
+    assert adv[4:].abs().sum() == 0
+    # the total would rank sample 2 above sample 0 only by 0.4; per reward it is by one deg std
+    total = fmt + 2 * deg
+    assert (adv[2] - adv[0]) / adv[:4].std() > (total[2] - total[0]) / total[:4].std()
+    # a reward weighted 0 neither moves the advantage nor keeps its group from being flat
+    only, stats = per_reward_advantages("grpo", comps, {"format": 0.0, "degradation": 1.0}, gi, eps=0.0)
+    torch.testing.assert_close(only, a_deg / a_deg.std())
+    assert stats.zero_std_groups == 1
+    with pytest.raises(ValueError, match="at least one reward"):
+        per_reward_advantages("grpo", {}, {}, gi)
+
+
 def test_registered_losses_and_kl():
     from learner.grpo import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
     import numpy as np
