@@ -1,6 +1,11 @@
 """The held-out report's table and line, without actors (the driver tests run it for real)."""
 
-from cluster.heldout_eval import HeldOutScore, render, summary_line
+import json
+from dataclasses import asdict
+
+import pytest
+
+from cluster.heldout_eval import DegradationWords, HeldOutScore, majority_accuracy, render, score_from, summary_line
 
 
 def test_side_by_side_table_and_line():
@@ -33,3 +38,40 @@ def test_no_heldout_file_says_how_to_make_one(tmp_path, capsys):
         assert f"held-out eval: none ({tmp_path / 'heldout.jsonl'} does not exist; {how}" in capsys.readouterr().out
     assert heldout_for(load_config(overrides=["trainer.heldout_eval=false"]), tmp_path, None, None, None) is None
     assert capsys.readouterr().out == ""
+
+
+def test_degradation_words_and_the_majority_baseline_by_hand():
+    labels = [["light", "keep", "none", "heavy", "downsample"],
+              ["heavy", "keep", "none", "light", "downsample"],
+              ["light", "upsample", "heavy", "light", "downsample"]]
+    said = [["light", "keep", "none", "light", "downsample"],
+            ["light", "keep", "none", "light", "downsample"],
+            ["light", None, "none", "light", "downsample"]]
+    w = DegradationWords.of(said, labels)
+    assert w.accuracy == {"blur": 2 / 3, "resize": 2 / 3, "noise": 2 / 3, "compression": 2 / 3, "final_resize": 1.0}
+    assert (w.distinct, w.commonest, w.commonest_count) == (2, "light keep none light downsample", 2)
+    training = [["heavy", "keep", "none", "light", "keep"]] * 2 + [["light", "upsample", "heavy", "heavy", "keep"]]
+    assert majority_accuracy(training, labels) == {"blur": 1 / 3, "resize": 2 / 3, "noise": 2 / 3,
+                                                   "compression": 2 / 3, "final_resize": 0.0}
+    with pytest.raises(ValueError, match="2 answers for 3"):
+        DegradationWords.of(said[:2], labels)
+
+
+def test_the_report_names_a_policy_that_writes_one_answer_for_every_prompt():
+    one = DegradationWords({"blur": 0.2, "resize": 0.9, "noise": 0.3, "compression": 0.2, "final_resize": 1.0},
+                           1, "medium downsample medium light downsample", 30)
+    two = DegradationWords({"blur": 0.4, "resize": 0.9, "noise": 0.3, "compression": 0.3, "final_resize": 1.0},
+                           7, "medium downsample medium light downsample", 12)
+    start = HeldOutScore("SFT", 0, 30, 0, {"degradation": 0.52, "total": 0.52}, [0], one)
+    end = HeldOutScore("GRPO", 40, 30, 0, {"degradation": 0.58, "total": 0.58}, [40], two)
+    majority = {"blur": 0.2, "resize": 0.9, "noise": 0.3, "compression": 0.2, "final_resize": 1.0}
+    report = json.loads(json.dumps({"manifest": "h.jsonl", "prompts": 30, "start": asdict(start),
+                                    "end": asdict(end), "majority_words": majority}))
+    assert score_from(report["end"]) == end  # the words survive the JSON report (a resumed run reads it back)
+    md = render(report)
+    assert "| slot | SFT (v0) | GRPO (v40) | majority word |" in md
+    assert "| blur | 0.200 | 0.400 | 0.200 |" in md and "| mean of five | 0.520 | 0.580 | 0.520 |" in md
+    assert "| different answers | 1 | 7 | 1 |" in md
+    assert 'SFT wrote the same degradation words for all 30 prompts ("medium downsample medium light downsample")' in md
+    assert "GRPO wrote the same" not in md
+    assert summary_line(start, end, 30).endswith("different degradation answers 1 -> 7")
