@@ -24,7 +24,9 @@ import numpy as np
 
 from cluster.config import Config, flatten, to_yaml
 from cluster.envs import runtime_env_for_iqa
+from cluster.grid import log_sample_grid
 from cluster.heldout_eval import heldout_for
+from cluster.learning_curve import report_learning
 from cluster.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, manifest_for,
                           required_cpus, start_ray)
 from cluster.metrics import step_metrics, step_line
@@ -35,7 +37,7 @@ from cluster.step_data import ScoredSample, StepResult
 from cluster.tracking import Tracker
 from cluster.weight_sync import WEIGHT_SYNCS, sync_living_workers
 from learner.batch import pack_grpo
-from learner.advantages import estimate_advantages
+from learner.advantages import batch_advantages
 from learner.schedule import lr_at
 from rewards.scoring import RewardInput
 from rollout.engine import PromptError
@@ -94,7 +96,8 @@ class GRPOTrainer:
         self.image_ids = self.layout.image_span_ids()
         spread = cfg.trainer.prompt_order == "spread"
         self.cursor = DataCursor(len(self.records), cfg.seed, [r["source"] for r in self.records] if spread else None)
-        self.heldout = heldout_for(cfg, self.run_dir, self.vq, self.codec, self.layout)
+        self.heldout = heldout_for(cfg, self.run_dir, self.vq, self.codec, self.layout,
+                                   [r["degradation"]["labels"] for r in self.records])
 
     def _start_actors(self) -> None:
         from cluster.learner_group import LearnerGroup
@@ -219,9 +222,11 @@ class GRPOTrainer:
         g = self.cfg.learner.grpo
         lags = np.array([version - s.sample.version for s in samples])
         keep = np.nonzero(lags <= self.cfg.trainer.max_staleness)[0]
-        total = np.array([s.reward.total for s in samples])
-        groups = np.array([s.group for s in samples])
-        adv, stats = estimate_advantages(g.advantage, torch.tensor(total[keep]), torch.tensor(groups[keep]), g.adv_eps)
+        weights = self.cfg.rewards.weights
+        adv, stats = batch_advantages(
+            g.normalise, g.advantage, torch.tensor([samples[i].reward.total for i in keep]),
+            {k: torch.tensor([samples[i].reward.components[k] for i in keep]) for k in weights}, weights,
+            torch.tensor([samples[i].group for i in keep]), g.adv_eps)
         world = self.cfg.learner.num_workers
         n = len(keep) - len(keep) % world
         order = np.argsort(np.abs(adv.numpy()), kind="stable")[::-1][:n]  # drop the least informative
@@ -309,7 +314,7 @@ class GRPOTrainer:
             bar.close()
             self.final_state = self._final_state(version)
             self.heldout_report = self._heldout_end(version)
-            self.learning = self._learning_report()
+            self.learning = report_learning(self.reward_history, self.component_history, self.run_dir, self.tracker)
         finally:
             self.tracker.close()
             self.shutdown()
@@ -331,8 +336,10 @@ class GRPOTrainer:
         for comp in cfg.rewards.weights:
             self.component_history.setdefault(comp, []).append(m[f"reward/{comp}/mean"])
         tqdm.write(step_line(step, cfg.trainer.steps, m))
-        if step % cfg.trainer.log_images_every == 0:
-            self._log_grid(step, result.samples)
+        if step % cfg.trainer.log_images_every == 0 and result.samples:
+            first = result.samples[0]
+            log_sample_grid(self.run_dir / "grids" / f"step_{step:06d}.png", first.parsed, self.records[first.record],
+                            self.vq, self.tracker)
         if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps:
             self._save(step, version)
 
@@ -393,47 +400,12 @@ class GRPOTrainer:
             print(f"warning: held-out check failed ({type(exc).__name__}: {exc}); the trained policy is saved")
             return {"error": f"{type(exc).__name__}: {exc}"}
 
-    def _learning_report(self) -> Optional[Dict[str, Any]]:
-        """The verdict line and learning_curve.png (also in MLflow); None when no step ran."""
-        from cluster.learning_curve import learning_report
-
-        if not self.reward_history:
-            return None
-        try:
-            report = learning_report(self.reward_history, self.component_history, self.run_dir)
-        except Exception as exc:  # the run's work is done and saved: a failed plot must not lose it
-            log.warning("could not write the learning report: %s: %s", type(exc).__name__, exc)
-            return {"error": f"{type(exc).__name__}: {exc}"}
-        self.tracker.artifact(report["plot"])
-        print(report["line"])
-        return report
-
     def _summary(self, wall_s: float) -> Dict[str, Any]:
         h = self.reward_history
         k = max(1, len(h) // 5)
         return {"steps": len(h), "reward_history": h, "first_20pct_mean": float(np.mean(h[:k])) if h else None,
                 "last_20pct_mean": float(np.mean(h[-k:])) if h else None, "wall_s": wall_s,
                 "mlflow_uri": self.tracker.uri, "mlflow_run_id": self.tracker.run_id}
-
-    def _log_grid(self, step: int, samples: List[ScoredSample]) -> None:
-        from PIL import Image
-
-        from cluster.grid import sample_grid
-
-        try:
-            parsed = samples[0].parsed
-            stages = []
-            for name in ("rough_image", "middle_image", "final_image"):
-                st = parsed.stages[name]
-                stages.append(np.asarray(self.vq.decode_images(st.codes[None])[0]) if st.valid else None)
-            rec = self.records[samples[0].record]
-            img = sample_grid(Image.open(rec["lr_path"]), stages, Image.open(rec["hr_path"]), parsed.skeleton)
-            out = self.run_dir / "grids" / f"step_{step:06d}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            img.save(out)
-            self.tracker.artifact(str(out), "grids")
-        except Exception as exc:  # a logging extra must never stop training
-            log.warning("could not log the sample grid at step %d: %s", step, exc)
 
     def shutdown(self) -> None:
         if getattr(self, "weight_sync", None) is not None:

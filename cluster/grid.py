@@ -3,11 +3,15 @@ final | HR, text below) and the side-by-side comparison rows of `realsr-r1 eval`
 
 from __future__ import annotations
 
+import logging
 import textwrap
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
 
 
 def sample_grid(lr: Image.Image, stages: Sequence[Optional[np.ndarray]], hr: Image.Image, text: str,
@@ -25,6 +29,23 @@ def sample_grid(lr: Image.Image, stages: Sequence[Optional[np.ndarray]], hr: Ima
     for j, line in enumerate(lines):
         draw.text((4, cell + 20 + 12 * j), line, fill=(0, 0, 0))
     return canvas
+
+
+def log_sample_grid(out: Path, parsed, record: Dict[str, Any], vq, tracker) -> None:
+    """The grid of one training sample (its trace `parsed`, the manifest `record` it was
+    prompted with) written to `out` and logged to MLflow under grids/. A failure is logged,
+    never raised: a logging extra must not stop training."""
+    try:
+        stages = []
+        for name in ("rough_image", "middle_image", "final_image"):
+            st = parsed.stages[name]
+            stages.append(np.asarray(vq.decode_images(st.codes[None])[0]) if st.valid else None)
+        img = sample_grid(Image.open(record["lr_path"]), stages, Image.open(record["hr_path"]), parsed.skeleton)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        img.save(out)
+        tracker.artifact(str(out), "grids")
+    except Exception as exc:
+        log.warning("could not log the sample grid %s: %s", out.name, exc)
 
 
 def _draw_cells(canvas: Image.Image, draw: ImageDraw.ImageDraw, tiles: Sequence[Optional[Image.Image]],

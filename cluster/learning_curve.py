@@ -9,10 +9,11 @@ makes the error an underestimate, so the line says how many errors the rise is, 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -116,3 +117,20 @@ def learning_report(total: Sequence[float], components: Mapping[str, List[float]
     png = plot_curves({"total reward": total, **{f"{k} reward": v for k, v in components.items()}}, verdict,
                       Path(out_dir) / "learning_curve.png")
     return {**verdict.to_dict(), "plot": str(png)}
+
+
+def report_learning(total: Sequence[float], components: Mapping[str, List[float]], out_dir: str | Path,
+                    tracker) -> Optional[Dict[str, Any]]:
+    """The end of a training run: `learning_report`, the plot logged to MLflow and the verdict
+    printed. None when no step ran; a failure is logged and returned, not raised (the run's
+    work is saved by then and must not be lost to a plot)."""
+    if not total:
+        return None
+    try:
+        report = learning_report(total, components, out_dir)
+    except Exception as exc:
+        logging.getLogger(__name__).warning("could not write the learning report: %s: %s", type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    tracker.artifact(report["plot"])
+    print(report["line"])
+    return report

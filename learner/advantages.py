@@ -151,3 +151,15 @@ def per_reward_advantages(name: str, components: Mapping[str, torch.Tensor], wei
     std = summed.std() if summed.numel() > 1 else torch.zeros((), dtype=summed.dtype)
     adv = torch.where(all_flat[moments.inverse], torch.zeros_like(summed), summed / (std + eps))
     return adv.float(), AdvantageStats(num_groups=len(all_flat), zero_std_groups=int(all_flat.sum()))
+
+
+def batch_advantages(normalise: str, name: str, total: torch.Tensor, components: Mapping[str, torch.Tensor],
+                     weights: Mapping[str, float], group_index: torch.Tensor,
+                     eps: float = 1e-6) -> Tuple[torch.Tensor, AdvantageStats]:
+    """The advantages of one rollout batch as `learner.grpo.normalise` says: estimator `name`
+    on the weighted `total` [N], or on each of `components` ({reward: [N]}) (per_reward)."""
+    if normalise == "per_reward":
+        return per_reward_advantages(name, components, weights, group_index, eps)
+    if normalise != "total":
+        raise ValueError(f"learner.grpo.normalise {normalise!r} not in {list(NORMALISE_MODES)}")
+    return estimate_advantages(name, total, group_index, eps)

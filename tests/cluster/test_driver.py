@@ -15,8 +15,11 @@ import ray
 from cluster.cli import main as cli_main
 from cluster.config import load_config
 from cluster.driver import GRPOTrainer, latest_checkpoint
+from cluster.heldout_eval import majority_accuracy
 from cluster.metrics import reward_metric_names
 from learner.schedule import lr_at
+from vlcot.data import read_manifest
+from vlcot.trace import SLOTS
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +102,8 @@ def test_two_step_run_logs_every_metric(tmp_path, mode, placement, monkeypatch, 
 def test_kl_reference_after_in_run_sft_is_the_sft_policy(tmp_path):
     """GRPO's KL is measured from where GRPO starts: the SFT result saved in the run, not the
     initial policy the learner ranks were built from (kl would be large at step 1 then).
-    SFT and GRPO read their own manifests (`data.sft_manifest`, `data.rl_manifest`)."""
+    SFT and GRPO read their own manifests (`data.sft_manifest`, `data.rl_manifest`); the
+    advantage is normalised per reward."""
     from cluster.jobs import ensure_data
 
     base = small(tmp_path, "data.heldout_per_image=1")
@@ -108,7 +112,8 @@ def test_kl_reference_after_in_run_sft_is_the_sft_policy(tmp_path):
     (data / "sft.jsonl").write_text("\n".join(lines[:3]) + "\n")  # beside the manifest: same relative paths
     (data / "rl.jsonl").write_text("\n".join(lines[3:8]) + "\n")
     summary = GRPOTrainer(small(tmp_path, "trainer.sft=true", "learner.sft.steps=4", "trainer.steps=1",
-                                "learner.grpo.kl_monitor=true", f"data.sft_manifest={data / 'sft.jsonl'}",
+                                "learner.grpo.kl_monitor=true", "learner.grpo.normalise=per_reward",
+                                f"data.sft_manifest={data / 'sft.jsonl'}",
                                 f"data.rl_manifest={data / 'rl.jsonl'}", "data.heldout_per_image=1"),
                           progress=False).run()
     client, run = run_metrics(summary)
@@ -123,10 +128,18 @@ def test_kl_reference_after_in_run_sft_is_the_sft_policy(tmp_path):
         means = held[column]["means"]
         assert held[column]["prompts"] + held[column]["refused"] == 11 and set(means) == {*cfg_rewards(), "total"}
         assert 0 <= means["format"] <= 1 and 0 <= means["degradation"] <= 1
+        # the words each policy wrote: an invalid stage scores 0 but its parsed words still count
+        words = held[column]["words"]
+        assert 1 <= words["distinct"] <= held[column]["prompts"] and set(words["accuracy"]) == set(SLOTS)
+        assert sum(words["accuracy"].values()) / 5 >= means["degradation"] - 1e-9
+    heldout_labels = [r["degradation"]["labels"] for r in read_manifest(data / "heldout.jsonl")]
+    assert held["majority_words"] == majority_accuracy(
+        [r["degradation"]["labels"] for r in read_manifest(data / "rl.jsonl")], heldout_labels)
     table = (tmp_path / "heldout.md").read_text()
     assert "| SFT (v0) | GRPO (v1) | change |" in table and "| degradation |" in table
+    assert "| slot | SFT (v0) | GRPO (v1) | majority word |" in table and "| different answers |" in table
     assert f"{held['end']['means']['total'] - held['start']['means']['total']:+.3f}" in table
-    assert "heldout/end/degradation" in run.data.metrics and "heldout.md" in {
+    assert {"heldout/end/degradation", "heldout/end/degradation_answers"} <= set(run.data.metrics) and "heldout.md" in {
         a.path for a in client.list_artifacts(run.info.run_id)}
     assert (tmp_path / "sft" / "hf" / "config.json").is_file()
     saved = json.loads((tmp_path / "train_summary.json").read_text())

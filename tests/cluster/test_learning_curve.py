@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.learning_curve import learning_report, moving_average, rise_verdict
+from cluster.learning_curve import learning_report, moving_average, report_learning, rise_verdict
 
 
 def test_rise_and_its_standard_error_follow_the_formula():
@@ -49,3 +49,19 @@ def test_report_writes_a_plot_with_a_panel_per_component(tmp_path):
     fewer = Image.open(learning_report(total, {"format": [1.0] * 12}, tmp_path / "two")["plot"])
     assert img.size[1] > fewer.size[1]  # three panels are taller than two
     assert rep["learned"] and rep["steps"] == 12 and rep["line"].startswith("verdict: learned")
+
+
+def test_end_of_run_report_logs_the_plot_and_never_raises(tmp_path, capsys):
+    logged = []
+
+    class Tracker:
+        def artifact(self, path):
+            logged.append(path)
+
+    total = list(np.linspace(2, 3, 12))
+    rep = report_learning(total, {"format": [1.0] * 12}, tmp_path, Tracker())
+    assert logged == [rep["plot"]] and capsys.readouterr().out.strip() == rep["line"]
+    assert report_learning([], {}, tmp_path, Tracker()) is None  # no step ran
+    missing = tmp_path / "no" / "such" / "folder"  # the plot cannot be saved: said, not raised
+    failed = report_learning(total, {"format": [1.0] * 12}, missing, Tracker())
+    assert set(failed) == {"error"} and "FileNotFoundError" in failed["error"] and len(logged) == 1

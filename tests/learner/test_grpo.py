@@ -171,6 +171,21 @@ def test_per_reward_advantages_by_hand():
         per_reward_advantages("grpo", {}, {}, gi)
 
 
+def test_batch_advantages_follow_the_normalise_setting():
+    from learner.advantages import batch_advantages, estimate_advantages, per_reward_advantages
+
+    gi = torch.tensor([0, 0, 0, 1, 1, 1])
+    comps = {"format": torch.tensor([1.0, 0, 1, 0, 0, 1]), "degradation": torch.tensor([0.2, 0.4, 0.4, 0.6, 0.2, 0.2])}
+    weights = {"format": 1.0, "degradation": 1.0}
+    total = comps["format"] + comps["degradation"]
+    torch.testing.assert_close(batch_advantages("total", "rloo", total, comps, weights, gi)[0],
+                               estimate_advantages("rloo", total, gi)[0])
+    torch.testing.assert_close(batch_advantages("per_reward", "rloo", total, comps, weights, gi)[0],
+                               per_reward_advantages("rloo", comps, weights, gi)[0])
+    with pytest.raises(ValueError, match="normalise 'mean' not in"):
+        batch_advantages("mean", "grpo", total, comps, weights, gi)
+
+
 def test_registered_losses_and_kl():
     from learner.grpo import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
     import numpy as np
