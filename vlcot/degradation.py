@@ -9,7 +9,7 @@ the LR size plus an optional sinc filter, and JPEG, in random order. Same seed, 
 from __future__ import annotations
 
 import io
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,7 +38,30 @@ def _resize(img: torch.Tensor, size: Tuple[int, int], mode: str) -> torch.Tensor
     return F.interpolate(img, size=size, mode=mode, align_corners=False)
 
 
-def _add_noise(img: torch.Tensor, rng: np.random.Generator, cfg: OrderConfig) -> Tuple[torch.Tensor, Dict[str, Any]]:
+class PoissonStates:
+    """Where the random stream stands after each Poisson draw of one synthesis.
+
+    Poisson sampling takes a count of random numbers that depends on the image. A synthesis
+    run again with an effect left out sees other pixels at a Poisson draw, so it would read
+    its later parameters from another place in the stream. The full run records the stream
+    state after each Poisson draw; a rerun sets the stream back to it, and every later draw
+    (JPEG quality, second-order resize, ...) is the full run's."""
+
+    def __init__(self, recorded: Optional[List[Dict[str, Any]]] = None):
+        self.replay = recorded is not None
+        self.states: List[Dict[str, Any]] = list(recorded or [])
+        self._next = 0
+
+    def after_draw(self, rng: np.random.Generator) -> None:
+        if self.replay:
+            rng.bit_generator.state = self.states[self._next]
+            self._next += 1
+        else:
+            self.states.append(rng.bit_generator.state)
+
+
+def _add_noise(img: torch.Tensor, rng: np.random.Generator, cfg: OrderConfig,
+               poisson_states: PoissonStates) -> Tuple[torch.Tensor, Dict[str, Any]]:
     gray = bool(rng.random() < cfg.gray_noise_prob)
     shape = (1, 1, *img.shape[-2:]) if gray else tuple(img.shape)
     if rng.random() < cfg.gaussian_noise_prob:
@@ -51,10 +74,8 @@ def _add_noise(img: torch.Tensor, rng: np.random.Generator, cfg: OrderConfig) ->
         arr = base.clamp(0, 1).numpy()
         levels = len(np.unique(np.round(arr * 255)))
         vals = float(2 ** np.ceil(np.log2(max(levels, 2))))
-        # Poisson sampling takes a content-dependent count of random numbers: a generator of its
-        # own keeps the main stream, so the rest of the draw, the same for any image content
-        poisson = np.random.default_rng(int(rng.integers(2**63)))
-        noisy = poisson.poisson(arr * vals) / vals
+        noisy = rng.poisson(arr * vals) / vals
+        poisson_states.after_draw(rng)
         noise = torch.from_numpy(noisy - arr).to(img.dtype) * scale
         params = {"type": "poisson", "scale": scale, "gray": gray}
     noise = noise.expand_as(img)
@@ -91,10 +112,10 @@ def _random_scale(rng, order: OrderConfig) -> Tuple[str, float]:
     return direction, 1.0
 
 
-def _noise_and_jpeg(img, rng, order: OrderConfig, with_jpeg: bool, without: frozenset):
+def _noise_and_jpeg(img, rng, order: OrderConfig, with_jpeg: bool, without: frozenset, poisson_states: PoissonStates):
     params: Dict[str, Any] = {}
     if rng.random() < order.noise_prob:
-        noisy, params["noise"] = _add_noise(img, rng, order)
+        noisy, params["noise"] = _add_noise(img, rng, order, poisson_states)
         img = img if "noise" in without else noisy
     else:
         params["noise"] = {"type": "none", "measured_std": 0.0}
@@ -121,9 +142,10 @@ def degrade(hr: np.ndarray, lr_size: Tuple[int, int], cfg: DegradationConfig, se
     """
     if hr.ndim != 3 or hr.shape[2] != 3 or hr.dtype != np.uint8:
         raise ValueError(f"expected uint8 [H, W, 3], got {hr.dtype} {hr.shape}")
-    lr, p = _synthesise(hr, lr_size, cfg, seed, frozenset())
+    states = PoissonStates()
+    lr, p = _synthesise(hr, lr_size, cfg, seed, frozenset(), states)
     if cfg.thresholds.measure == "lr":
-        p["strength"].update(lr_strengths(hr, lr, lr_size, cfg, seed))
+        p["strength"].update(lr_strengths(hr, lr, lr_size, cfg, seed, states))
     return lr, p
 
 
@@ -132,9 +154,10 @@ def _rms(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def lr_strengths(hr: np.ndarray, lr: np.ndarray, lr_size: Tuple[int, int], cfg: DegradationConfig,
-                 seed: int) -> Dict[str, float]:
+                 seed: int, poisson_states: PoissonStates) -> Dict[str, float]:
     """How much blur, noise and JPEG changed the LR, in RMS 0..255 units: the same draw (same
-    seed, same random numbers) synthesised again with the effect left out.
+    seed, same parameters; `poisson_states` recorded by the run that made `lr`) synthesised
+    again with the effect left out.
 
     - lr_noise_rms: LR vs the LR without noise (both orders);
     - lr_jpeg_rms: LR vs the LR without JPEG (both places it is applied);
@@ -143,7 +166,7 @@ def lr_strengths(hr: np.ndarray, lr: np.ndarray, lr_size: Tuple[int, int], cfg: 
     A strong effect the downscale then erased measures small: the label says what the LR shows.
     """
     def without(effects):
-        return _synthesise(hr, lr_size, cfg, seed, frozenset(effects))[0]
+        return _synthesise(hr, lr_size, cfg, seed, frozenset(effects), PoissonStates(poisson_states.states))[0]
 
     clean = without({"noise", "jpeg"})
     return {
@@ -154,9 +177,10 @@ def lr_strengths(hr: np.ndarray, lr: np.ndarray, lr_size: Tuple[int, int], cfg: 
 
 
 def _synthesise(hr: np.ndarray, lr_size: Tuple[int, int], cfg: DegradationConfig, seed: int,
-                without: frozenset) -> Tuple[np.ndarray, Dict[str, Any]]:
+                without: frozenset, poisson_states: PoissonStates) -> Tuple[np.ndarray, Dict[str, Any]]:
     """The pipeline. `without` leaves effects out (blur kernels, noise, JPEG) while drawing
-    every random number as usual, so the rest of the draw is unchanged."""
+    every random number as usual; with replayed `poisson_states` the rest of the draw is the
+    recorded run's."""
     rng = np.random.default_rng(seed)
     h, w = hr.shape[:2]
     lr_h, lr_w = lr_size
@@ -169,7 +193,7 @@ def _synthesise(hr: np.ndarray, lr_size: Tuple[int, int], cfg: DegradationConfig
     mode = str(rng.choice(INTERPOLATIONS))
     img = _resize(img, (h * r1, w * r1), mode)
     p["resize1"] = {"direction": direction, "scale": r1, "mode": mode, "size": list(img.shape[-2:])}
-    img, o1 = _noise_and_jpeg(img, rng, cfg.first, with_jpeg=True, without=without)
+    img, o1 = _noise_and_jpeg(img, rng, cfg.first, True, without, poisson_states)
     p["noise1"], p["jpeg1"] = o1["noise"], o1["jpeg_quality"]
 
     # order 2
@@ -181,7 +205,7 @@ def _synthesise(hr: np.ndarray, lr_size: Tuple[int, int], cfg: DegradationConfig
         mode2 = str(rng.choice(INTERPOLATIONS))
         img = _resize(img, (lr_h * r2, lr_w * r2), mode2)
         p["resize2"] = {"direction": direction2, "scale": r2, "mode": mode2, "from": before, "size": list(img.shape[-2:])}
-        img, o2 = _noise_and_jpeg(img, rng, cfg.second, with_jpeg=False, without=without)
+        img, o2 = _noise_and_jpeg(img, rng, cfg.second, False, without, poisson_states)
         p["noise2"] = o2["noise"]
 
     # final: resize to LR (+ sinc) and JPEG, in random order

@@ -5,7 +5,9 @@ import pytest
 import skimage.data
 
 from vlcot.config import DegradationConfig, LabelThresholds
-from vlcot.degradation import degrade, label_degradation, level_decreasing, level_increasing, lr_strengths, resize_word
+from vlcot.degradation import (
+    PoissonStates, _synthesise, degrade, label_degradation, level_decreasing, level_increasing, resize_word,
+)
 from vlcot.kernels import (
     gaussian_kernel, generalized_gaussian_kernel, kernel_std, plateau_kernel, sinc_kernel,
 )
@@ -101,9 +103,37 @@ def test_lr_strengths_measure_only_what_was_applied():
     full = lr_measured(DegradationConfig())
     for seed in range(6):
         lr, p = degrade(HR, (32, 32), full, seed)
-        again = lr_strengths(HR, lr, (32, 32), full, seed)
-        assert again == {k: p["strength"][k] for k in again}
-        assert all(v >= 0 for v in again.values())
+        plain, q = degrade(HR, (32, 32), DegradationConfig(), seed)  # measuring changes neither LR nor draw
+        np.testing.assert_array_equal(lr, plain)
+        assert {k: v for k, v in p["strength"].items() if not k.startswith("lr_")} == q["strength"]
+        assert all(p["strength"][k] >= 0 for k in ("lr_blur_rms", "lr_noise_rms", "lr_jpeg_rms"))
+
+
+def test_a_rerun_without_an_effect_keeps_every_other_draw():
+    """Poisson noise takes an image-dependent count of random numbers: a rerun without blur
+    or noise sees other pixels there, yet must draw the same JPEG qualities, resizes and
+    kernels after it (the recorded stream states are replayed)."""
+    cfg = DegradationConfig()
+    for order in (cfg.first, cfg.second):
+        order.noise_prob, order.gaussian_noise_prob = 1.0, 0.0  # Poisson in both orders
+    cfg.second_order_prob = 1.0
+
+    def drawn(p):
+        p = copy.deepcopy(p)
+        p.pop("strength")
+        for key in ("noise1", "noise2"):
+            p[key].pop("measured_std")
+        return p
+
+    for seed in range(8):
+        states = PoissonStates()
+        lr, p = _synthesise(HR, (32, 32), cfg, seed, frozenset(), states)
+        assert len(states.states) == 2
+        for effects in ({"blur"}, {"noise"}, {"jpeg"}, {"blur", "noise", "jpeg"}):
+            _, q = _synthesise(HR, (32, 32), cfg, seed, frozenset(effects), PoissonStates(states.states))
+            assert drawn(q) == drawn(p), (seed, effects)
+        again, _ = _synthesise(HR, (32, 32), cfg, seed, frozenset(), PoissonStates(states.states))
+        np.testing.assert_array_equal(again, lr)
 
 
 def test_lr_strengths_grow_with_the_drawn_strength():
