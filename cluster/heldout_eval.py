@@ -59,8 +59,8 @@ def majority_accuracy(training: Sequence[Sequence[str]], heldout: Sequence[Seque
     """Per slot: the held-out score of always naming the training labels' most frequent word."""
     if not training or not heldout:
         raise ValueError("the majority-word baseline needs training and held-out labels")
-    return {slot: float(np.mean([ref[i] == Counter(t[i] for t in training).most_common(1)[0][0] for ref in heldout]))
-            for i, slot in enumerate(SLOTS)}
+    commonest = [Counter(t[i] for t in training).most_common(1)[0][0] for i in range(len(SLOTS))]
+    return {slot: float(np.mean([ref[i] == commonest[i] for ref in heldout])) for i, slot in enumerate(SLOTS)}
 
 
 @dataclass
