@@ -5,7 +5,8 @@ final resize) from its prompt: the LR image, bicubic-upsampled to `image.prompt_
 VQ-encoded. If no classifier can read a slot's word from that prompt better than always
 naming the most frequent word, no amount of RL will: the policy can only learn the prior.
 
-This draws many random crops of the built-in photographs, degrades each with a fresh seed
+This draws many random crops of the built-in photographs (or of `data.input_dir`: your own
+images, e.g. at the paper's sizes), degrades each with a fresh seed
 (the configured synthesis and label thresholds), splits crops into train and test (a crop
 is in one split only), and fits per slot, on the train split:
 - `lr`: hand-made statistics of the LR pixels (what is in the image before the tokenizer),
@@ -14,10 +15,13 @@ is in one split only), and fits per slot, on the train split:
 then prints test accuracy next to the majority-word baseline, per slot and over the five.
 
     .venv/bin/python bench/degradation_probe.py [--crops 40] [--draws 2] [key=value overrides]
+    .venv/bin/python bench/degradation_probe.py data.input_dir=DIR image.hr_size=512 image.lr_size=128 \
+        image.prompt_size=512 image.patch_px=128 vq.checkpoint=PATH    # paper scale, your images
 """
 
 import argparse
 import os
+from pathlib import Path
 import sys
 import time
 
@@ -25,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cluster.config import load_config  # noqa: E402
-from vlcot.data import builtin_candidates, sample_seed  # noqa: E402
+from vlcot.data import builtin_candidates, folder_candidates, sample_seed  # noqa: E402
+from vlcot.images import open_image  # noqa: E402
 from vlcot.degradation import LEVEL_WORDS, degrade, label_degradation  # noqa: E402
 from vlcot.trace import SLOTS  # noqa: E402
 from vlcot.vq import vq_from_config  # noqa: E402
@@ -75,10 +80,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     t0 = time.time()
     rows = []  # (crop key, lr uint8, labels)
-    for cand in builtin_candidates():
-        if cand.image is None:
+    skipped = 0
+    for cand in folder_candidates(Path(cfg.data.input_dir)) if cfg.data.input_dir else builtin_candidates():
+        img = cand.image if cand.path is None else open_image(cand.path, cfg.data.max_pixels)[0]
+        if img is None or min(img.size) < im.hr_size:
+            skipped += 1  # unreadable, or smaller than one HR crop
             continue
-        img = cand.image.convert("RGB")
+        img = img.convert("RGB")
         w, h = img.size
         short = min(w, h)
         for c in range(args.crops):
@@ -88,6 +96,8 @@ def main() -> None:
             for d in range(args.draws):
                 lr, params = degrade(hr, (im.lr_size, im.lr_size), deg, sample_seed(7, f"{cand.id}_{c}", d))
                 rows.append((f"{cand.id}_{c}", lr, label_degradation(params, deg.thresholds), params["strength"]))
+    if not rows:
+        raise SystemExit(f"no usable image ({skipped} skipped: unreadable or under {im.hr_size} px)")
     lrs = [Image.fromarray(r[1]) for r in rows]
     codes = vq.encode_images(lrs, im.prompt_size)  # [N, h, w]
     decoded = vq.decode_images(codes)
@@ -110,7 +120,7 @@ def main() -> None:
         if args.even_edges:
             sign = -1 if key == "jpeg_quality" else 1
             labels[:, i] = np.array(LEVEL_WORDS)[np.digitize(sign * v, np.sort(sign * edges))]
-    print(f"{len(rows)} prompts ({len(keys)} crops, {test.sum()} test prompts), LR {im.lr_size} px, prompt "
+    print(f"{len(rows)} prompts ({len(keys)} crops, {test.sum()} test prompts; {skipped} images skipped), LR {im.lr_size} px, prompt "
           f"{im.prompt_size} px = {codes.shape[1]}x{codes.shape[2]} codes; {time.time() - t0:.0f} s to draw and encode")
     print(f"{'slot':13s} {'majority':>8s} " + " ".join(f"{k:>8s}" for k in feats))
     totals = {k: [] for k in ["majority", *feats]}
