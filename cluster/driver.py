@@ -223,10 +223,10 @@ class GRPOTrainer:
         lags = np.array([version - s.sample.version for s in samples])
         keep = np.nonzero(lags <= self.cfg.trainer.max_staleness)[0]
         weights = self.cfg.rewards.weights
-        adv, stats = batch_advantages(
-            g.normalise, g.advantage, torch.tensor([samples[i].reward.total for i in keep]),
-            {k: torch.tensor([samples[i].reward.components[k] for i in keep]) for k in weights}, weights,
-            torch.tensor([samples[i].group for i in keep]), g.adv_eps)
+        per_reward = ({k: torch.tensor([samples[i].reward.components[k] for i in keep]) for k in weights}
+                      if g.normalise == "per_reward" else {})
+        adv, stats = batch_advantages(g.normalise, g.advantage, torch.tensor([samples[i].reward.total for i in keep]),
+                                      per_reward, weights, torch.tensor([samples[i].group for i in keep]), g.adv_eps)
         world = self.cfg.learner.num_workers
         n = len(keep) - len(keep) % world
         order = np.argsort(np.abs(adv.numpy()), kind="stable")[::-1][:n]  # drop the least informative

@@ -30,6 +30,30 @@ def test_one_config_line_selects_the_estimator_in_the_driver(tmp_path, estimator
     assert info["samples/trained"] == 8
 
 
+def test_per_reward_normalisation_reaches_the_learner_batch(tmp_path):
+    """`learner.grpo.normalise=per_reward`: the driver hands each reward's values (weighted as
+    the config says) to the estimator, not the total."""
+    import torch
+
+    from learner.advantages import per_reward_advantages
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "learner.grpo.normalise=per_reward", "rollout.group_size=4"])
+    trainer = GRPOTrainer(cfg, progress=False)
+    trainer.prompt_ids = [[1, 2, 3], [1, 2, 4]]
+    trainer.tokenizer, trainer.image_ids = SimpleNamespace(pad_token_id=0), np.array([], dtype=np.int64)
+    names = list(cfg.rewards.weights)
+    rng = np.random.default_rng(0)
+    comps = [{n: float(rng.integers(0, 5)) / 4 for n in names} for _ in range(8)]
+    samples = [ScoredSample(k // 4, k // 4, Sample(k // 4, k % 4, [5, 6], [-1.0, -1.0], "stop", 0), None,
+                            SimpleNamespace(total=sum(cfg.rewards.weights[n] * c[n] for n in names), components=c))
+               for k, c in enumerate(comps)]
+    batch, _ = trainer._learner_batch(samples, 0)
+    want, _ = per_reward_advantages("grpo", {n: torch.tensor([c[n] for c in comps]) for n in names},
+                                    cfg.rewards.weights, torch.tensor([0] * 4 + [1] * 4))
+    order = np.argsort(-np.abs(want.numpy()), kind="stable")[:len(batch["advantages"])]
+    np.testing.assert_allclose(batch["advantages"], want.numpy()[np.sort(order)], atol=1e-6)
+
+
 def test_async_learner_recomputes_old_logprobs_without_mutating_the_config(tmp_path):
     cfg = load_config(None, [f"run_dir={tmp_path}", "trainer.mode=async"])
     trainer = GRPOTrainer(cfg, progress=False)
