@@ -79,7 +79,7 @@ def main() -> None:
     book = vq._normalised_codebook().detach().numpy()
     rng = np.random.default_rng(0)
     t0 = time.time()
-    rows = []  # (crop key, lr uint8, labels)
+    rows = []  # (crop key, lr uint8, labels, strengths)
     skipped = 0
     for cand in folder_candidates(Path(cfg.data.input_dir)) if cfg.data.input_dir else builtin_candidates():
         img = cand.image if cand.path is None else open_image(cand.path, cfg.data.max_pixels)[0]
@@ -111,9 +111,9 @@ def main() -> None:
     test = np.array([r[0] in test_keys for r in rows])
     labels = np.array([r[2] for r in rows])
     lr_measure = deg.thresholds.measure == "lr"
-    for i, key in ((0, "blur_sigma"), (2, "noise_std"), (3, "jpeg_quality")):
-        key = {"blur_sigma": "lr_blur_rms", "noise_std": "lr_noise_rms", "jpeg_quality": "lr_jpeg_rms"}[key] \
-            if lr_measure else key
+    level_slots = ((0, "blur_sigma", "lr_blur_rms"), (2, "noise_std", "lr_noise_rms"), (3, "jpeg_quality", "lr_jpeg_rms"))
+    for i, synthesis_key, lr_key in level_slots:
+        key = lr_key if lr_measure else synthesis_key
         v = np.array([r[3][key] for r in rows])
         edges = np.percentile(v[~test], [25, 50, 75])
         print(f"{key:13s} p10/25/50/75/90 " + " / ".join(f"{x:.2f}" for x in np.percentile(v, [10, 25, 50, 75, 90])))

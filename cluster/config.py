@@ -25,9 +25,9 @@ from rewards.config import RewardsConfig
 from rollout.config import RolloutConfig
 from rollout.config import problems as rollout_problems
 from rewards.config import problems as reward_problems
-from vlcot.config import (AnnotateConfig, DataConfig, DegradationConfig, ImageConfig, OrderConfig, PolicyConfig,
-                          VQConfig, VQTrainConfig, annotate_problems, architecture_problem, resolve_checkpoint,
-                          vq_train_problems)
+from vlcot.config import (LABEL_MEASURES, AnnotateConfig, DataConfig, DegradationConfig, ImageConfig, OrderConfig,
+                          PolicyConfig, VQConfig, VQTrainConfig, annotate_problems, architecture_problem,
+                          resolve_checkpoint, vq_train_problems)
 from vlcot.conversation import conversation_problems
 from vlcot.kernels import KERNEL_TYPES
 
@@ -317,8 +317,8 @@ def validate(cfg: Config) -> None:
     _monotone("degradation.thresholds.blur_sigma", t.blur_sigma, increasing=True)
     _monotone("degradation.thresholds.noise_std", t.noise_std, increasing=True)
     _monotone("degradation.thresholds.jpeg_quality", t.jpeg_quality, increasing=False)
-    if t.measure not in ("synthesis", "lr"):
-        _fail("degradation.thresholds.measure", f"must be 'synthesis' or 'lr', got {t.measure!r}")
+    if t.measure not in LABEL_MEASURES:
+        _fail("degradation.thresholds.measure", f"must be one of {list(LABEL_MEASURES)}, got {t.measure!r}")
     for name in ("lr_blur_rms", "lr_noise_rms", "lr_jpeg_rms"):
         _monotone(f"degradation.thresholds.{name}", getattr(t, name), increasing=True)
     if not 0 <= t.resize_tolerance < 1:

@@ -208,6 +208,9 @@ def _second_order() -> OrderConfig:
     )
 
 
+LABEL_MEASURES = ("synthesis", "lr")
+
+
 @dataclass
 class LabelThresholds:
     """Edges that map measured degradation strengths to the five published slot words.
@@ -233,8 +236,9 @@ class LabelThresholds:
     that script when you change the synthesis ranges.
     """
 
-    # what the blur, noise and compression words measure: "synthesis" (the parameters drawn, the
-    # fields above) or "lr" (the RMS change each effect made to the LR, the lr_* fields below)
+    # what the blur, noise and compression words measure (LABEL_MEASURES): "synthesis" (the
+    # parameters drawn: blur_sigma, noise_std, jpeg_quality) or "lr" (the RMS change each effect
+    # made to the LR: the lr_* edges)
     measure: str = "synthesis"
     blur_sigma: List[float] = field(default_factory=lambda: [1.2, 2.5, 4.5])
     noise_std: List[float] = field(default_factory=lambda: [6.0, 15.0, 25.0])
