@@ -44,6 +44,9 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     max_model_len: int = 4096
     kv_cache_gb: float = 1.0  # CPU backend: VLLM_CPU_KVCACHE_SPACE
+    # KV cache blocks for vLLM (`num_gpu_blocks_override`, CPU and GPU): 0 = what the engine sizes
+    # from memory; > 0 forces a smaller cache (tests and rehearsals of KV pressure)
+    kv_cache_blocks: int = 0
     gpu_memory_utilization: float = 0.6
     enforce_eager: bool = True
     seed: int = 0
@@ -67,6 +70,8 @@ def problems(cfg: RolloutConfig, prefix: str = "rollout") -> List[Tuple[str, str
         out.append((f"{prefix}.sampling", f"need 1 <= topk_min <= topk_max, got {s.topk_min}, {s.topk_max}"))
     if len(s.entropy_clip) != 2 or s.entropy_clip[0] > s.entropy_clip[1]:
         out.append((f"{prefix}.sampling.entropy_clip", f"must be [low, high], got {list(s.entropy_clip)}"))
+    if cfg.kv_cache_blocks < 0:
+        out.append((f"{prefix}.kv_cache_blocks", f"must be >= 0 (0 = sized by the engine), got {cfg.kv_cache_blocks}"))
     if cfg.max_model_len < 16 or s.max_new_tokens < 0 or s.text_budget < 0:
         out.append((prefix, "max_model_len >= 16, max_new_tokens >= 0 and text_budget >= 0 are required"))
     return out
