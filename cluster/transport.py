@@ -63,6 +63,20 @@ def _numel(shape) -> int:
     return n
 
 
+def group_options(backend: str, timeout: timedelta, hostname: str):
+    """The options a weight group is built with, for both backends. `timeout` bounds every
+    collective: NCCL's watchdog aborts the process when one waits longer (its own default is
+    600 s, too short for an asynchronous receive that waits out a long learner step), so it
+    must reach the group, not only the TCP store. gloo binds its connections at `hostname`."""
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=hostname)]
+    else:
+        opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    return opts
+
+
 class WeightTransport:
     """A process group of {sender: rank 0, receivers: 1..world-1}.
 
@@ -70,7 +84,8 @@ class WeightTransport:
     that rank 0 serves (on rank 0's node address); every member must construct its transport
     concurrently (a group forms when all `world_size` members have joined). `local_host` is
     this member's own node address: gloo binds its connections there (left to itself it
-    resolves the machine's hostname, an address other nodes may not reach).
+    resolves the machine's hostname, an address other nodes may not reach). `timeout_s` is the
+    store's and every collective's timeout (`trainer.weight_sync_timeout_s`), NCCL's included.
     """
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str = "gloo",
@@ -83,13 +98,8 @@ class WeightTransport:
         self._staging: Optional[torch.Tensor] = None  # the sender's bucket buffer, kept across sends
         timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
-        if backend == "gloo":
-            opts = dist.ProcessGroupGloo._Options()
-            opts._timeout = timeout
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host or host)]
-            self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, opts)
-        else:
-            self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size)
+        group = dist.ProcessGroupGloo if backend == "gloo" else dist.ProcessGroupNCCL
+        self.pg = group(self.store, rank, world_size, group_options(backend, timeout, local_host or host))
 
     def _bcast(self, t: torch.Tensor) -> torch.Tensor:
         opts = dist.BroadcastOptions()
