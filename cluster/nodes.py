@@ -4,6 +4,8 @@ Every process group of a run (DeepSpeed's, the weight broadcast's) is hosted at 
 0's node address, on a port free on that node, never at 127.0.0.1: a rank on another node
 must be able to reach it. `NodePlace` is what an actor reports about where it landed;
 `rank_environments` turns the learner ranks' places into each rank's environment.
+`role_device` is the device a role's actor runs on: a role configured with GPUs that finds
+none stops at start-up with one line saying why (never a silent fall back to CPU).
 """
 
 from __future__ import annotations
@@ -98,3 +100,74 @@ def gloo_interface(ip: str) -> Dict[str, str]:
         return {}
     name = interface_of(ip)
     return {"GLOO_SOCKET_IFNAME": name} if name else {}
+
+
+class NoGPUError(RuntimeError):
+    """A role configured with GPUs found none it can use (raised at actor start-up)."""
+
+
+def driver_version() -> Optional[str]:
+    """The NVIDIA driver version of this node (`nvidia-smi`), None when there is no nvidia-smi
+    or it fails (no driver loaded)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [ln.strip() for ln in out.stdout.splitlines() if ln.strip()]
+    return lines[0] if out.returncode == 0 and lines else None
+
+
+def node_label() -> str:
+    """This node for a person reading an error: hostname, and its cluster address when Ray runs."""
+    import socket
+
+    host = socket.gethostname()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"{host} ({ray.util.get_node_ip_address()})"
+    except Exception:  # the label is a diagnostic; never fail on it
+        pass
+    return host
+
+
+def no_gpu_message(role: str, gpus: float, node: str, torch_version: str, torch_cuda: Optional[str],
+                   driver: Optional[str], torch_said: str) -> str:
+    """The one line a role prints when it is configured with GPUs and finds none."""
+    build = f"CUDA {torch_cuda} build" if torch_cuda else "CPU-only build"
+    said = " ".join(torch_said.split())  # one line, whatever torch's warning looked like
+    return (f"{role}: configured with {gpus:g} GPU(s) but found no usable GPU on node {node}: "
+            f"torch {torch_version} ({build}), driver {driver or 'no nvidia-smi'}; torch said: {said}. "
+            f"Install a torch build that matches the driver (`realsr-r1 check-env` shows both), "
+            f"or set the role's gpus to 0 to run it on CPU.")
+
+
+def role_device(role: str, gpus: float, node: Optional[str] = None) -> str:
+    """The device a role runs on: "cpu" when it is configured with no GPUs, "cuda" when it is
+    and torch can use one, else `NoGPUError` with one line naming the role, the node, torch's
+    version and CUDA build, the driver version, what torch said and what to do. Never a silent
+    fall back to CPU: a CUDA 13 wheel on an older driver only *warns* in
+    `torch.cuda.is_available()`."""
+    if gpus <= 0:
+        return "cpu"
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+        count = torch.cuda.device_count() if available else 0
+    if available and count > 0:
+        return "cuda"
+    said = "; ".join(str(w.message) for w in caught) or \
+        f"torch.cuda.is_available() is {available}, device count {torch.cuda.device_count()}"
+    raise NoGPUError(no_gpu_message(role, gpus, node or node_label(), torch.__version__, torch.version.cuda,
+                                    driver_version(), said))

@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from cluster.nodes import role_device
 from learner.config import LearnerConfig
 from learner.grpo import AGGREGATIONS, POLICY_LOSSES, aggregate, kl_penalty, token_type_weights, truncated_is_weights
 from learner.logprobs import sequence_logprobs
@@ -40,7 +41,8 @@ class LearnerEngine:
         self.policy_dir = str(policy_dir)
         self.rank = int(os.environ.get("RANK", "0"))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.on_gpu = torch.cuda.is_available() and cfg.num_gpus > 0
+        # configured GPUs that torch cannot use stop here, before DeepSpeed or any model load
+        self.on_gpu = role_device("learner", cfg.num_gpus) == "cuda"
         if not self.on_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

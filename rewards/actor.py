@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 
 import ray
 
+from cluster.nodes import role_device
 from rewards.config import RewardsConfig
 from rewards.scoring import RewardInput, RewardResult
 
@@ -31,11 +32,11 @@ class RewardActor:
 
     @staticmethod
     def _device(cfg: RewardsConfig) -> str:
-        import torch
-
         want = cfg.generation.device
-        if want == "auto":
-            return "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if want == "auto":  # GPUs configured but none usable: one clear line, not a quiet CPU run
+            return role_device("rewards", cfg.num_gpus)
+        if want.startswith("cuda"):
+            role_device("rewards", max(cfg.num_gpus, 1.0))
         return want
 
     def score(self, batch: List[RewardInput], return_images: bool = False) -> List[RewardResult]:

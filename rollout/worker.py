@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
 
-from cluster.nodes import here
+from cluster.nodes import here, role_device
 from rollout.config import RolloutConfig
 from rollout.engine import RolloutEngine
 
@@ -39,7 +39,7 @@ class RolloutWorker:
 
         self.cfg = cfg
         self.index = worker_index
-        device = "cuda" if cfg.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        device = role_device(f"rollout worker {worker_index}", cfg.gpus_per_worker)  # raises: GPUs configured, none usable
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         self.engine = make_engine(cfg, policy_dir, image_cfg, policy_cfg, device)
         self.transport = None
