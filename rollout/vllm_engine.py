@@ -39,6 +39,7 @@ import torch
 
 from rollout.config import RolloutConfig
 from rollout.engine import RolloutEngine, Sample
+from rollout.kv_budget import AdmissionLedger, KVCapacity, does_not_fit_message, per_sample_blocks, unguided_hint
 from rollout.rules import SpanRules, SpanState, initial_state, open_span
 from rollout.vllm_processor import GUIDE_KEY, RULES_KEY, TWIN_KEY, UNGUIDED_CODES, VLCoTLogitsProcessor
 from vlcot.config import STOCK_ARCHITECTURE
@@ -123,6 +124,7 @@ class VLLMEngine(RolloutEngine):
             tensor_parallel_size=cfg.tensor_parallel_size, logits_processors=[VLCoTLogitsProcessor],
             worker_extension_cls="rollout.vllm_engine.WeightExtension", skip_tokenizer_init=False,
             async_scheduling=False,
+            num_gpu_blocks_override=cfg.kv_cache_blocks or None,  # rollout.kv_cache_blocks: 0 = sized by the engine
         )
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
@@ -165,31 +167,84 @@ class VLLMEngine(RolloutEngine):
         """"stop" when vLLM stopped on a stop token or the sequence ends with the end token."""
         return "stop" if (vllm_reason == "stop" or (tokens and tokens[-1] == self.end_token_id)) else "length"
 
+    # Admission control of guided samples (rollout/kv_budget.py); False only to show what vLLM does
+    # without it (tests): every sample at once, so a full KV cache preempts twins.
+    admission_control = True
+    last_admission: Optional[Dict[str, int]] = None  # the ledger's summary of the last guided call
+
+    def _kv_capacity(self) -> KVCapacity:
+        """The live engine's KV cache and step budget, from its scheduler (in this process: tensor
+        parallel 1, no engine-core process); vllm 0.32 (CPU) and 0.33 (GPU) name them alike."""
+        engine = self.llm.llm_engine
+        sched = getattr(getattr(getattr(engine, "engine_core", None), "engine_core", None), "scheduler", None)
+        vc = engine.vllm_config
+        sc = vc.scheduler_config
+        if sched is not None:
+            manager = sched.kv_cache_manager
+            blocks = manager.block_pool.num_gpu_blocks - 1 - int(getattr(manager, "watermark_blocks", 0))
+            block_size, groups = int(sched.block_size), int(getattr(manager, "num_kv_cache_groups", 1))
+            step = int(getattr(sched, "max_num_scheduled_tokens", 0) or sc.max_num_batched_tokens)
+        else:  # an engine core in another process: the numbers it reported back at start
+            blocks = int(vc.cache_config.num_gpu_blocks or 0) - 1 - int(float(getattr(sc, "watermark", 0.0) or 0.0)
+                                                                         * int(vc.cache_config.num_gpu_blocks or 0))
+            block_size, groups, step = int(vc.cache_config.block_size), 1, int(sc.max_num_batched_tokens)
+        long_prefill = int(getattr(sc, "long_prefill_token_threshold", 0) or 0)
+        if long_prefill > 0:
+            step = min(step, long_prefill)
+        seqs = min(x for x in (sc.max_num_seqs, getattr(sc, "max_num_active_seqs", None)) if x)
+        return KVCapacity(blocks=blocks, block_size=block_size, groups=groups, step_tokens=step, max_seqs=int(seqs))
+
     def _generate_guided(self, prompts: List[List[int]], n: int, seed: int, greedy: bool) -> List[List[Sample]]:
         """Classifier-free guidance: every sample a request of its own; a twin joins when the
-        sample opens an image (rollout/vllm_processor.py combines the pair)."""
+        sample opens an image (rollout/vllm_processor.py combines the pair). Samples are admitted
+        while their reserved KV blocks fit the cache (`AdmissionLedger`), the next ones as earlier
+        ones finish: vLLM then never preempts, and no twin falls out of step with its sample.
+        Each sample keeps its own seed and returns in its (prompt, sample) place whatever the order."""
         from vllm.sampling_params import RequestOutputKind
 
         engine, rules = self.llm.llm_engine, self.rules
         self._guided_calls += 1
+        cap = self._kv_capacity()
+        twin_tokens = max(rules.span_tokens(k) for k in range(len(rules.stage_grids)))
         requests: Dict[str, GuidedRequest] = {}
+        params: Dict[str, object] = {}
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                uid = f"cfg{self._guided_calls}-{i}-{j}"
+                sample_seed = (seed + i) * 1009 + j  # each sample its own, as vLLM seeds n > 1 children
+                p = self._params(1, sample_seed, greedy)
+                p.output_kind = RequestOutputKind.DELTA
+                p.extra_args = {RULES_KEY: self._rules_json, GUIDE_KEY: {
+                    "uid": uid, "scale": float(self.cfg.sampling.cfg_scale), "seed": sample_seed}}
+                requests[uid], params[uid] = GuidedRequest(i, j, list(prompt), initial_state(prompt, rules),
+                                                           len(prompt)), p
+        need = dict(zip(requests, per_sample_blocks(cap, [r.prompt_len for r in requests.values()],
+                                                    self.max_new_tokens, twin_tokens)))
+        ledger = AdmissionLedger(cap, list(requests), need, {u: r.prompt_len for u, r in requests.items()},
+                                 enabled=self.admission_control)
+        if ledger.enabled and ledger.too_large():
+            uid = max(ledger.too_large(), key=need.get)
+            raise RuntimeError(does_not_fit_message(need[uid], cap, requests[uid].prompt_len, self.max_new_tokens,
+                                                    twin_tokens, self.on_cpu))
+        added: List[str] = []
         twins: List[str] = []
+
+        def admit(new_twin_tokens: int = 0) -> None:
+            for uid in ledger.admit(new_twin_tokens):
+                engine.add_request(uid, self._engine_input(requests[uid].sequence), params[uid])
+                added.append(uid)
+
         try:
-            for i, prompt in enumerate(prompts):
-                for j in range(n):
-                    uid = f"cfg{self._guided_calls}-{i}-{j}"
-                    sample_seed = (seed + i) * 1009 + j  # each sample its own, as vLLM seeds n > 1 children
-                    params = self._params(1, sample_seed, greedy)
-                    params.output_kind = RequestOutputKind.DELTA
-                    params.extra_args = {RULES_KEY: self._rules_json, GUIDE_KEY: {
-                        "uid": uid, "scale": float(self.cfg.sampling.cfg_scale), "seed": sample_seed}}
-                    requests[uid] = GuidedRequest(i, j, list(prompt), initial_state(prompt, rules), len(prompt))
-                    engine.add_request(uid, self._engine_input(prompt), params)
+            admit()
             while engine.has_unfinished_requests():
+                new_twin_tokens = 0
                 for out in engine.step():
                     req = requests.get(out.request_id)
-                    if req is None:  # a twin
+                    if req is None:  # a twin: it only reports when it finishes
+                        if out.finished:
+                            ledger.twin_finished(out.request_id)
                         continue
+                    ledger.output(out.request_id)
                     c = out.outputs[0]
                     req.sequence.extend(c.token_ids)
                     req.logprobs.extend(float(d[t].logprob) for d, t in zip(c.logprobs or [], c.token_ids))
@@ -197,21 +252,34 @@ class VLLMEngine(RolloutEngine):
                         req.state.feed(int(t), rules)
                     if out.finished:
                         req.finish_reason = self._finish_reason(c.finish_reason, req.sequence)
+                        ledger.sample_finished(out.request_id)
                     elif req.state.span_len and req.twin_for_image != req.state.images:
                         req.twin_for_image = req.state.images
-                        twins.append(self._add_twin(out.request_id, req.state.images,
-                                                    open_span(req.sequence, req.state)))
+                        context = open_span(req.sequence, req.state)
+                        twins.append(self._add_twin(out.request_id, req.state.images, context))
+                        ledger.twin_started(out.request_id, twins[-1])
+                        new_twin_tokens += len(context)
+                admit(new_twin_tokens)  # after this step's twins, so they are scheduled first
+            if ledger.waiting:
+                raise RuntimeError(f"classifier-free guidance: {len(ledger.waiting)} samples were never admitted "
+                                   f"(admission ledger {ledger.summary()})")
         except BaseException:  # leave no request of this call in the engine for the next one to meet
-            engine.abort_request(list(requests) + twins)
+            engine.abort_request(added + twins)
             raise
         finally:
             unguided = sum(UNGUIDED_CODES.pop(uid, 0) for uid in requests)
+            self.last_admission = ledger.summary()
         self.throughput.add_guidance(len(twins), unguided)
+        if ledger.peak_samples < len(requests):
+            log.info("classifier-free guidance: the KV cache (%d blocks of %d tokens) held %d of %d samples at once "
+                     "(%d blocks each at most, twin included)", cap.blocks, cap.block_size, ledger.peak_samples,
+                     len(requests), max(need.values()))
         if unguided:
-            log.warning("classifier-free guidance: %d image codes of this call were drawn without their "
-                        "unconditional twin (preempted by the scheduler? raise rollout.kv_cache_gb)", unguided)
+            log.warning("classifier-free guidance: %d image codes of this call were drawn without their unconditional "
+                        "twin (it fell out of step with its sample: preempted or delayed by vLLM's scheduler): %s",
+                        unguided, unguided_hint(self.on_cpu))
         results: List[List[Sample]] = [[] for _ in prompts]
-        for req in requests.values():
+        for req in requests.values():  # in (prompt, sample) order, whatever order they finished in
             results[req.prompt_index].append(Sample(0, req.sample_index, req.sequence[req.prompt_len:], req.logprobs,
                                                     req.finish_reason, self.version))
         return results

