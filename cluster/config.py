@@ -8,6 +8,7 @@ key and what is allowed, before anything is started.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -28,7 +29,7 @@ from rewards.config import problems as reward_problems
 from vlcot.config import (LABEL_MEASURES, AnnotateConfig, DataConfig, DegradationConfig, ImageConfig, OrderConfig,
                           PolicyConfig, VQConfig, VQTrainConfig, annotate_problems, architecture_problem,
                           resolve_checkpoint, vq_train_problems)
-from vlcot.conversation import conversation_problems
+from vlcot.conversation import CHECKPOINT_KEY, conversation_problems, resolve_conversation
 from vlcot.kernels import KERNEL_TYPES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -258,6 +259,64 @@ def _validate_gpu_sharing(cfg: Config) -> None:
               "rollout.num_workers")
 
 
+class KVBudgetWarning(UserWarning):
+    """A rollout worker's KV cache cannot hold its peak demand: the run works, slower."""
+
+
+def rollout_kv_estimate(cfg: Config):
+    """(WorkerKV, KVShape, capacity note) of one vLLM rollout worker at its peak (rollout/kv_budget.py):
+    the shape from the policy's config.json, else Chameleon-7B as documented when a checkpoint is
+    named (its config.json states no sizes), else the configured tiny model; capacity from
+    rollout.kv_cache_blocks, else the GPU share (gpu_memory_utilization of an assumed card), else
+    the CPU backend's kv_cache_gb. None for the HF engine (no paged cache)."""
+    from rollout import kv_budget as kb
+
+    r, pol = cfg.rollout, cfg.policy
+    if r.engine != "vllm":
+        return None
+    on_gpu = r.gpus_per_worker > 0
+    dtype_bytes = kb.DTYPE_BYTES[pol.dtype] if on_gpu else 4  # the CPU engine runs float32
+    raw: dict = {}
+    if pol.checkpoint:
+        try:
+            raw = json.loads((Path(pol.checkpoint) / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raw = {}
+        shape = kb.shape_from_hf_config(raw, dtype_bytes, f"{Path(pol.checkpoint) / 'config.json'}") or \
+            kb.decoder_shape(**kb.CHAMELEON_7B, dtype_bytes=dtype_bytes,
+                             source="Chameleon-7B as documented (the policy's config.json states no sizes)")
+    else:
+        m = pol.model
+        shape = kb.decoder_shape(m.num_hidden_layers, m.hidden_size, m.num_attention_heads, m.num_key_value_heads,
+                                 m.intermediate_size, m.text_vocab_size + cfg.vq.codebook_size, dtype_bytes,
+                                 "policy.model")
+    conv = resolve_conversation(pol.conversation, raw.get(CHECKPOINT_KEY))
+    instruction = kb.text_tokens("".join(conv.split_instruction()) + conv.user_prefix + conv.assistant_prefix) + 2
+    s = r.sampling
+    trace = kb.trace_tokens(cfg.image.hr_size, cfg.image.prompt_size, instruction, s.text_budget, s.max_new_tokens,
+                            s.cfg_scale)
+    if r.kv_cache_blocks:
+        size = kb.VLLM_BLOCK_SIZE["gpu" if on_gpu else "cpu"]
+        capacity, note = r.kv_cache_blocks * size, f"rollout.kv_cache_blocks {r.kv_cache_blocks} x {size} tokens"
+    elif on_gpu:
+        capacity = kb.gpu_kv_capacity_tokens(shape, r.gpu_memory_utilization)
+        note = (f"rollout.gpu_memory_utilization {r.gpu_memory_utilization} of an assumed {kb.GPU_MEMORY_GIB:g} GiB "
+                f"card, less {shape.weight_bytes / 2**30:.1f} GiB of weights and {kb.GPU_RESERVE_GIB:g} GiB reserve")
+    else:
+        gib = max(1, int(r.kv_cache_gb))
+        capacity, note = gib * 2**30 // shape.bytes_per_token, f"rollout.kv_cache_gb {gib} GiB"
+    est = kb.estimate_worker_kv(trace, r.group_size, cfg.trainer.prompts_per_step, r.num_workers, capacity)
+    return est, shape, note
+
+
+def _warn_kv_budget(cfg: Config) -> None:
+    found = rollout_kv_estimate(cfg)
+    if found is not None and not found[0].fits:
+        from rollout.kv_budget import worker_kv_warning
+
+        warnings.warn(worker_kv_warning(*found), KVBudgetWarning, stacklevel=3)
+
+
 def validate(cfg: Config) -> None:
     im = cfg.image
     for name in ("hr_size", "lr_size", "prompt_size", "patch_px"):
@@ -375,3 +434,4 @@ def validate(cfg: Config) -> None:
               f"{cfg.learner.num_workers}")
     if cfg.envs.iqa_python != "auto" and not Path(cfg.envs.iqa_python).is_file():
         _fail("envs.iqa_python", f"not an interpreter path: {cfg.envs.iqa_python} (or use 'auto')")
+    _warn_kv_budget(cfg)  # a warning, not an error: the run still works

@@ -280,7 +280,7 @@ def unguided_hint(on_cpu: bool) -> str:
 
 def worker_kv_warning(est: WorkerKV, shape: KVShape, capacity_note: str) -> str:
     t = est.trace
-    twin = f" + twin {t.twin}" if t.twin else ""
+    twin = f" + twin {t.twin:,}" if t.twin else ""
     return (f"rollout KV cache: a worker's peak demand is {est.demand:,} tokens ({est.prompts} prompts x (prompt "
             f"{t.prompt:,} + G {est.group_size} x (response {t.response:,}{twin}))) but its cache holds about "
             f"{est.capacity:,} ({capacity_note}; {shape.bytes_per_token // 1024} KiB per token, shape from "
