@@ -2,7 +2,10 @@
 
 One `LearnerEngine` per data-parallel rank, set up like a torchrun rank (RANK, WORLD_SIZE,
 MASTER_ADDR/PORT in the environment). ZeRO stage 2 or 3 from config; fp32 on CPU (gloo,
-`DS_ACCELERATOR=cpu`), bf16 on GPU (NCCL). Losses are normalised by global (all ranks, all
+`DS_ACCELERATOR=cpu`), bf16 on GPU (NCCL) with fp32 gradient accumulation and communication
+overlapped with compute; a rank configured with GPUs that finds none stops at start-up. Under
+ZeRO-3 the learner's passes drive DeepSpeed's parameter trace (learner/zero3.py), so
+parameters are prefetched along it. Losses are normalised by global (all ranks, all
 micro-batches) token or sequence counts, so the gradient equals the one a single process
 would compute on the whole minibatch.
 """
@@ -23,7 +26,8 @@ import torch
 from cluster.nodes import role_device
 from learner.config import LearnerConfig
 from learner.grpo import AGGREGATIONS, POLICY_LOSSES, aggregate, kl_penalty, token_type_weights, truncated_is_weights
-from learner.logprobs import sequence_logprobs
+from learner.logprobs import sequence_logprobs, use_chunked_head
+from learner.zero3 import ZeroTrace
 
 STATE_FILE = "learner_state.json"
 DS_TAG = "state"  # DeepSpeed keeps its own "latest" pointer file beside the tag folder
@@ -62,11 +66,14 @@ class LearnerEngine:
         model = policy.model
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        use_chunked_head(model)  # the chunked log-probs are one lm_head call per pass (ZeRO-3 gathers it once)
         model.train()
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                                config=self._ds_config(with_optimizer=True))
         self.device = self.engine.device
+        self.trace = ZeroTrace.of(self.engine)  # ZeRO-3: the parameter trace that prefetching follows
         self.ref = None
+        self.ref_trace: Optional[ZeroTrace] = None
         self.set_reference(self.policy_dir)
         self.step_count = 0
         self.version = 0
@@ -85,9 +92,11 @@ class LearnerEngine:
         ref = load_policy(hf_dir, dtype=self.dtype).model.eval()
         for p in ref.parameters():
             p.requires_grad_(False)
-        self.ref = None  # drop the old copy before building the new one
+        use_chunked_head(ref)
+        self.ref, self.ref_trace = None, None  # drop the old copy before building the new one
         if self.cfg.zero_stage == 3:
             self.ref, *_ = deepspeed.initialize(model=ref, config=self._ds_config(with_optimizer=False))
+            self.ref_trace = ZeroTrace.of(self.ref)
         else:
             self.ref = ref.to(self.device, self.dtype)
         return True
@@ -95,13 +104,18 @@ class LearnerEngine:
     # ---- configuration -----------------------------------------------------------------------
     def _ds_config(self, with_optimizer: bool) -> Dict[str, Any]:
         c = self.cfg
+        # overlap: gradient reduction and ZeRO-3 gathers on their own CUDA streams (auto: GPU only)
+        want = str(c.overlap_comm).lower()  # a yaml true arrives as "True"
+        overlap = want == "true" or (want == "auto" and self.on_gpu)
         conf: Dict[str, Any] = {
             "train_micro_batch_size_per_gpu": c.micro_batch_size,
             "gradient_accumulation_steps": 1,  # accumulation is driven by set_gradient_accumulation_boundary
             "train_batch_size": c.micro_batch_size * self.world,
             "gradient_clipping": c.grad_clip,
-            "zero_optimization": {"stage": c.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
+            "zero_optimization": {"stage": c.zero_stage, "overlap_comm": overlap, "contiguous_gradients": True},
             "bf16": {"enabled": self.dtype == torch.bfloat16},
+            # gradients summed over micro-batches (and reduced) in fp32 unless bf16 is asked for
+            "data_types": {"grad_accum_dtype": "bf16" if c.grad_accum_dtype == "bf16" else "fp32"},
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
@@ -112,6 +126,11 @@ class LearnerEngine:
             conf["optimizer"] = {"type": "AdamW", "params": {"lr": c.lr, "betas": list(c.betas), "eps": 1e-8,
                                                              "weight_decay": c.weight_decay, "torch_adam": True}}
         return conf
+
+    def zero3_trace(self) -> Optional[str]:
+        """The ZeRO-3 parameter trace's state: COMPLETE once the first pass is over (prefetch on),
+        RECORD before; None below stage 3."""
+        return self.trace.state if self.trace is not None else None
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
@@ -151,6 +170,12 @@ class LearnerEngine:
         m = self.cfg.micro_batch_size
         return [idx[i:i + m] for i in range(0, len(idx), m)]
 
+    @staticmethod
+    def _end_pass(trace: Optional[ZeroTrace]) -> None:
+        """A forward (+ backward) pass of a ZeRO-3 engine is over: its trace advances (learner/zero3.py)."""
+        if trace is not None:
+            trace.end_pass()
+
     def _logp(self, model, mb: Dict[str, np.ndarray], start: int, with_entropy: bool):
         ids = self._tensor(mb["input_ids"], torch.long)
         am = self._tensor(mb["attention_mask"], torch.long)
@@ -164,6 +189,7 @@ class LearnerEngine:
         for idx in self._micro_batches(np.arange(len(batch["input_ids"]))):
             mb, start = self._trim(batch, idx)
             lp, _ = self._logp(self.engine.module, mb, start, False)
+            self._end_pass(self.trace)
             out[idx, start:start + lp.shape[1]] = lp.float().cpu().numpy()
         self.engine.module.train()
         return out
@@ -235,6 +261,7 @@ class LearnerEngine:
             if self.ref is not None:
                 with torch.no_grad():
                     ref_logp, _ = self._logp(self.ref.module if hasattr(self.ref, "module") else self.ref, mb, start, False)
+                    self._end_pass(self.ref_trace)
                 kl = kl_penalty(logp, ref_logp, g.kl_estimator)
                 if g.kl_coef > 0:
                     loss = loss + g.kl_coef * aggregate(kl, mask, g.loss_agg, tw, denom, norm_tokens)
@@ -248,6 +275,7 @@ class LearnerEngine:
                 sums["entropy"] += float((ent * mask).sum())
             # DeepSpeed averages gradients over ranks; the loss is already a global mean.
             self.engine.backward(loss * self.world, scale_wrt_gas=False)
+            self._end_pass(self.trace)
         self.engine.step()
         gn = self.engine.get_global_grad_norm()
         return float(gn) if gn is not None else float("nan")
@@ -268,6 +296,7 @@ class LearnerEngine:
             loss = -(logp * mask).sum() / max(denom, 1.0)
             total += float(loss.detach())
             self.engine.backward(loss * self.world, scale_wrt_gas=False)
+            self._end_pass(self.trace)
         self.engine.step()
         self.step_count += 1
         loss = self._allreduce([total])[0]

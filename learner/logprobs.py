@@ -4,6 +4,13 @@ The real vocabulary is ~73k and sequences ~10k tokens: a float32 [batch, seq, vo
 tensor would be ~2.9 GB per sequence. Here logits exist only for `chunk` positions at a time,
 and with gradients each chunk is recomputed in backward (activation checkpointing), so
 neither pass holds more than one chunk of logits.
+
+Under DeepSpeed ZeRO-3 the lm_head weight (~600 MB at 7B) is gathered for every call of the
+lm_head module. `ChunkedLMHead` runs the whole chunk loop inside ONE call of the module (on
+its gathered weight), so a pass gathers it once for the forward and once for the backward,
+and the order in which modules are called — what ZeRO-3 traces to prefetch parameters — no
+longer depends on the sequence length (a length-dependent order differs between ranks and
+between micro-batches; learner/zero3.py).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
@@ -71,6 +79,34 @@ def selected_logprobs(
     return logp, ent
 
 
+class ChunkedLMHead(nn.Linear):
+    """A bias-free lm_head that, given targets, scores them chunk by chunk in this one call.
+
+    `head(hidden)` is the plain linear layer (generation, HF forward). `head(hidden, targets,
+    chunk, temperature, with_entropy)` is `selected_logprobs` on `self.weight`: module hooks
+    (ZeRO-3's gather before, release after, and the same around the backward) fire once for all
+    chunks. Arguments are positional: DeepSpeed's hooks see positional inputs only."""
+
+    def forward(self, hidden: torch.Tensor, targets: Optional[torch.Tensor] = None, chunk: int = 1024,
+                temperature: float = 1.0, with_entropy: bool = False):
+        if targets is None:
+            return super().forward(hidden)
+        return selected_logprobs(hidden, self.weight, targets, chunk, temperature, with_entropy)
+
+
+def use_chunked_head(model) -> bool:
+    """Make `model.lm_head` (a bias-free nn.Linear) a `ChunkedLMHead` in place: same parameter,
+    same name, same state dict. Call before handing the model to DeepSpeed. False (and nothing
+    changed) for any other head, which `sequence_logprobs` then calls once per chunk."""
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, ChunkedLMHead):
+        return True
+    if type(head) is not nn.Linear or head.bias is not None:
+        return False
+    head.__class__ = ChunkedLMHead
+    return True
+
+
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0,
                       chunk: int = 1024, temperature: float = 1.0, with_entropy: bool = False):
     """Log-probs of tokens input_ids[:, start + 1:] given their prefixes, under a causal LM
@@ -84,4 +120,6 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out[0][:, start:-1, :]
     targets = input_ids[:, start + 1:]
+    if isinstance(model.lm_head, ChunkedLMHead):  # one module call for every chunk (use_chunked_head)
+        return model.lm_head(hidden, targets, chunk, temperature, with_entropy)
     return selected_logprobs(hidden, model.lm_head, targets, chunk, temperature, with_entropy)
