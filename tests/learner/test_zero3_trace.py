@@ -125,6 +125,23 @@ def test_logprobs_and_gradients_equal_the_direct_model_path(zero3, policy_dir):
     assert all_released(eng)
 
 
+def test_a_zero3_reference_policy_gets_its_own_complete_trace(zero3, policy_dir):
+    from learner.batch import pack_grpo
+
+    eng = zero3
+    eng.cfg.grpo.kl_monitor = True  # a frozen ZeRO-3 reference: forward-only passes on its own engine
+    try:
+        assert eng.set_reference(policy_dir) and eng.ref_trace is not None and eng.ref_trace.state == "RECORD"
+        b = sft_batch(eng.engine.module.config.vocab_size, 3, [12, 21])
+        batch = pack_grpo([list(r[:10]) for r in b["input_ids"]], [list(r[10:m.sum()]) for r, m in
+                                                                  zip(b["input_ids"], b["attention_mask"])], [1.0, -1.0])
+        out = eng.grpo_step(batch)
+        assert np.isfinite(out["kl"]) and eng.ref_trace.state == "COMPLETE" and eng.zero3_trace() == "COMPLETE"
+    finally:
+        eng.cfg.grpo.kl_monitor = False
+        eng.ref, eng.ref_trace = None, None
+
+
 def test_the_deepspeed_config_accumulates_in_fp32_and_overlaps_only_on_gpu(zero3):
     from learner.engine import LearnerEngine
 
