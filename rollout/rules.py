@@ -13,6 +13,9 @@ A per-sequence state machine over generated tokens decides what may come next:
 `constrain_row` applies the state to one row of logits in place; `constrain_codes` applies
 the code rules to many rows at once. The vLLM logits processor and the HF engine both call
 them, so the two engines follow the same rules; `draw` is how either picks a guided code.
+Nothing on the per-step path reads a device value back to the host: forcing, greedy text,
+the adaptive k and the drawn tokens are tensor operations (`force_rows`, `draw_tensor`), so
+a decode step on a GPU never waits for the processor's results.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -188,32 +191,59 @@ def open_span(tokens: Sequence[int], state: SpanState) -> List[int]:
     return [int(t) for t in tokens[len(tokens) - state.span_len:]] if state.span_len else []
 
 
-def draw(values: torch.Tensor, ids: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
-         generators: Sequence[Optional[torch.Generator]]) -> List[int]:
+def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host list (or CPU tensor) on `device` without a host sync: on CUDA it goes
+    through pinned memory with `non_blocking` (a plain `torch.tensor(list, device=cuda)`
+    waits for the stream)."""
+    t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def draw_tensor(values: torch.Tensor, ids: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
+                generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
     """One token per row from candidate logits `values` [R, K] (-inf = not allowed) naming the
     tokens `ids` [R, K]: the argmax where the temperature is 0, else a draw from
     softmax(values / temperature) within the top-p nucleus, by inverse CDF with one uniform
-    number from the row's own generator. All rows in one pass."""
-    tokens = ids.gather(1, torch.argmax(values, dim=-1, keepdim=True))[:, 0].tolist()
+    number from the row's own (CPU) generator. All rows in one pass; the tokens stay on the
+    device ([R] long), so nothing waits for it (the generators run on the host)."""
+    tokens = ids.gather(1, torch.argmax(values, dim=-1, keepdim=True))[:, 0]
     drawn = [j for j, t in enumerate(temperature) if t > 0]
     if not drawn:
-        return [int(t) for t in tokens]
-    rows = torch.tensor(drawn, device=values.device)
-    values, ids = values[rows], ids[rows]
-    temps = torch.tensor([temperature[j] for j in drawn], device=values.device, dtype=torch.float64)[:, None]
+        return tokens
+    dev = values.device
+    # one transfer: the rows' temperatures, nuclei and uniform numbers, and which rows they are
+    u = torch.cat([torch.rand(1, generator=generators[j], dtype=torch.float64) for j in drawn])
+    host = torch.stack([torch.tensor([temperature[j] for j in drawn], dtype=torch.float64),
+                        torch.tensor([top_p[j] for j in drawn], dtype=torch.float64), u,
+                        torch.tensor(drawn, dtype=torch.float64)])
+    temps, nucleus, u, rows = to_device(host, torch.float64, dev)[:, :, None].unbind(0)
+    every = len(drawn) == len(temperature)
+    if not every:
+        rows = rows[:, 0].long()
+        values, ids = values[rows], ids[rows]
     probs = torch.softmax(values.double() / temps, dim=-1)
-    nucleus = torch.tensor([top_p[j] for j in drawn], device=values.device, dtype=torch.float64)[:, None]
-    if bool((nucleus < 1.0).any()):  # the smallest set of the most likely tokens whose mass reaches top_p
+    if any(top_p[j] < 1.0 for j in drawn):  # the smallest set of the most likely tokens whose mass reaches top_p
         sp, si = torch.sort(probs, dim=-1, descending=True)
         sp = sp.masked_fill(torch.cumsum(sp, -1) - sp >= nucleus, 0.0)
         probs = torch.zeros_like(probs).scatter_(1, si, sp)
     cdf = torch.cumsum(probs, dim=-1)
-    u = torch.tensor([float(torch.rand(1, generator=generators[j], dtype=torch.float64)) for j in drawn],
-                     dtype=torch.float64).to(values.device)[:, None] * cdf[:, -1:]
-    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=ids.shape[-1] - 1)
-    for j, t in zip(drawn, ids.gather(1, picked)[:, 0].tolist()):
-        tokens[j] = t
-    return [int(t) for t in tokens]
+    last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)  # the last candidate with mass: u * total never passes it
+    picked = torch.minimum(torch.searchsorted(cdf, u * cdf[:, -1:], right=True), last)
+    chosen = ids.gather(1, picked)[:, 0]
+    if every:
+        return chosen
+    return tokens.index_copy(0, rows, chosen)
+
+
+def draw(values: torch.Tensor, ids: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
+         generators: Sequence[Optional[torch.Generator]]) -> List[int]:
+    """`draw_tensor` as a list of token ids (the HF engine's per-row path)."""
+    return [int(t) for t in draw_tensor(values, ids, temperature, top_p, generators).tolist()]
 
 
 def sample_row(row: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> int:
@@ -223,17 +253,42 @@ def sample_row(row: torch.Tensor, temperature: float, top_p: float, generator: O
     return draw(row[allowed][None], allowed[None], [temperature], [top_p], [generator])[0]
 
 
-def force_row(row: torch.Tensor, token: int) -> torch.Tensor:
-    """Only `token` stays possible (any sampler, greedy or not, then takes it)."""
+def force_rows(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` [N] of `logits` [B, V] keep only their token `tokens` [N] (its logit, or 0
+    where it was -inf), in one scatter; nothing is read back to the host."""
+    if rows.numel() == 0:
+        return logits
+    keep = logits[rows, tokens]
+    logits.index_fill_(0, rows, NEG)
+    logits[rows, tokens] = torch.where(torch.isfinite(keep), keep, torch.zeros_like(keep))
+    return logits
+
+
+def force_row(row: torch.Tensor, token: Union[int, torch.Tensor]) -> torch.Tensor:
+    """Only `token` stays possible (any sampler, greedy or not, then takes it). `token` is an
+    int or a one-element tensor on the row's device; neither reads anything back to the host."""
+    if isinstance(token, torch.Tensor):
+        t = token.reshape(1)
+        keep = row.gather(0, t)
+        row.fill_(NEG)
+        return row.scatter_(0, t, torch.where(torch.isfinite(keep), keep, torch.zeros_like(keep)))
     keep = row[token].clone()
     row.fill_(NEG)
-    row[token] = keep if torch.isfinite(keep) else 0.0
+    row[token] = torch.where(torch.isfinite(keep), keep, torch.zeros_like(keep))
     return row
 
 
 def adaptive_k(entropy: float, rules: SpanRules) -> int:
     h = min(max(entropy, rules.entropy_lo), rules.entropy_hi)
     return int(round(rules.topk_min + (rules.topk_max - rules.topk_min) / (1.0 + math.exp(-(h - rules.entropy_center)))))
+
+
+def adaptive_k_tensor(entropy: torch.Tensor, rules: SpanRules) -> torch.Tensor:
+    """`adaptive_k` of every row's entropy [R] at once, on the device ([R] long): the same
+    float64 arithmetic and the same round-half-to-even, without reading the entropies back."""
+    h = entropy.double().clamp(rules.entropy_lo, rules.entropy_hi)
+    span = float(rules.topk_max - rules.topk_min)
+    return torch.round(rules.topk_min + span / (1.0 + torch.exp(-(h - rules.entropy_center)))).long()
 
 
 def constrain_row(row: torch.Tensor, state: SpanState, rules: SpanRules, masks: Masks,
@@ -244,13 +299,18 @@ def constrain_row(row: torch.Tensor, state: SpanState, rules: SpanRules, masks: 
     if kind == "force":
         return force_row(row, token)
     if kind == "text":
-        blocked = masks.text_blocked if state.images < len(rules.stage_grids) else masks.text_blocked_no_image
-        row.masked_fill_(blocked, NEG)
+        row.masked_fill_(text_mask(state, rules, masks), NEG)
         if rules.text_greedy:  # only the best allowed token survives: any sampler then takes it
-            force_row(row, int(torch.argmax(row)))
+            force_row(row, torch.argmax(row))
         return row
     constrain_codes(row.unsqueeze(0), rules, masks, None if guided is None else guided.unsqueeze(0))
     return row
+
+
+def text_mask(state: SpanState, rules: SpanRules, masks: Masks) -> torch.Tensor:
+    """What a text position may not be: image-span internals, and image_start once every
+    image was drawn."""
+    return masks.text_blocked if state.images < len(rules.stage_grids) else masks.text_blocked_no_image
 
 
 def constrain_codes(rows: torch.Tensor, rules: SpanRules, masks: Masks,
@@ -260,17 +320,27 @@ def constrain_codes(rows: torch.Tensor, rules: SpanRules, masks: Masks,
     the image-code logits first (classifier-free guidance). One pass for all rows: the vLLM
     processor hands it every code row of a step at once. Returns each row's kept codes as
     `draw` candidates: logits [R, K] (-inf past the row's k) and token ids [R, K]."""
-    if guided is not None:
-        rows.copy_(torch.where(masks.code, guided, rows))
-    rows.masked_fill_(masks.not_code, NEG)
+    codes = (rows if guided is None else guided).index_select(1, masks.code_ids)
+    top, ids = constrain_code_block(codes, rules, masks)
+    rows.fill_(NEG)
+    rows.index_copy_(1, masks.code_ids, codes)
+    return top, ids
+
+
+def constrain_code_block(codes: torch.Tensor, rules: SpanRules, masks: Masks) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The code columns [R, n] (`masks.code_ids` order) of rows at an image-code position, in
+    place: the image temperature and each row's entropy-adaptive top-k, all on the device.
+    The k's stay a tensor: one top-k at min(topk_max, n), then each row masks past its own k
+    (codes tied with a row's k-th all stay; candidates past the batch's largest k are -inf,
+    as when the top-k was taken at that largest k). Returns the `draw` candidates."""
     if rules.image_logit_scale != 1.0:
-        rows.mul_(rules.image_logit_scale)
-    codes = rows[:, masks.code]
+        codes.mul_(rules.image_logit_scale)
     logp = torch.log_softmax(codes.float(), dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
     n = codes.shape[-1]
-    ks = torch.tensor([min(adaptive_k(h, rules), n) for h in entropy.tolist()], device=rows.device)[:, None]
-    top, where = torch.topk(codes, int(ks.max()), dim=-1)  # each row's k largest are its first k
+    ks = adaptive_k_tensor(entropy, rules).clamp_(max=n)[:, None]
+    top, where = torch.topk(codes, min(rules.topk_max, n), dim=-1)  # each row's k largest are its first k
     kth = top.gather(1, ks - 1)
-    rows.masked_fill_(rows < kth, NEG)  # codes tied with the k-th all stay (in the candidates: up to max k)
-    return top.masked_fill(top < kth, NEG), masks.code_ids[where]
+    codes.masked_fill_(codes < kth, NEG)
+    past = torch.arange(top.shape[-1], device=top.device)[None, :] >= ks.max()
+    return top.masked_fill((top < kth) | past, NEG), masks.code_ids[where]

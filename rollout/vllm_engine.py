@@ -41,7 +41,8 @@ from rollout.config import RolloutConfig
 from rollout.engine import RolloutEngine, Sample
 from rollout.kv_budget import AdmissionLedger, KVCapacity, does_not_fit_message, per_sample_blocks, unguided_hint
 from rollout.rules import SpanRules, SpanState, initial_state, open_span
-from rollout.vllm_processor import GUIDE_KEY, RULES_KEY, TWIN_KEY, UNGUIDED_CODES, VLCoTLogitsProcessor
+from rollout.vllm_processor import GUIDE_KEY, RULES_KEY, TWIN_KEY, UNGUIDED_CODES
+from rollout.vllm_processor_v2 import choose_runner
 from vlcot.config import STOCK_ARCHITECTURE
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class VLLMEngine(RolloutEngine):
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: tensors pass directly
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb))))
+        # the model runner, chosen here rather than by vLLM: V2 takes only V2 logits processors
+        self.runner, processor = choose_runner(cfg.vllm_runner)
         from vllm import LLM
 
         from vlcot.policy import load_policy_meta
@@ -121,7 +124,7 @@ class VLLMEngine(RolloutEngine):
         kwargs = dict(
             model=str(policy_dir), dtype="float32" if on_cpu else "bfloat16", max_model_len=cfg.max_model_len,
             enforce_eager=cfg.enforce_eager, seed=cfg.seed, model_impl="transformers", enable_prefix_caching=True,
-            tensor_parallel_size=cfg.tensor_parallel_size, logits_processors=[VLCoTLogitsProcessor],
+            tensor_parallel_size=cfg.tensor_parallel_size, logits_processors=[processor],
             worker_extension_cls="rollout.vllm_engine.WeightExtension", skip_tokenizer_init=False,
             async_scheduling=False,
             num_gpu_blocks_override=cfg.kv_cache_blocks or None,  # rollout.kv_cache_blocks: 0 = sized by the engine
