@@ -29,7 +29,7 @@ from cluster.heldout_eval import heldout_for
 from cluster.learning_curve import report_learning
 from cluster.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, manifest_for,
                           required_cpus, start_ray)
-from cluster.metrics import step_metrics, step_line
+from cluster.metrics import guidance_metrics, step_metrics, step_line
 from cluster.reward_pool import RewardPool
 from cluster.rollout_pool import RolloutBatch, RolloutPool
 from cluster.run_state import CKPT_DIR, DataCursor, DriverState, latest_checkpoint, prune_checkpoints
@@ -41,6 +41,7 @@ from learner.advantages import batch_advantages
 from learner.schedule import lr_at
 from rewards.scoring import RewardInput
 from rollout.engine import PromptError
+from rollout.kv_budget import unguided_hint
 from vlcot.data import read_manifest
 from vlcot.trace import parse_response
 
@@ -171,6 +172,7 @@ class GRPOTrainer:
         cfg, step = self.cfg, dispatched.step
         self._emit("dispatched", step + 1)
         results, generate_s = self._collect(dispatched.rollout, version)
+        guidance = self.last_guidance
         following = None
         if cfg.trainer.mode == "async" and step + 1 < cfg.trainer.steps:
             following = self._dispatch(step + 1)
@@ -184,7 +186,7 @@ class GRPOTrainer:
         sync, lost = sync_living_workers(self.weight_sync, self.rollout, version + 1)  # workers lost since the collect
         dispatched.rollout.lost += lost
         info.update({"rollout/workers": float(dispatched.rollout.workers),
-                     "rollout/workers_lost": float(len(dispatched.rollout.lost))})
+                     "rollout/workers_lost": float(len(dispatched.rollout.lost)), **guidance})
         return StepResult(samples, prompt_errors, learn, sync, info, generate_s, reward_s), following
 
     def lr_at(self, step: int) -> float:
@@ -381,7 +383,23 @@ class GRPOTrainer:
         generate_s = time.perf_counter() - batch.started
         if batch.lost:
             self.weight_sync.workers_changed([], version)
+        self.last_guidance = self._guidance_counts()  # the workers are idle until the next dispatch
         return results, generate_s
+
+    def _guidance_counts(self) -> Dict[str, float]:
+        """This generation's classifier-free-guidance counters (cluster.metrics.guidance_metrics)."""
+        try:
+            now = self.rollout.throughput()
+        except Exception as exc:  # a worker lost since the collect: its share is counted next time
+            log.warning("rollout guidance counters not read (%s: %s)", type(exc).__name__, exc)
+            return {}
+        m = guidance_metrics(getattr(self, "_guidance_seen", []), now)
+        self._guidance_seen = now
+        if m["rollout/cfg_unguided_codes"]:
+            log.warning("classifier-free guidance: %d image codes of this generation were drawn without their "
+                        "unconditional twin: %s", m["rollout/cfg_unguided_codes"],
+                        unguided_hint(self.cfg.rollout.gpus_per_worker <= 0))
+        return m
 
     def _generate_now(self, prompts: List[List[int]], version: int, **how) -> List[Any]:
         """Generate on the rollout pool and wait (the held-out check)."""

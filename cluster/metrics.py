@@ -5,7 +5,10 @@ format, degradation, understanding, generation; plus any plug-in) and total;
 adv/zero_std_fraction; kl, entropy, clip_fraction, grad_norm, lr (learner);
 tokens/text, tokens/image; timing/generate_s, timing/reward_s, timing/learn_s,
 timing/sync_s; rollout/tokens_per_s; sync/seconds, sync/gb_per_s; policy/version_lag;
-samples/* counts; rewards/nonfinite.
+samples/* counts; rewards/nonfinite;
+rollout/cfg_twins (classifier-free guidance: unconditional branches started this step, one per
+sample and image) and rollout/cfg_unguided_codes (image codes drawn without theirs: 0 unless a
+twin fell out of step with its sample; the driver warns naming the setting that helps).
 """
 
 from __future__ import annotations
@@ -54,6 +57,22 @@ def step_metrics(result: StepResult, reward_names: Sequence[str]) -> Dict[str, f
     m["samples/strict_format_rate"] = float(np.mean([s.parsed.strict_format for s in samples])) if samples else 0.0
     m.update(result.batch_info)
     return m
+
+
+GUIDANCE_KEYS = ("cfg_twins", "cfg_unguided_codes")  # RolloutWorker.throughput() counters, cumulative per worker
+
+
+def guidance_metrics(before: Sequence[Dict[str, float]], now: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """`rollout/cfg_twins` and `rollout/cfg_unguided_codes` of one generation: the workers'
+    cumulative counters (one dict per worker slot) now minus before; a slot that is new or whose
+    counters went back (its worker was replaced) counts from 0."""
+    out = {f"rollout/{k}": 0.0 for k in GUIDANCE_KEYS}
+    for slot, counts in enumerate(now):
+        old = before[slot] if slot < len(before) else {}
+        restarted = any(float(counts.get(k, 0.0)) < float(old.get(k, 0.0)) for k in GUIDANCE_KEYS)
+        for k in GUIDANCE_KEYS:
+            out[f"rollout/{k}"] += float(counts.get(k, 0.0)) - (0.0 if restarted else float(old.get(k, 0.0)))
+    return out
 
 
 def step_line(step: int, total: int, m: Dict[str, float]) -> str:
