@@ -189,6 +189,8 @@ def test_v2_equals_v1_token_for_token_over_whole_images(tiny_cfg, tiny_policy, p
                 states[rid].feed(t, rules)
             if rid.startswith("twin") and t == rules.image_end:
                 run.finish(rid)  # the twin's stop token: its slot is freed
+                if "P" not in run.reqs:  # and a request without rules takes it (LIFO)
+                    run.add("P", prompts["base"], SamplingParams(temperature=0.9), "plain")
         for uid, state in states.items():
             if uid in done or uid not in run.reqs:
                 continue
@@ -215,6 +217,7 @@ def test_v2_equals_v1_token_for_token_over_whole_images(tiny_cfg, tiny_policy, p
     assert run.twin_first > 0 and run.twin_after > 0
     recycled = [k for k in run.slot_kinds.values() if len(set(k)) > 1]
     assert any("twin" in k and "guided" in k for k in recycled) and any("plain" in k for k in recycled)
+    assert any(k[k.index("twin"):].count("plain") for k in run.slot_kinds.values() if "twin" in k)
     assert any(k[k.index("guided"):].count("twin") for k in run.slot_kinds.values() if "guided" in k)
     assert UNGUIDED_CODES.get("E", 0) > 0 and UNGUIDED_CODES.get("A", 0) == 0
     out_c = run.reqs["C"].out
