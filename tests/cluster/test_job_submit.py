@@ -9,6 +9,7 @@ import pytest
 
 from cluster.config import REPO_ROOT
 from cluster.transport import free_port
+from tests.ray_head import start_head, stop_head
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -18,13 +19,17 @@ TRAIN_ARGS = ["trainer.steps=1", "trainer.prompts_per_step=2", "rollout.group_si
 
 @pytest.fixture(scope="module")
 def head():
+    """A head of this module's own, ended by its processes' ids (tests/ray_head.py): never
+    `ray stop`, which would end every other Ray on the machine."""
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     port, dash = free_port(), free_port()
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "6",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    temp_dir = start_head(BIN / "ray", ["--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host",
+                                        "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "6",
+                                        "--disable-usage-stats"], env)
     yield f"http://127.0.0.1:{dash}", dict(env, RAY_AUTH_MODE="token")
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    stopped = stop_head(temp_dir)
+    assert stopped and not any(Path(f"/proc/{pid}").exists() for pid in stopped), \
+        "a process of the test's head outlived its clean-up"
 
 
 def test_plain_ray_job_submit_runs_training(head, tmp_path):

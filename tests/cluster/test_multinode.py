@@ -9,8 +9,13 @@ then `--resume` continues the run.
 """
 
 import json
+import os
+import queue
+import signal
+import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -49,20 +54,36 @@ def submit_args(run_dir: Path, steps: int, resume: bool = False):
 
 
 def run_job(cluster, args, log_file, on_line=None, timeout_s=900):
+    """Run the job, passing each output line to `on_line`; a job still running after
+    `timeout_s` (printing or silent) is killed with its process group and fails the test."""
     args = [cluster.dashboard if a is None else a for a in args]
-    proc = cluster.submit(args, timeout_s)
-    lines, deadline = [], time.time() + timeout_s
-    for line in proc.stdout:
-        lines.append(line)
+    proc = cluster.submit(args, timeout_s, start_new_session=True)
+    lines: "queue.Queue[Optional[str]]" = queue.Queue()
+
+    def read():  # a thread: the main loop waits on the queue with the deadline, never on a read
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    got, deadline, expired = [], time.time() + timeout_s, False
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.time()))
+        except queue.Empty:
+            expired = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        if line is None:
+            break
+        got.append(line)
         if on_line is not None:
             on_line(line)
-        if time.time() > deadline:
-            proc.kill()
-            break
     proc.wait(timeout=60)
-    text = "".join(lines)
+    text = "".join(got)
     with open(log_file, "a") as f:  # kept beside the run for a look after a failure
         f.write(text)
+    assert not expired, f"the job ran past {timeout_s} s; its last lines:\n" + "".join(got[-20:])
     return proc.returncode, text
 
 

@@ -12,7 +12,7 @@ from rollout.config import SamplingConfig
 from rollout.rules import Masks, SpanRules, constrain_row, initial_state
 from vlcot.trace import build_prompt
 
-pytest.importorskip("vllm")
+import vllm  # noqa: E402,F401  (the suite's environment has vLLM: its absence is a failure, not a skip)
 from rollout.vllm_processor import (  # noqa: E402
     GUIDE_KEY, RULES_KEY, TWIN_KEY, UNGUIDED_CODES, TwinRow, VLCoTLogitsProcessor)
 

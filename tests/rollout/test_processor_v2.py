@@ -17,7 +17,6 @@ import torch
 from rollout.config import SamplingConfig
 from rollout.rules import SpanRules, SpanState, initial_state, open_span
 
-pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 from vllm.v1.worker.gpu.sample.logits_processor import (  # noqa: E402

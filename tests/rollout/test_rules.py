@@ -140,7 +140,6 @@ def test_config_accepts_cfg_on_both_engines_and_refuses_a_negative_scale():
 def test_vllm_processor_refuses_async_scheduling_placeholders(rules, tiny_policy):
     """vLLM's async scheduling can show -1 placeholders among a request's output tokens; the
     span state machine would read one as a token, so the processor stops with the cause."""
-    pytest.importorskip("vllm")
     from rollout.vllm_processor import RuledRow, VLCoTLogitsProcessor
 
     proc = VLCoTLogitsProcessor(None, torch.device("cpu"), False)
