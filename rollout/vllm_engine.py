@@ -7,9 +7,12 @@ move quickly).
   runs the HF decoder with vLLM's own lm_head and sampler — so image-token logits are NOT
   masked (stock transformers masks them). Registered in-process and as a
   `vllm.general_plugins` entry point (for vLLM's worker processes).
-- Decoding rules: `VLCoTLogitsProcessor` (rollout/vllm_processor.py), a V1 logits processor
-  running the shared `rollout.rules` state machine per request (rules passed in
-  `SamplingParams.extra_args`).
+- Decoding rules: one core (`VLCoTCore`, rollout/vllm_processor.py) running the shared
+  `rollout.rules` state machine per request (rules passed in `SamplingParams.extra_args`),
+  behind two adapters: `VLCoTLogitsProcessor` for vLLM's V1 model runner (CPU, and GPU with
+  `VLLM_USE_V2_MODEL_RUNNER=0`) and `VLCoTLogitsProcessorV2` for Model Runner V2, vLLM's GPU
+  default (rollout/vllm_processor_v2.py). `rollout.vllm_runner` (auto|v1|v2) picks the runner
+  before `LLM(...)` (`choose_runner`).
 - Log-probs: `logprobs=0` in vLLM's default `raw_logprobs` mode = the sampled token's
   log-prob under the raw model distribution (before processors and temperature).
 - Weights: in place through `WeightExtension` (a worker extension): `reload_weights` fed

@@ -33,7 +33,8 @@ def ray_down_after():
 REQUIRED = [
     "adv/zero_std_fraction", "kl", "entropy", "clip_fraction", "grad_norm", "lr", "tokens/text", "tokens/image",
     "timing/generate_s", "timing/reward_s", "timing/learn_s", "timing/sync_s", "rollout/tokens_per_s",
-    "sync/seconds", "sync/gb_per_s", "policy/version_lag", "samples/count",
+    "sync/seconds", "sync/gb_per_s", "policy/version_lag", "samples/count", "rollout/cfg_twins",
+    "rollout/cfg_unguided_codes",
 ]
 
 
