@@ -106,12 +106,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from vlcot.config import VQCheckpointError
+    """Run one command. A `UserError` (vlcot/errors.py: a mistake the user can fix) is one line on
+    stderr and exit code 2 wherever it is raised; anything else is a bug and keeps its traceback."""
+    from vlcot.errors import UserError
 
     try:
         return _main(argv)
-    except VQCheckpointError as exc:  # found when a command loads the tokenizer: one line, not a traceback
-        print(f"realsr-r1: {exc}", file=sys.stderr)
+    except UserError as exc:
+        command = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), "")
+        print(f"realsr-r1 {command}: {exc}".replace(" :", ":"), file=sys.stderr)
         return 2
 
 

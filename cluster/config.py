@@ -30,6 +30,7 @@ from vlcot.config import (LABEL_MEASURES, AnnotateConfig, DataConfig, Degradatio
                           PolicyConfig, VQConfig, VQTrainConfig, annotate_problems, architecture_problem,
                           resolve_checkpoint, vq_train_problems)
 from vlcot.conversation import CHECKPOINT_KEY, conversation_problems, resolve_conversation
+from vlcot.errors import UserError
 from vlcot.kernels import KERNEL_TYPES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ class Config:
     vq_train: VQTrainConfig = field(default_factory=VQTrainConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem, raised before any work starts."""
 
 

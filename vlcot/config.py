@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from vlcot.conversation import ConversationConfig
+from vlcot.errors import UserError
 
 
 @dataclass
@@ -46,7 +47,7 @@ class VQConfig:
     seed: int = 0
 
 
-class VQCheckpointError(ValueError):
+class VQCheckpointError(UserError):
     """The configured VQ tokenizer cannot be used (missing, damaged or mismatched files);
     the message names the file and the config key. Commands print it as one line."""
 

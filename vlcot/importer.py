@@ -38,6 +38,7 @@ import torch
 from safetensors import safe_open
 
 from vlcot.conversation import CHECKPOINT_KEY
+from vlcot.errors import UserError
 from vlcot.layout import parse_image_code_name
 from vlcot.shards import ShardWriter, shard_files
 
@@ -50,7 +51,7 @@ VQMODEL_PREFIX = "model.vqmodel."
 _NORMS = (".self_attn.q_norm.", ".self_attn.k_norm.")
 
 
-class ImportRefused(ValueError):
+class ImportRefused(UserError):
     """The source folder is not a checkpoint this importer recognises; nothing was written."""
 
 
