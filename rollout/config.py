@@ -28,6 +28,9 @@ class SamplingConfig:
     cfg_scale: float = 1.0  # classifier-free guidance on image codes (both engines); published 0.8
     max_new_tokens: int = 0  # 0 = the three image spans + text_budget
     text_budget: int = 384  # text tokens allowed on top of the image spans when max_new_tokens = 0
+    # the trace's skeleton as decoding rules: the seven tags forced in order around the policy's
+    # text and images, so every sample draws all three images and ends (rollout/skeleton.py)
+    skeleton: bool = False
 
 
 @dataclass

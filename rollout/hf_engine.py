@@ -27,7 +27,7 @@ class HFEngine(RolloutEngine):
         self.model = policy.model.to(device).eval()
         self.device = torch.device(device)
         rules = SpanRules.build(policy.layout, image_cfg, cfg.sampling, self.model.config.vocab_size,
-                                len(policy.tokenizer))
+                                len(policy.tokenizer), policy.codec)
         super().__init__(cfg, rules, policy.layout, policy.codec.end_token_id)
         self.masks = Masks(rules, self.device)
         self.pad_id = int(policy.tokenizer.pad_token_id or 0)

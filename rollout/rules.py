@@ -10,6 +10,10 @@ A per-sequence state machine over generated tokens decides what may come next:
               k = round(k_min + (k_max - k_min) * sigmoid(clip(H) - center))
     newline after every `w` codes; image_end after the last row; back to text.
 
+With `sampling.skeleton` the text between images follows the trace's skeleton too: the tags
+are forced in order, each image span opens where its tag does, and the response ends after
+the final image (rollout/skeleton.py).
+
 `constrain_row` applies the state to one row of logits in place; `constrain_codes` applies
 the code rules to many rows at once. The vLLM logits processor and the HF engine both call
 them, so the two engines follow the same rules; `draw` is how either picks a guided code.
@@ -53,10 +57,16 @@ class SpanRules:
     entropy_center: float = 5.0
     entropy_lo: float = 0.0
     entropy_hi: float = 10.0
+    skeleton_runs: Tuple[Tuple[int, ...], ...] = ()  # sampling.skeleton: forced tag runs (rollout/skeleton.py)
+    skeleton_budgets: Tuple[int, ...] = ()  # tokens each stage's text body may hold
+    skeleton_tags: Tuple[int, ...] = ()  # single-token tags: never text inside a body
+    skeleton_prompt_tail: int = 0  # prompt tokens after the LR image (the response starts after them)
 
     @classmethod
     def build(cls, layout, image_cfg, sampling: SamplingConfig, vocab_size: int,
-              text_vocab_size: Optional[int] = None) -> "SpanRules":
+              text_vocab_size: Optional[int] = None, codec=None) -> "SpanRules":
+        """The rules for one policy. `codec` (the conversation's text codec) is needed only with
+        `sampling.skeleton`, to encode the tags."""
         ids = np.sort(np.asarray(layout.image_code_ids))
         breaks = np.nonzero(np.diff(ids) != 1)[0]
         starts = np.concatenate([[0], breaks + 1])
@@ -64,6 +74,16 @@ class SpanRules:
         ranges = tuple((int(ids[a]), int(ids[b - 1]) + 1) for a, b in zip(starts, ends))
         grids = tuple((image_cfg.hr_size // IMAGE_STAGE_SCALE[stage] // layout.patch_px,) * 2 for stage in IMAGE_STAGES)
         t = sampling.temperature
+        skeleton = None
+        if sampling.skeleton:
+            from rollout.skeleton import build_skeleton
+
+            if codec is None:
+                raise ValueError("sampling.skeleton needs the policy's text codec to encode the trace's tags")
+            spans = sum((g[0] * layout.patch_px // layout.downsample) * (g[1] * layout.patch_px // layout.downsample + 1)
+                        + 4 for g in grids)
+            text = sampling.max_new_tokens - spans if sampling.max_new_tokens else sampling.text_budget
+            skeleton = build_skeleton(codec, layout, text)
         return cls(
             image_start=layout.image_start, image_end=layout.image_end, row_newline=layout.row_newline,
             grid_base=layout.grid_base, max_grid=layout.max_grid, code_ranges=ranges,
@@ -73,6 +93,8 @@ class SpanRules:
             text_greedy=sampling.text_greedy,
             topk_min=sampling.topk_min, topk_max=sampling.topk_max, entropy_center=sampling.entropy_center,
             entropy_lo=float(sampling.entropy_clip[0]), entropy_hi=float(sampling.entropy_clip[1]),
+            skeleton_runs=skeleton.runs if skeleton else (), skeleton_budgets=skeleton.budgets if skeleton else (),
+            skeleton_tags=skeleton.tags if skeleton else (), skeleton_prompt_tail=skeleton.prompt_tail if skeleton else 0,
         )
 
     def to_json(self) -> str:
@@ -83,6 +105,9 @@ class SpanRules:
         d = json.loads(s)
         d["code_ranges"] = tuple(tuple(r) for r in d["code_ranges"])
         d["stage_grids"] = tuple(tuple(g) for g in d["stage_grids"])
+        d["skeleton_runs"] = tuple(tuple(r) for r in d.get("skeleton_runs", ()))
+        d["skeleton_budgets"] = tuple(d.get("skeleton_budgets", ()))
+        d["skeleton_tags"] = tuple(d.get("skeleton_tags", ()))
         return cls(**d)
 
     def span_tokens(self, stage: int) -> int:
@@ -114,6 +139,16 @@ class Masks:
         start = torch.zeros(v, dtype=torch.bool)
         start[rules.image_start] = True
         self.text_blocked_no_image = (inner | start).to(device)  # text after the last image
+        # a skeleton's text body of stage k: no image_start, end token or single-token tag (its runs
+        # write them), except the first token of run k + 1, with which the policy closes the stage
+        self.skeleton_text = {}
+        if rules.skeleton_runs:
+            start[[rules.skeleton_runs[-1][-1], *rules.skeleton_tags]] = True
+            for k, budget in enumerate(rules.skeleton_budgets):
+                if budget:
+                    body = inner | start
+                    body[rules.skeleton_runs[k + 1][0]] = False
+                    self.skeleton_text[k] = body.to(device)
 
 
 @dataclass
@@ -128,10 +163,18 @@ class SpanState:
     col: int = 0
     consumed: int = 0  # tokens fed so far
     span_len: int = 0  # tokens of the open image span so far, image_start included (0 in text)
+    # skeleton (rules.skeleton_runs): `part` 2k = forcing run k, 2k + 1 = stage k's body; `pos` =
+    # tokens of that run or text body so far. `off`: the tokens left the skeleton (a prompt that
+    # continues a partial trace differently), and only the span rules apply.
+    part: int = 0
+    pos: int = 0
+    off: bool = False
 
     def feed(self, token: int, rules: SpanRules) -> None:
         self.consumed += 1
         if self.mode == "text":
+            if rules.skeleton_runs and not self.off:
+                self._skeleton_feed(token, rules.skeleton_runs)
             if token == rules.image_start:
                 self.mode, self.span_len = "grid_h", 1
             return
@@ -153,11 +196,43 @@ class SpanState:
         else:
             self.mode, self.span_len = "text", 0
             self.images += 1
+            if rules.skeleton_runs:  # the image was stage k's body: run k + 1 follows
+                self.part, self.pos = self.part + 1, 0
+
+    def _skeleton_feed(self, token: int, runs: Tuple[Tuple[int, ...], ...]) -> None:
+        k, body = divmod(self.part, 2)
+        if k >= len(runs) or (body and k + 1 >= len(runs)):
+            return
+        if not body:  # inside forced run k
+            if token != runs[k][self.pos]:
+                self.off = True
+                return
+            self.pos += 1
+        elif token == runs[k + 1][0]:  # the policy closed the text stage itself: the run goes on
+            self.part, self.pos = self.part + 1, 1
+        else:
+            self.pos += 1
+            return
+        if self.pos == len(runs[self.part // 2]):
+            self.part, self.pos = self.part + 1, 0
+
+    def skeleton_next(self, rules: SpanRules) -> Optional[int]:
+        """The token the skeleton forces next in text, or None where the policy writes."""
+        if not rules.skeleton_runs or self.off:
+            return None
+        runs = rules.skeleton_runs
+        k, body = divmod(self.part, 2)
+        if k >= len(runs):
+            return None
+        if not body:
+            return runs[k][self.pos]
+        return runs[k + 1][0] if self.pos >= rules.skeleton_budgets[k] else None
 
     def next_kind(self, rules: SpanRules) -> Tuple[str, Optional[int]]:
         """('text' | 'codes' | 'force', forced token or None)."""
         if self.mode == "text":
-            return "text", None
+            forced = self.skeleton_next(rules)
+            return ("text", None) if forced is None else ("force", forced)
         stage = min(self.images, len(rules.stage_grids) - 1)
         if self.mode == "grid_h":
             return "force", rules.grid_base + rules.stage_grids[stage][0]
@@ -178,7 +253,12 @@ def initial_state(prompt: Sequence[int], rules: SpanRules) -> SpanState:
         after = p.index(rules.image_end) + 1
     except ValueError:
         return state
-    for t in p[after:]:
+    response = after + rules.skeleton_prompt_tail  # the rest of the user turn is not the skeleton's
+    for t in p[after:response]:
+        state.feed(int(t), rules)
+    state.part = state.pos = 0
+    state.off = False
+    for t in p[response:]:
         state.feed(int(t), rules)
     state.consumed = 0
     return state
@@ -309,7 +389,10 @@ def constrain_row(row: torch.Tensor, state: SpanState, rules: SpanRules, masks: 
 
 def text_mask(state: SpanState, rules: SpanRules, masks: Masks) -> torch.Tensor:
     """What a text position may not be: image-span internals, and image_start once every
-    image was drawn."""
+    image was drawn (in a skeleton's text body: image_start and the end token, which its runs
+    write)."""
+    if rules.skeleton_runs and not state.off and state.part % 2:
+        return masks.skeleton_text[state.part // 2]
     return masks.text_blocked if state.images < len(rules.stage_grids) else masks.text_blocked_no_image
 
 

@@ -122,7 +122,8 @@ class VLLMEngine(RolloutEngine):
         if limit and cfg.max_model_len > limit:
             raise ValueError(f"rollout.max_model_len {cfg.max_model_len} exceeds the policy's max_position_embeddings "
                              f"{limit} ({policy_dir}/config.json): the model was not trained that long")
-        rules = SpanRules.build(meta.layout, image_cfg, cfg.sampling, meta.config.vocab_size, len(meta.tokenizer))
+        rules = SpanRules.build(meta.layout, image_cfg, cfg.sampling, meta.config.vocab_size, len(meta.tokenizer),
+                                meta.codec)
         super().__init__(cfg, rules, meta.layout, meta.codec.end_token_id)
         kwargs = dict(
             model=str(policy_dir), dtype="float32" if on_cpu else "bfloat16", max_model_len=cfg.max_model_len,

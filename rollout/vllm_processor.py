@@ -145,8 +145,8 @@ class VLCoTCore:
         staged = _Staged()
         forced_rows, forced_tokens = [], []  # rows whose token is known on the host
         chosen: Dict[str, Tuple[int, int, int]] = {}  # uid -> (span length the token extends, host token, drawn slot)
-        text: Dict[Tuple[int, bool], List[int]] = {}
-        text_rules: Dict[Tuple[int, bool], Tuple[SpanRules, torch.Tensor]] = {}
+        text: Dict[Tuple[int, int], List[int]] = {}
+        text_rules: Dict[Tuple[int, int], Tuple[SpanRules, torch.Tensor]] = {}
         codes: Dict[int, List[Tuple[int, RuledRow, int]]] = {}  # by rules: (row, state, twin row or -1)
         for index, row in ruled:
             state, g = row.state, row.guide
@@ -157,9 +157,10 @@ class VLCoTCore:
                 if g is not None:
                     chosen[g.uid] = (state.span_len, forced, -1)
             elif kind == "text":
-                key = (id(row.rules), state.images < len(row.rules.stage_grids))
+                blocked = text_mask(state, row.rules, row.masks)
+                key = (id(row.rules), id(blocked))
                 text.setdefault(key, []).append(index)
-                text_rules[key] = (row.rules, text_mask(state, row.rules, row.masks))
+                text_rules[key] = (row.rules, blocked)
             else:
                 twin = -1
                 if g is not None:
