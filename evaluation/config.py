@@ -29,6 +29,10 @@ class InferConfig:
     max_tiles: int = 64
     engine: str = "hf"  # hf (supports CFG, loads instantly) | vllm (fast batched generation on GPUs)
     greedy: bool = False  # False: the rollout sampling rules (rollout.sampling); True: argmax everywhere
+    # the trace's skeleton as decoding rules (rollout.sampling.skeleton): every tile's response has
+    # the seven tags and all three images, so no tile falls back to bicubic for a malformed trace.
+    # Off by default: eval then measures the policy's own format, as the paper's CoT check does
+    constrained: bool = False
     seed: int = 0
     batch_tiles: int = 16  # tiles per generate call
     device: str = "auto"  # auto = cuda when available

@@ -76,6 +76,7 @@ class SuperResolver:
             device = "cuda" if inf.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         rcfg = copy.deepcopy(cfg.rollout)
         rcfg.engine, rcfg.group_size, rcfg.seed = inf.engine, 1, inf.seed
+        rcfg.sampling.skeleton = rcfg.sampling.skeleton or inf.constrained
         meta = load_policy_meta(policy_dir, cfg.policy, cfg.image, cfg.vq)
         self.layout, self.codec = meta.layout, meta.codec
         self.vq = VQTokenizer.load(vq_dir)

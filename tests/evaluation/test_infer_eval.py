@@ -209,3 +209,19 @@ def test_infer_with_the_vllm_engine_in_its_own_process(run_dir, tmp_path):
     assert Image.open(out / "final" / "one.png").size == (160, 120)
     rec = json.loads((out / "cot" / "one.json").read_text())
     assert len(rec["tiles"]) == 2 and all(t["tokens"] > 0 for t in rec["tiles"])  # 40 px: two tiles; 30: one
+
+
+def test_constrained_infer_leaves_no_tile_to_bicubic(run_dir, inputs, tmp_path):
+    """The random policy's free traces are malformed (tiles fall back to bicubic); with
+    infer.constrained every tile's trace has the seven tags and all three images."""
+    fallbacks = {}
+    for constrained in (False, True):
+        out = tmp_path / f"constrained_{constrained}"
+        assert main(["infer", "--checkpoint", str(run_dir / "policy"), "--image", str(inputs / "odd.png"), "--out",
+                     str(out), "--no-progress", "infer.mode=resize", "infer.seed=1",
+                     f"infer.constrained={str(constrained).lower()}", *FAST]) == 0
+        rec = json.loads((out / "cot" / "odd.json").read_text())
+        fallbacks[constrained] = sum(rec["fallback_tiles"].values())
+        if constrained:
+            assert all(t["strict_format"] and t["finish_reason"] == "stop" for t in rec["tiles"])
+    assert fallbacks[False] > 0 and fallbacks[True] == 0
