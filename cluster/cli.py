@@ -197,14 +197,18 @@ def _main(argv: Optional[List[str]]) -> int:
         print(summary.render())
         return 0 if summary.pairs else 1
     if args.command == "init-policy":
-        from vlcot.policy import policy_from_config
+        from cluster.jobs import build_initial_policy
         from vlcot.vq import vq_from_config
 
         out = Path(args.out)
-        policy = policy_from_config(cfg.policy, cfg.image, cfg.vq)
-        policy.save(out / "policy")
+        if cfg.policy.checkpoint:  # a copy of the configured checkpoint, as the actors load it
+            from vlcot.policy import load_policy
+
+            load_policy(cfg.policy.checkpoint, cfg.policy, cfg.image, cfg.vq).save(out / "policy")
+            print(f"policy -> {out / 'policy'}  (from {cfg.policy.checkpoint})")
+        else:
+            print(build_initial_policy(cfg, out / "policy"))
         vq_from_config(cfg.vq).save(out / "vq")
-        print(f"policy -> {out / 'policy'}  ({sum(p.numel() for p in policy.model.parameters()):,} params)")
         print(f"vq     -> {out / 'vq'}")
         return 0
     if args.command == "train-vq":

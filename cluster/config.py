@@ -34,6 +34,7 @@ from vlcot.errors import UserError
 from vlcot.kernels import KERNEL_TYPES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+POLICY_INITS = ("tiny", "released-layout")  # policy.init: how an empty policy.checkpoint is built
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny-cpu.yaml"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -355,6 +356,8 @@ def validate(cfg: Config) -> None:
     pol = cfg.policy
     if pol.dtype not in DTYPES:
         _fail("policy.dtype", f"{pol.dtype!r} not in {list(DTYPES)}")
+    if pol.init not in POLICY_INITS:
+        _fail("policy.init", f"{pol.init!r} not in {list(POLICY_INITS)}")
     for key, msg in conversation_problems(pol.conversation):
         _fail(key, msg)
     if pol.checkpoint:

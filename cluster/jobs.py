@@ -40,33 +40,58 @@ def manifest_for(cfg: Config, role: str) -> Path:
     return Path(path)
 
 
-def encode_prompts(records: List[Dict], vq, image_cfg, codec, layout) -> List[List[int]]:
-    """The policy's prompt token ids for manifest records: each LR image, encoded by the VQ
-    tokenizer at `image.prompt_size`, in the prompt template. An unreadable LR is an error
-    naming the file (a manifest is written by prepare-data, so damage should not pass)."""
-    from vlcot.images import open_image
+def encode_prompts(records: List[Dict], vq, image_cfg, codec, layout, manifest: Path) -> List[List[int]]:
+    """The policy's prompt token ids for the records of `manifest`: each LR image, encoded by the
+    VQ tokenizer at `image.prompt_size`, in the prompt template. The codes come from the
+    manifest's prompt-code cache (vlcot/prompt_cache.py), so a start or a resume encodes only
+    images it has not seen. An unreadable LR is an error naming the file (a manifest is written
+    by prepare-data, so damage should not pass)."""
+    import time
+
+    from vlcot.prompt_cache import CACHE_DIR, cached_prompt_codes
     from vlcot.trace import build_prompt
 
-    ids = []
-    for rec in records:
-        lr, why, _ = open_image(rec["lr_path"])
-        if lr is None:
-            raise RuntimeError(f"manifest LR image unreadable: {rec['lr_path']}: {why}")
-        ids.append(build_prompt(vq.encode_images([lr], image_cfg.prompt_size)[0], codec, layout))
+    t0 = time.perf_counter()
+    codes, encoded = cached_prompt_codes([rec["lr_path"] for rec in records], vq, image_cfg.prompt_size,
+                                         Path(manifest).parent / CACHE_DIR)
+    ids = [build_prompt(c, codec, layout) for c in codes]
+    log.info("prompts: %d from %s (%d encoded now, %d from the cache) in %.1fs", len(ids), manifest, encoded,
+             len(ids) - encoded, time.perf_counter() - t0)
     return ids
 
 
 def ensure_policy_dir(cfg: Config) -> Path:
     """The starting policy as an HF-layout directory every actor can load: the configured
-    checkpoint, or the tiny policy built from config once and saved under run_dir."""
+    checkpoint, or one built from config once under run_dir (`policy.init`)."""
     if cfg.policy.checkpoint:
         return Path(cfg.policy.checkpoint)
     out = Path(cfg.run_dir) / "policy_init"
     if not (out / "config.json").is_file():
-        from vlcot.policy import build_tiny_policy
-
-        build_tiny_policy(cfg.policy, cfg.image, cfg.vq).save(out)
+        build_initial_policy(cfg, out)
     return out
+
+
+def build_initial_policy(cfg: Config, out: Path) -> str:
+    """Write the policy `policy.init` names into `out`; returns a line saying what was written.
+    released-layout: the released PURE layout at policy.model's width and depth is written
+    beside `out` (<out>-released) and converted into `out` by the importer."""
+    if cfg.policy.init == "released-layout":
+        from vlcot.importer import import_policy
+        from vlcot.released_layout import write_released_checkpoint
+
+        m = cfg.policy.model
+        src = write_released_checkpoint(out.parent / f"{out.name}-released", hidden=m.hidden_size,
+                                        heads=m.num_attention_heads, layers=m.num_hidden_layers,
+                                        intermediate=m.intermediate_size, seed=cfg.seed,
+                                        max_position_embeddings=m.max_position_embeddings)
+        report = import_policy(src, out, codebook_size=cfg.vq.codebook_size,
+                               max_grid=cfg.policy.special_tokens.max_grid, patch_px=cfg.image.patch_px)
+        return f"released-layout policy written to {src} and imported into {out}: {report.render().splitlines()[0]}"
+    from vlcot.policy import build_tiny_policy
+
+    policy = build_tiny_policy(cfg.policy, cfg.image, cfg.vq)
+    policy.save(out)
+    return f"policy -> {out}  ({sum(p.numel() for p in policy.model.parameters()):,} params)"
 
 
 def ensure_vq_dir(cfg: Config) -> Path:

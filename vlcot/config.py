@@ -156,6 +156,11 @@ class PolicyConfig:
     """Where the policy comes from: a local HF-layout checkpoint, or built tiny from config."""
 
     checkpoint: str = ""  # local dir with config.json + safetensors; empty = build from `model`
+    # how an empty `checkpoint` is built (once, under run_dir): tiny = the project's tokenizer and
+    # format at `model`'s shape; released-layout = a checkpoint in the released PURE layout at
+    # `model`'s width and depth (73,728 ids, its tokenizer and conversation), written by
+    # vlcot/released_layout.py and converted by the importer, as import-policy converts PURE-7B
+    init: str = "tiny"
     model: TextModelConfig = field(default_factory=TextModelConfig)
     special_tokens: SpecialTokenIds = field(default_factory=SpecialTokenIds)
     conversation: ConversationConfig = field(default_factory=ConversationConfig)
