@@ -93,7 +93,7 @@ class GRPOTrainer:
         self.vq = VQTokenizer.load(self.vq_dir)
         self.meta = meta = load_policy_meta(self.policy_dir, cfg.policy, cfg.image, cfg.vq)
         self.tokenizer, self.layout, self.codec = meta.tokenizer, meta.layout, meta.codec
-        self.prompt_ids = encode_prompts(self.records, self.vq, cfg.image, self.codec, self.layout)
+        self.prompt_ids = encode_prompts(self.records, self.vq, cfg.image, self.codec, self.layout, self.manifest)
         self.image_ids = self.layout.image_span_ids()
         spread = cfg.trainer.prompt_order == "spread"
         self.cursor = DataCursor(len(self.records), cfg.seed, [r["source"] for r in self.records] if spread else None)

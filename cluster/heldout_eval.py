@@ -92,7 +92,7 @@ def heldout_for(cfg, run_dir: Path, vq, codec, layout,
         print(f"held-out eval: none ({path} does not exist; {how})")
         return None
     records = read_manifest(path)
-    held = HeldOutEval(records, encode_prompts(records, vq, cfg.image, codec, layout), path, run_dir,
+    held = HeldOutEval(records, encode_prompts(records, vq, cfg.image, codec, layout, path), path, run_dir,
                        list(cfg.rewards.weights), cfg.image.hr_size, codec, layout)
     if training_labels:
         held.majority = majority_accuracy(training_labels, [r["degradation"]["labels"] for r in records])
