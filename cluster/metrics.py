@@ -6,6 +6,8 @@ adv/zero_std_fraction; kl, entropy, clip_fraction, grad_norm, lr (learner);
 tokens/text, tokens/image; timing/generate_s, timing/reward_s, timing/learn_s,
 timing/sync_s; rollout/tokens_per_s; sync/seconds, sync/gb_per_s; policy/version_lag;
 samples/* counts; rewards/nonfinite;
+trace/* (per sample, means: response, text and each image span's tokens; the fraction with all
+three images drawn at their sizes);
 rollout/cfg_twins (classifier-free guidance: unconditional branches started this step, one per
 sample and image) and rollout/cfg_unguided_codes (image codes drawn without theirs: 0 unless a
 twin fell out of step with its sample; the driver warns naming the setting that helps).
@@ -55,7 +57,30 @@ def step_metrics(result: StepResult, reward_names: Sequence[str]) -> Dict[str, f
     m["samples/count"] = float(len(samples))
     m["samples/prompt_errors"] = float(result.prompt_errors)
     m["samples/strict_format_rate"] = float(np.mean([s.parsed.strict_format for s in samples])) if samples else 0.0
+    m.update(trace_metrics(samples))
     m.update(result.batch_info)
+    return m
+
+
+def trace_metrics(samples) -> Dict[str, float]:
+    """Token counts of the step's traces (means over samples): the whole response, its text, and
+    each image span (0 for a sample whose span is missing or malformed), and the fraction of
+    samples with all three images at their sizes."""
+    from vlcot.trace import IMAGE_STAGES
+
+    if not samples:
+        return {}
+    m = {"trace/response_tokens": float(np.mean([len(s.sample.token_ids) for s in samples])),
+         "trace/text_tokens": float(np.mean([s.parsed.num_text_tokens for s in samples]))}
+    for stage in IMAGE_STAGES:
+        spans = []
+        for s in samples:
+            st = s.parsed.stages.get(stage)
+            h, w = st.codes.shape if st is not None and st.valid and st.codes is not None else (0, -1)
+            spans.append(h * (w + 1) + 4 if h else 0)  # image_start, two grid tokens, rows + newlines, image_end
+        m[f"trace/{stage}_tokens"] = float(np.mean(spans))
+    m["trace/all_images_fraction"] = float(np.mean([all(s.parsed.stages[k].valid for k in IMAGE_STAGES)
+                                                    for s in samples]))
     return m
 
 

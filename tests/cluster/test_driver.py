@@ -34,7 +34,8 @@ REQUIRED = [
     "adv/zero_std_fraction", "kl", "entropy", "clip_fraction", "grad_norm", "lr", "tokens/text", "tokens/image",
     "timing/generate_s", "timing/reward_s", "timing/learn_s", "timing/sync_s", "rollout/tokens_per_s",
     "sync/seconds", "sync/gb_per_s", "policy/version_lag", "samples/count", "rollout/cfg_twins",
-    "rollout/cfg_unguided_codes",
+    "rollout/cfg_unguided_codes", "trace/response_tokens", "trace/text_tokens", "trace/final_image_tokens",
+    "trace/all_images_fraction",
 ]
 
 
