@@ -164,3 +164,26 @@ def test_cli_imports_and_refuses(released, tmp_path, capsys):
     assert f"policy.checkpoint={out}" in printed and (out / "config.json").is_file()
     assert main(["import-policy", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "refused, nothing written" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_policy_init_released_layout_goes_through_the_importer(tmp_path):
+    """configs/paper-shape-cpu.yaml's starting policy: written in the released layout at the
+    configured width, converted by the importer: the released vocabulary and conversation."""
+    import json
+
+    from cluster.config import ConfigError, load_config
+    from cluster.jobs import build_initial_policy
+    from vlcot.conversation import CHECKPOINT_KEY
+    from vlcot.policy import load_policy
+
+    cfg = load_config("configs/paper-shape-cpu.yaml", [f"run_dir={tmp_path}", "policy.model.num_hidden_layers=1"])
+    line = build_initial_policy(cfg, tmp_path / "policy_init")
+    raw = json.loads((tmp_path / "policy_init-released" / "config.json").read_text())
+    assert raw["architectures"] == ["ChameleonXLLMXForConditionalGeneration"] and raw["num_hidden_layers"] == 1
+    imported = json.loads((tmp_path / "policy_init" / "config.json").read_text())
+    assert imported["vocab_size"] == 73728 and imported[CHECKPOINT_KEY] == "lumina"
+    assert imported["hidden_size"] == 64 and imported["max_position_embeddings"] == 11776
+    policy = load_policy(tmp_path / "policy_init")
+    assert policy.codec.end_token_id == 8710 and "imported" in line
+    with pytest.raises(ConfigError, match="policy.init"):
+        load_config("configs/paper-shape-cpu.yaml", [f"run_dir={tmp_path}", "policy.init=pure"])
