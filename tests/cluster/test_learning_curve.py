@@ -65,3 +65,14 @@ def test_end_of_run_report_logs_the_plot_and_never_raises(tmp_path, capsys):
     missing = tmp_path / "no" / "such" / "folder"  # the plot cannot be saved: said, not raised
     failed = report_learning(total, {"format": [1.0] * 12}, missing, Tracker())
     assert set(failed) == {"error"} and "FileNotFoundError" in failed["error"] and len(logged) == 1
+
+
+@pytest.mark.parametrize("z, word", [(1.9, "no clear rise"), (2.1, "weak rise"), (2.95, "weak rise"),
+                                     (3.05, "learned"), (8.0, "learned")])
+def test_the_verdict_words_change_at_2_and_3_standard_errors(z, word):
+    """Quarters [0, 1] and [s, s + 1] (8 steps): se = sqrt(0.5 / 2 + 0.5 / 2) exactly, rise = s,
+    so s picks z; the words must switch at 2 (weak) and 3 (learned) standard errors."""
+    s = z * math.sqrt(0.5)
+    r = rise_verdict([0.0, 1.0, 5.0, 5.0, 5.0, 5.0, s, s + 1.0])
+    assert r.z == pytest.approx(z)
+    assert r.line().startswith(f"verdict: {word}:") and r.learned == (word == "learned")
