@@ -71,8 +71,10 @@ def test_topk_keeps_k_codes(rules, tiny_policy):
 
 def test_code_rows_in_one_pass_equal_one_row_at_a_time(rules, tiny_policy):
     """The vLLM processor constrains every code row of a step at once; the HF engine one row
-    at a time. Rows of very different entropies (so different k) must come out the same, and
-    the candidates `draw` gets are exactly each row's kept codes."""
+    at a time. Rows of very different entropies (so different k) must come out the same, both
+    equal to the rule written out here by hand (guided code logits x image scale, the k of the
+    scalar formula, every code at or above the k-th largest kept, all else -inf), and the
+    candidates `draw` gets are exactly each row's kept codes."""
     masks = Masks(rules, "cpu")
     g = torch.Generator().manual_seed(3)
     raw = torch.randn(4, rules.vocab_size, generator=g) * torch.tensor([[0.1], [1.0], [4.0], [12.0]])
@@ -83,6 +85,13 @@ def test_code_rows_in_one_pass_equal_one_row_at_a_time(rules, tiny_policy):
     for r in range(4):
         one = constrain_row(raw[r].clone(), SpanState(mode="codes", h=4, w=4), rules, masks, guided[r])
         assert torch.equal(one, block[r])
+        codes = guided[r][masks.code] * rules.image_logit_scale
+        logp = torch.log_softmax(codes.double(), -1)
+        k = adaptive_k(float(-(logp.exp() * logp).sum()), rules)
+        want = torch.full((rules.vocab_size,), float("-inf"))
+        want[masks.code] = torch.where(codes >= torch.sort(codes, descending=True).values[k - 1], codes,
+                                       torch.tensor(float("-inf")))
+        assert torch.equal(one, want)
         kept.append(int(torch.isfinite(one).sum()))
         finite = torch.isfinite(top[r])
         assert set(ids[r][finite].tolist()) == set(torch.nonzero(torch.isfinite(one)).squeeze(-1).tolist())
