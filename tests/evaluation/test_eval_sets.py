@@ -70,8 +70,16 @@ def test_synthetic_set_is_seeded_and_labelled(tmp_path):
     read = lambda d: np.asarray(Image.open(tmp_path / d / "lr" / "scene.png"))  # noqa: E731
     assert read("a").shape == (128, 128, 3) and np.asarray(Image.open(tmp_path / "a" / "hr" / "scene.png")).shape[0] == 512
     assert np.array_equal(read("a"), read("b")) and not np.array_equal(read("a"), read("c"))
-    labels = json.loads((tmp_path / "a" / "lr" / "scene.json").read_text())["labels"]
-    assert len(labels) == 5
+    side = json.loads((tmp_path / "a" / "lr" / "scene.json").read_text())
+    # the recorded seed re-draws this very LR from the saved HR, and the labels are that draw's
+    from vlcot.degradation import degrade, label_degradation
+
+    hr = np.asarray(Image.open(tmp_path / "a" / "hr" / "scene.png"))
+    lr, params = degrade(hr, (128, 128), cfg, side["seed"])
+    assert np.array_equal(lr, read("a"))
+    assert side["labels"] == label_degradation(params, cfg.thresholds)
+    labels_c = json.loads((tmp_path / "c" / "lr" / "scene.json").read_text())
+    assert labels_c["seed"] != side["seed"]
 
 
 def test_cli_prepare_eval_then_eval_reads_the_layout(tmp_path, capsys):
