@@ -80,7 +80,7 @@ def test_infer_resize_mode_and_tile_cap(run_dir, tmp_path):
         assert main(["infer", "--checkpoint", str(run_dir / "policy"), "--image", str(big), "--out", str(out),
                      "--no-progress", f"infer.mode={mode}", *extra, *FAST]) == 0
         rec = json.loads((out / "cot" / "big.json").read_text())
-        assert len(rec["tiles"]) <= tiles
+        assert len(rec["tiles"]) == tiles  # resize: one; tile: the cap's 2 (a 2x1 grid), not 12, not 0
         if mode == "resize":
             assert Image.open(out / "final" / "big.png").size == (1200, 800) and rec["prescale"] == 1.0
         else:  # 300x200 needs 12 tiles: downscaled first until 2 fit, and said so
