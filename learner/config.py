@@ -63,6 +63,9 @@ class LearnerConfig:
     lr: float = 2e-6
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
+    # adamw (released) | sgd (plain, no momentum: the update is the gradient itself, so a wrongly
+    # scaled loss or gradient shows, where Adam's normalisation hides it)
+    optimizer: str = "adamw"
     grad_clip: float = 1.0
     micro_batch_size: int = 2  # samples per forward/backward on one rank
     gradient_checkpointing: bool = False
@@ -98,6 +101,8 @@ def problems(cfg: LearnerConfig, prefix: str = "learner") -> List[Tuple[str, str
         out.append((f"{prefix}.grpo.normalise", f"{g.normalise!r} not in {list(NORMALISE_MODES)}"))
     if g.recompute_old_logp not in ("auto", "always", "never"):
         out.append((f"{prefix}.grpo.recompute_old_logp", f"{g.recompute_old_logp!r} not in ['auto', 'always', 'never']"))
+    if cfg.optimizer not in ("adamw", "sgd"):
+        out.append((f"{prefix}.optimizer", f"{cfg.optimizer!r} not in ['adamw', 'sgd']"))
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         out.append((f"{prefix}.dtype", f"{cfg.dtype!r} not in ['auto', 'float32', 'bfloat16']"))
     if cfg.grad_accum_dtype not in ("auto", "fp32", "bf16"):

@@ -27,7 +27,7 @@ from cluster.nodes import role_device
 from learner.config import LearnerConfig
 from learner.grpo import AGGREGATIONS, POLICY_LOSSES, aggregate, kl_penalty, token_type_weights, truncated_is_weights
 from learner.logprobs import sequence_logprobs, use_chunked_head
-from learner.zero3 import ZeroTrace
+from learner.zero3 import ZeroTrace, begin_forward
 
 STATE_FILE = "learner_state.json"
 DS_TAG = "state"  # DeepSpeed keeps its own "latest" pointer file beside the tag folder
@@ -122,7 +122,10 @@ class LearnerEngine:
         if c.zero_stage == 3:
             conf["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False,
                                               "stage3_param_persistence_threshold": 0})
-        if with_optimizer:
+        if with_optimizer and c.optimizer == "sgd":  # DeepSpeed builds torch.optim.SGD by name
+            conf["optimizer"] = {"type": "SGD", "params": {"lr": c.lr, "weight_decay": c.weight_decay}}
+            conf["zero_allow_untested_optimizer"] = True  # plain SGD keeps no state for ZeRO to shard
+        elif with_optimizer:
             conf["optimizer"] = {"type": "AdamW", "params": {"lr": c.lr, "betas": list(c.betas), "eps": 1e-8,
                                                              "weight_decay": c.weight_decay, "torch_adam": True}}
         return conf
@@ -246,6 +249,7 @@ class LearnerEngine:
         micro = self._micro_batches(idx)
         for k, midx in enumerate(micro):
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+            begin_forward(self.engine)  # the engine's own forward is bypassed: its bookkeeping is not
             mb, start = self._trim(batch, midx)
             logp, ent = self._logp(self.engine.module, mb, start, self.cfg.log_entropy)
             sl = slice(start, start + logp.shape[1])
@@ -290,6 +294,7 @@ class LearnerEngine:
         total = 0.0
         for k, midx in enumerate(micro):
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+            begin_forward(self.engine)
             mb, start = self._trim(batch, midx)
             logp, _ = self._logp(self.engine.module, mb, start, False)
             mask = self._tensor(mb["loss_mask"][:, start:start + logp.shape[1]], torch.float32)

@@ -26,6 +26,22 @@ from __future__ import annotations
 from typing import Any, Optional
 
 
+def begin_forward(ds_engine: Any) -> None:
+    """What `DeepSpeedEngine.forward` does first and the learner's own passes (which never call
+    it) would skip: a ZeRO optimizer's `clear_backward_seen_flag()`. Under ZeRO-3 that call is
+    also where the micro-step counter advances after a backward (`stage3.py`,
+    `clear_backward_seen_flag`), and the counter decides whether a micro-batch's gradient
+    partitions are copied (micro step 0) or added to what earlier micro-batches left
+    (`partition_grads`). Skipped, every micro-batch of an optimizer step replaced the gradient
+    of the one before, and a step trained on its last micro-batch only. Call it before each
+    training micro-batch's forward."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    opt = getattr(ds_engine, "optimizer", None)
+    if isinstance(opt, ZeROOptimizer):
+        opt.clear_backward_seen_flag()
+
+
 def coordinator_of(ds_engine: Any):
     """The ZeRO-3 parameter coordinator of a DeepSpeed engine (with or without an optimizer),
     None below stage 3."""
