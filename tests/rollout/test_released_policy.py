@@ -109,9 +109,9 @@ def test_sft_in_the_released_format_then_generation_stops_at_8710_and_a_grpo_ste
         # the receiver held at most two buckets at once (measured through the buckets' storage
         # use counts while vLLM loaded them), far below the model's size
         assert sent["sync/buckets"] >= 4
-        assert got["peak_live_buckets"] <= 2, got
+        assert 1 <= got["peak_live_buckets"] <= 2, got  # measured (-1 would mean "unknown")
         biggest = 73728 * 64 * 4  # embed_tokens / lm_head in fp32 get a bucket each
-        assert got["peak_live_bytes"] <= 2 * biggest < sent["sync/bytes"]
+        assert biggest <= got["peak_live_bytes"] <= 2 * biggest < sent["sync/bytes"]
 
         out = ray.get(vllm.generate.remote([prompt], 1, 0, True))[0][0]
         assert out.finish_reason == "stop" and out.token_ids[-1] == END, out.token_ids
