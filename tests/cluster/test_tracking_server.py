@@ -4,10 +4,6 @@ everything read back through MlflowClient. Issue 27."""
 
 import http.server
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,63 +13,13 @@ from mlflow.tracking import MlflowClient
 
 from cluster.tracking import Tracker, lost_line, open_run_tracker
 from cluster.tracking_buffer import Outbox
+from tests.mlflow_server import free_port
 from vlcot.errors import UserError
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m mlflow server` in its own process group; stop() and start() keep port and stores."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.dest = root / "artifacts"
-        self.proc = None
-
-    def start(self, wait_s: float = 60) -> None:
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'db.sqlite'}",
-               "--artifacts-destination", str(self.dest), "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1"]
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        with open(self.root / "server.log", "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.time() + wait_s
-        while time.time() < deadline:
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError(f"mlflow server not up in {wait_s}s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the group this test started: uvicorn and its worker
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("mlflow_server"))
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(autouse=True)
-def no_env_uri(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+@pytest.fixture
+def server(mlflow_server):
+    return mlflow_server
 
 
 def stored(root: Path, name: str):
@@ -158,41 +104,32 @@ def test_a_server_that_does_not_answer_is_refused_at_start(tmp_path, capsys):
 
 
 def test_outage_values_wait_then_arrive_or_are_dropped_and_counted(server, tmp_path):
-    """The server stops mid-run: logging neither raises nor stalls; the values and an artifact
-    wait and reach the server (original steps) when it is back on the same port; values that
-    waited longer than buffer_s are dropped and counted."""
-    (tmp_path / "curve.png").write_bytes(b"png")
+    """The server stops mid-run: logging neither raises nor stalls; what waited longer than
+    buffer_s is dropped and counted; the rest (with its own steps) and an artifact reach the
+    server when it is back on the same port."""
+    (tmp_path / "old.png").write_bytes(b"png")
+    (tmp_path / "new.png").write_bytes(b"png")
     tr = Tracker(server.url, "outage", "o", str(tmp_path), required=True, buffer_s=60)
     tr.metrics({"m": 1.0, "n": 1.0}, step=1)
     server.stop()
     t0 = time.perf_counter()
     tr.metrics({"m": 2.0, "n": 2.0}, step=2)
-    tr.artifact(str(tmp_path / "curve.png"))
+    tr.artifact(str(tmp_path / "old.png"))
     tr.metrics({"m": 3.0, "n": 3.0}, step=3)
     assert time.perf_counter() - t0 < 8 and len(tr.outbox) == 3 and tr.outages == 1
     now = [time.monotonic()]
     tr.outbox.clock = lambda: now[0]
-    now[0] += 61  # steps 2 and 3 and the artifact have waited too long ...
-    tr.metrics({"m": 4.0, "n": 4.0}, step=4)  # ... step 4 has not
+    now[0] += 61  # steps 2 and 3 and old.png have waited too long ...
+    tr.metrics({"m": 4.0, "n": 4.0}, step=4)  # ... step 4 and new.png have not
+    tr.artifact(str(tmp_path / "new.png"))
     assert tr.report()["dropped_metric_values"] == 4 and tr.report()["dropped_artifacts"] == 1
     server.start()
-    assert tr.flush() and len(tr.outbox) == 0
-    tr.close()
+    tr.close()  # sends what waits, then ends the run
     client = MlflowClient(server.url)
     assert {m.step: m.value for m in client.get_metric_history(tr.run_id, "m")} == {1: 1.0, 4: 4.0}
+    assert [a.path for a in client.list_artifacts(tr.run_id)] == ["new.png"]
+    assert client.get_run(tr.run_id).info.status == "FINISHED" and tr.outages == 1
     assert lost_line(tr.report()) == "; MLflow lost 4 metric values and 1 artifacts (1 outages)"
-
-    # the same with nothing expired: every value and the artifact arrive
-    tr = Tracker(server.url, "outage", "p", str(tmp_path), required=True, buffer_s=600)
-    server.stop()
-    for step in (1, 2):
-        tr.metrics({"m": float(step)}, step=step)
-    tr.artifact(str(tmp_path / "curve.png"))
-    server.start()
-    tr.close()
-    assert sorted(m.step for m in client.get_metric_history(tr.run_id, "m")) == [1, 2]
-    assert [a.path for a in client.list_artifacts(tr.run_id)] == ["curve.png"]
-    assert tr.report()["dropped_metric_values"] == 0 and client.get_run(tr.run_id).info.status == "FINISHED"
 
 
 def test_outbox_bounds_and_refused_requests():
@@ -240,3 +177,4 @@ def test_resume_continues_the_same_run_on_the_server(server, tmp_path, capsys):
     other = open_run_tracker(cfg, tmp_path, resume=True)
     assert other.enabled and other.run_id != "0" * 32 and not other.resumed
     other.close()
+
