@@ -178,3 +178,14 @@ def test_resume_continues_the_same_run_on_the_server(server, tmp_path, capsys):
     assert other.enabled and other.run_id != "0" * 32 and not other.resumed
     other.close()
 
+
+
+def test_tracking_settings_are_validated():
+    from cluster.config import ConfigError, load_config
+
+    assert load_config().tracking.required is True  # a run is tracked unless the user says otherwise
+    for bad, key in (("tracking.uri=http://:5000", "tracking.uri"), ("tracking.timeout_s=0", "tracking.timeout_s"),
+                     ("tracking.buffer_s=-1", "tracking.buffer_s"),
+                     ("tracking.system_metrics_every_s=0", "tracking.system_metrics_every_s")):
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            load_config(overrides=[bad])
