@@ -15,8 +15,8 @@ URI: `tracking.uri`, else MLFLOW_TRACKING_URI, else a sqlite store in the run di
   once the server answers again; what waited longer than `tracking.buffer_s` (or beyond
   `tracking.buffer_values`) is dropped and counted in the run's summary. Each request to a
   server gets `tracking.timeout_s` and one retry (MLflow's own default retries for minutes),
-  and a failed server is tried again at most every RETRY_S seconds, so a GRPO step is not
-  held up for long.
+  and a failed server is asked again after RETRY_S seconds, doubling up to RETRY_MAX_S while
+  it stays away, so a GRPO step is not held up for long.
 - System metrics (CPU, memory, disk, network; GPU when pynvml is installed) come from MLflow's
   own `SystemMetricsMonitor` (what `log_system_metrics=True` starts), `tracking.system_metrics`.
 
@@ -38,7 +38,7 @@ from cluster.tracking_buffer import Outbox
 from vlcot.errors import UserError
 
 log = logging.getLogger(__name__)
-RETRY_S = 5.0  # a server that failed is asked again after this long (or at an explicit flush)
+RETRY_S, RETRY_MAX_S = 5.0, 60.0  # a failed server is asked again after 5 s, 10 s, ... 60 s (or at a flush)
 SERVER_SCHEMES = ("http://", "https://", "databricks")
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
@@ -108,6 +108,7 @@ class Tracker:
         self.outages = 0  # times the server stopped answering during the run
         self._down_since: Optional[float] = None
         self._next_try = 0.0
+        self._retry_s = RETRY_S
         self._saved_env: Dict[str, Optional[str]] = {}
         if self.server:
             self._short_requests()
@@ -117,8 +118,6 @@ class Tracker:
             self.client = MlflowClient(self.uri)
             self.experiment_id = self._experiment(experiment, run_dir)
             self.run_id = self._start(resume_run_id, run_name, required)
-            if system_metrics:
-                self._start_monitor(self.resumed, system_metrics_every_s)
         except UserError:
             self._restore_env()
             raise
@@ -128,6 +127,8 @@ class Tracker:
                 raise UserError(f"MLflow tracking at {self.uri} is not usable ({reason(exc, timeout_s)}): start the "
                                 "server or fix tracking.uri, or set tracking.required=false to train without it") from None
             self._off(exc)
+        if system_metrics and self.enabled:
+            self._start_monitor(self.resumed, system_metrics_every_s)
 
     # ---- start-up ------------------------------------------------------------------------------
     def _short_requests(self) -> None:
@@ -175,12 +176,16 @@ class Tracker:
         return self.client.create_run(self.experiment_id, run_name=run_name or None, tags=resolve_tags()).info.run_id
 
     def _start_monitor(self, resumed: bool, every_s: float) -> None:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
         self._monitor_every_s = every_s
-        self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every_s, resume_logging=resumed,
-                                            tracking_uri=self.uri)
-        self.monitor.start()
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every_s, resume_logging=resumed,
+                                                tracking_uri=self.uri)
+            self.monitor.start()
+        except Exception as exc:  # e.g. psutil missing: the run is tracked, without system metrics
+            print(f"warning: no MLflow system metrics ({type(exc).__name__}: {exc})")
+            self.monitor = None
 
     def _off(self, exc: Exception) -> None:
         log.warning("MLflow tracking at %s is unavailable (%s: %s); training continues without it",
@@ -230,7 +235,7 @@ class Tracker:
 
     def flush(self, force: bool = True) -> bool:
         """Send what waits, oldest first. Returns True when nothing waits any more. Without
-        `force`, a server that failed is not asked again before RETRY_S has passed."""
+        `force`, a server that failed is not asked again before its retry time."""
         if not self.enabled:
             return True
         self.outbox.expire()
@@ -256,7 +261,8 @@ class Tracker:
         return True
 
     def _down(self, exc: Exception) -> None:
-        self._next_try = time.monotonic() + RETRY_S
+        self._next_try = time.monotonic() + self._retry_s
+        self._retry_s = min(RETRY_MAX_S, 2 * self._retry_s)  # a server that hangs costs a step less and less often
         if self._down_since is None:
             self._down_since = time.monotonic()
             self.outages += 1
@@ -267,7 +273,7 @@ class Tracker:
         if self._down_since is not None:
             print(f"MLflow tracking at {self.uri} answering again after {time.monotonic() - self._down_since:.0f}s; "
                   f"values waiting were sent, {self.outbox.dropped_values} dropped so far")
-            self._down_since = None
+            self._down_since, self._retry_s = None, RETRY_S
             thread = getattr(self.monitor, "_process", None)
             if self.monitor is not None and (thread is None or not thread.is_alive()):
                 self._start_monitor(True, self._monitor_every_s)  # MLflow's monitor stops at its first failure

@@ -4,6 +4,7 @@ everything read back through MlflowClient. Issue 27."""
 
 import http.server
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -90,6 +91,15 @@ def test_a_server_that_does_not_answer_is_refused_at_start(tmp_path, capsys):
             Tracker(refusing, "x", "", str(tmp_path), required=True)
     finally:
         httpd.shutdown()
+
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        hung = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        t0 = time.perf_counter()
+        with pytest.raises(UserError, match=f"MLflow tracking at {hung} is not usable \\(no answer within 1s\\)"):
+            Tracker(hung, "x", "", str(tmp_path), required=True, timeout_s=1)
+        assert time.perf_counter() - t0 < 10
 
     off = Tracker(closed, "x", "", str(tmp_path), required=False)
     assert not off.enabled and "training continues untracked" in capsys.readouterr().out
