@@ -134,6 +134,10 @@ class Tracker:
     def _short_requests(self) -> None:
         """Each request to the server gets timeout_s and one retry, unless the user set
         MLflow's variables; restored at close."""
+        # urllib3 logs each retry as a multi-line warning; the tracker says it in one line itself
+        self._quieted = logging.getLogger("urllib3.connectionpool")
+        self._quieted_level = self._quieted.level
+        self._quieted.setLevel(logging.ERROR)
         wanted = {**HTTP_ENV, "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(self.timeout_s)))}
         for key, value in wanted.items():
             if key not in os.environ:
@@ -144,6 +148,9 @@ class Tracker:
         for key in self._saved_env:
             os.environ.pop(key, None)
         self._saved_env = {}
+        if getattr(self, "_quieted", None) is not None:
+            self._quieted.setLevel(self._quieted_level)
+            self._quieted = None
 
     def _experiment(self, name: str, run_dir: str) -> str:
         exp = self.client.get_experiment_by_name(name)

@@ -69,7 +69,7 @@ class Refuser(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_server_that_does_not_answer_is_refused_at_start(tmp_path, capsys):
+def test_a_server_that_does_not_answer_is_refused_at_start(tmp_path, capsys, caplog):
     """Unreachable or refusing: a UserError naming the URI within seconds (the CLI's train
     refuses before Ray starts, exit 2, one line); required=false: a warning, untracked."""
     import ray
@@ -111,6 +111,7 @@ def test_a_server_that_does_not_answer_is_refused_at_start(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("realsr-r1 train: MLflow tracking at " + closed)
     assert "Traceback" not in err[0] and time.perf_counter() - t0 < 15 and not ray.is_initialized()
+    assert not [r for r in caplog.records if r.name.startswith("urllib3")]  # its multi-line retry warnings
 
 
 def test_outage_values_wait_then_arrive_or_are_dropped_and_counted(server, tmp_path):
