@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cluster.tracking import problems as tracking_problems
 from evaluation.config import EvalConfig, InferConfig
 from evaluation.config import problems as evaluation_problems
 from learner.advantages import ADVANTAGE_ESTIMATORS
@@ -25,7 +26,6 @@ from learner.schedule import problems as schedule_problems
 from rewards.config import RewardsConfig
 from rollout.config import RolloutConfig
 from rollout.config import problems as rollout_problems
-from cluster.tracking import problems as tracking_problems
 from rewards.config import problems as reward_problems
 from vlcot.config import (LABEL_MEASURES, AnnotateConfig, DataConfig, DegradationConfig, ImageConfig, OrderConfig,
                           PolicyConfig, VQConfig, VQTrainConfig, annotate_problems, architecture_problem,

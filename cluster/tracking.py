@@ -326,10 +326,12 @@ def lost_line(report: Optional[Dict[str, Any]]) -> str:
 def open_run_tracker(cfg, run_dir: Path, resume: bool) -> Tracker:
     """The training run's tracker, opened before any actor starts (a required server that does
     not answer refuses the run here); on --resume, the run of the newest checkpoint."""
-    from cluster.run_state import DriverState, latest_checkpoint
+    from cluster.run_state import CKPT_DIR, DriverState, latest_checkpoint
 
     t = cfg.tracking
     ckpt = latest_checkpoint(str(run_dir)) if resume else None
+    if resume and ckpt is None:  # before a run is made on the store for nothing
+        raise UserError(f"--resume: no checkpoint under {Path(run_dir) / CKPT_DIR} (train without --resume to start)")
     run_id = DriverState.read(ckpt).mlflow_run_id if ckpt is not None else None
     tracker = Tracker(t.uri, t.experiment, t.run_name, str(run_dir), run_id, required=t.required, buffer_s=t.buffer_s,
                       buffer_values=t.buffer_values, timeout_s=t.timeout_s, system_metrics=t.system_metrics,

@@ -167,6 +167,8 @@ def test_resume_continues_the_same_run_on_the_server(server, tmp_path, capsys):
 
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"tracking.uri={server.url}", "tracking.experiment=resume",
                                  "tracking.system_metrics=false"])
+    with pytest.raises(UserError, match=f"--resume: no checkpoint under {tmp_path / CKPT_DIR}"):
+        open_run_tracker(cfg, tmp_path, resume=True)
     first = open_run_tracker(cfg, tmp_path, resume=False)
     first.metrics({"m": 1.0}, step=1)
     first.close("FAILED")  # the driver died
