@@ -71,9 +71,12 @@ def is_server(uri: str) -> bool:
 
 def passing(exc: BaseException) -> bool:
     """A failure that may pass (no answer, a timeout, a 5xx or 429), as opposed to the server
-    answering that the request itself is wrong (any other 4xx)."""
+    answering that the request itself is wrong (any other 4xx) or a local file that is not
+    there or not readable (retrying would hold up everything behind it)."""
     from mlflow.exceptions import MlflowException
 
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return False
     if isinstance(exc, MlflowException):
         code = exc.get_http_status_code()
         return code >= 500 or code == 429

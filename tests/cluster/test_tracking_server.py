@@ -27,7 +27,7 @@ def stored(root: Path, name: str):
     return sorted(p for p in root.rglob(name) if p.is_file())
 
 
-def test_artifacts_go_where_the_server_says(server, tmp_path, monkeypatch):
+def test_artifacts_go_where_the_server_says(server, tmp_path):
     """A server's artifacts land in its artifact store (not in run_dir/mlartifacts); an
     existing experiment keeps its own location; system metrics arrive; a local store keeps
     its artifacts under run_dir."""
@@ -36,6 +36,9 @@ def test_artifacts_go_where_the_server_says(server, tmp_path, monkeypatch):
                  system_metrics_every_s=0.5)
     tr.metrics({"reward/total/mean": 0.5}, step=1)
     tr.artifact(str(tmp_path / "grid.png"), "grids")
+    tr.artifact(str(tmp_path / "missing.png"))  # dropped and counted; holds nothing up
+    tr.metrics({"reward/total/mean": 0.75}, step=2)
+    assert not tr.outbox and tr.outages == 0 and tr.report()["dropped_artifacts"] == 1
     time.sleep(1.2)  # a system-metrics sample or two
     tr.close()
     client = MlflowClient(server.url)
@@ -44,7 +47,7 @@ def test_artifacts_go_where_the_server_says(server, tmp_path, monkeypatch):
     assert [p.parent.name for p in stored(server.dest, "grid.png")] == ["grids"]
     assert not (tmp_path / "run" / "mlartifacts").exists()
     run = client.get_run(tr.run_id)
-    assert run.info.status == "FINISHED" and run.data.metrics["reward/total/mean"] == 0.5
+    assert run.info.status == "FINISHED" and run.data.metrics["reward/total/mean"] == 0.75
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
 
     elsewhere = tmp_path / "team_store"
