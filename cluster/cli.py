@@ -239,12 +239,14 @@ def _main(argv: Optional[List[str]]) -> int:
         return 0
     if args.command == "train":
         from cluster.driver import GRPOTrainer
+        from cluster.tracking import lost_line
 
         summary = GRPOTrainer(cfg, resume=args.resume, progress=not args.no_progress).run()
         first, last = (f"{v:.3f}" if v is not None else "-" for v in (summary["first_20pct_mean"],
                                                                      summary["last_20pct_mean"]))
         print(f"train: {summary['steps']} GRPO steps, total reward first 20% {first} -> last 20% {last}, "
-              f"{summary['wall_s']:.0f}s; MLflow {summary['mlflow_uri']} run {summary['mlflow_run_id']}")
+              f"{summary['wall_s']:.0f}s; MLflow {summary['mlflow_uri']} run {summary['mlflow_run_id']}"
+              + lost_line(summary.get("tracking")))
         return 0
     if args.command == "submit":
         from cluster.submit import build_submit_command, run_submit

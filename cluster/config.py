@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cluster.tracking import problems as tracking_problems
 from evaluation.config import EvalConfig, InferConfig
 from evaluation.config import problems as evaluation_problems
 from learner.advantages import ADVANTAGE_ESTIMATORS
@@ -85,9 +86,19 @@ class TrainerConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
+    """MLflow (cluster/tracking.py; docs/cluster.md "Tracking")."""
+
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db; a server: http://HOST:PORT
     experiment: str = "realsr-r1"
     run_name: str = ""
+    # a store that cannot be reached at start-up refuses the run (before any actor starts);
+    # false: a warning, and the run trains untracked
+    required: bool = True
+    buffer_s: float = 900.0  # metrics/artifacts a server could not take wait this long, then are dropped (counted)
+    buffer_values: int = 200000  # and at most this many metric values wait (the oldest are dropped first)
+    timeout_s: float = 10.0  # per request to a tracking server (one retry); MLFLOW_HTTP_REQUEST_TIMEOUT wins when set
+    system_metrics: bool = True  # CPU, memory, disk, network, GPU (with pynvml) as MLflow's log_system_metrics
+    system_metrics_every_s: float = 10.0
 
 
 @dataclass
@@ -436,6 +447,8 @@ def validate(cfg: Config) -> None:
         _fail("trainer.prompts_per_step", f"prompts_per_step x rollout.group_size = "
               f"{t.prompts_per_step * cfg.rollout.group_size} samples must divide over learner.num_workers "
               f"{cfg.learner.num_workers}")
+    for key, msg in tracking_problems(cfg.tracking):
+        _fail(key, msg)
     if cfg.envs.iqa_python != "auto" and not Path(cfg.envs.iqa_python).is_file():
         _fail("envs.iqa_python", f"not an interpreter path: {cfg.envs.iqa_python} (or use 'auto')")
     _warn_kv_budget(cfg)  # a warning, not an error: the run still works

@@ -34,7 +34,7 @@ from cluster.reward_pool import RewardPool
 from cluster.rollout_pool import RolloutBatch, RolloutPool
 from cluster.run_state import CKPT_DIR, DataCursor, DriverState, latest_checkpoint, prune_checkpoints
 from cluster.step_data import ScoredSample, StepResult
-from cluster.tracking import Tracker
+from cluster.tracking import open_run_tracker
 from cluster.weight_sync import WEIGHT_SYNCS, sync_living_workers
 from learner.batch import pack_grpo
 from learner.advantages import batch_advantages
@@ -255,7 +255,7 @@ class GRPOTrainer:
         lc = self.cfg.learner
         return {"lr": lc.lr, "steps": self.cfg.trainer.steps, **dataclasses.asdict(lc.schedule)}
 
-    def _load(self) -> Tuple[int, int, Optional[str]]:
+    def _load(self) -> Tuple[int, int]:
         ckpt = latest_checkpoint(str(self.run_dir))
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / CKPT_DIR}")
@@ -269,29 +269,25 @@ class GRPOTrainer:
             log.warning("the learning-rate schedule differs from the checkpoint's (%s, now %s): steps after %d "
                         "follow the new one", state.lr_schedule, now, state.step)
         print(f"resumed from {ckpt}: step {state.step}, policy version {state.version}")
-        return state.step, state.version, state.mlflow_run_id
+        return state.step, state.version
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
         from tqdm import tqdm
 
         cfg, t_run = self.cfg, time.perf_counter()
-        self._prepare()
-        self._start_actors()
+        # a required tracking server that does not answer refuses the run before anything starts
+        self.tracker, ended = open_run_tracker(cfg, self.run_dir, self.resume), "FAILED"
         self.reward_history: List[float] = []
         self.component_history: Dict[str, List[float]] = {}
-        start, version, run_id = 0, 0, None
-        if self.resume:
-            start, version, run_id = self._load()
-        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name, str(self.run_dir), run_id)
-        if self.tracker.enabled:
-            print(f"MLflow: {self.tracker.uri} experiment {cfg.tracking.experiment!r} run {self.tracker.run_id}"
-                  f" (view: mlflow ui --backend-store-uri {self.tracker.uri})")
-        if run_id is None:
-            self.tracker.params(flatten(cfg))
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-            self.tracker.artifact(str(self.run_dir / "config.yaml"))
         try:
+            self._prepare()
+            self._start_actors()
+            start, version = self._load() if self.resume else (0, 0)
+            if not self.tracker.resumed:
+                self.tracker.params(flatten(cfg))
+                (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+                self.tracker.artifact(str(self.run_dir / "config.yaml"))
             self.sft_ran = cfg.trainer.sft and cfg.learner.sft.steps > 0
             if self.sft_ran:
                 if not self.resume:
@@ -317,8 +313,9 @@ class GRPOTrainer:
             self.final_state = self._final_state(version)
             self.heldout_report = self._heldout_end(version)
             self.learning = report_learning(self.reward_history, self.component_history, self.run_dir, self.tracker)
+            ended = "FINISHED"
         finally:
-            self.tracker.close()
+            self.tracker.close(ended)
             self.shutdown()
         summary = {**self._summary(time.perf_counter() - t_run), **self.final_state, "learning": self.learning,
                    "heldout": self.heldout_report}
@@ -423,7 +420,7 @@ class GRPOTrainer:
         k = max(1, len(h) // 5)
         return {"steps": len(h), "reward_history": h, "first_20pct_mean": float(np.mean(h[:k])) if h else None,
                 "last_20pct_mean": float(np.mean(h[-k:])) if h else None, "wall_s": wall_s,
-                "mlflow_uri": self.tracker.uri, "mlflow_run_id": self.tracker.run_id}
+                "mlflow_uri": self.tracker.uri, "mlflow_run_id": self.tracker.run_id, "tracking": self.tracker.report()}
 
     def shutdown(self) -> None:
         if getattr(self, "weight_sync", None) is not None:

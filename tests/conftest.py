@@ -51,3 +51,22 @@ def ray_local():
 def policy_dir(tiny_policy, tmp_path_factory):
     """The tiny policy saved in HF layout, as actors load it."""
     return str(tiny_policy.save(tmp_path_factory.mktemp("policy") / "p"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_once(tmp_path_factory):
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_server_once):
+    """One real `mlflow server` for the session (tests/mlflow_server.py), up when a test starts
+    (an outage test that failed midway may have left it stopped)."""
+    if not mlflow_server_once.up():
+        mlflow_server_once.start()
+    return mlflow_server_once

@@ -16,6 +16,7 @@ from cluster.cli import main as cli_main
 from cluster.config import load_config
 from cluster.driver import GRPOTrainer, latest_checkpoint
 from cluster.heldout_eval import majority_accuracy
+from cluster.run_state import DriverState
 from cluster.metrics import reward_metric_names
 from learner.schedule import lr_at
 from vlcot.data import read_manifest
@@ -175,13 +176,15 @@ def test_killed_rollout_worker_and_reward_actor_do_not_lose_samples(tmp_path):
     assert run.data.metrics["rewards/actor_restarts"] >= 1.0
 
 
-def test_resume_after_the_driver_is_killed(tmp_path):
+def test_resume_after_the_driver_is_killed(tmp_path, mlflow_server, capsys):
+    """Killed after a checkpoint, resumed: the same run on a real tracking server, which
+    itself goes away during the first resumed step and comes back (issue 27)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     args = [sys.executable, "-m", "cluster.cli", "train", "--no-progress", f"run_dir={tmp_path}",
             f"data.output_dir={tmp_path / 'data'}", "trainer.steps=3", "trainer.prompts_per_step=2",
             "rollout.group_size=2", "trainer.sft=false", "trainer.checkpoint_every=1", "rollout.sampling.text_budget=64",
             "learner.schedule.name=linear", "learner.schedule.final_ratio=0.25", "learner.schedule.warmup_steps=1",
-            "data.heldout_per_image=1"]
+            "data.heldout_per_image=1", f"tracking.uri={mlflow_server.url}", "tracking.experiment=resume"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
     while time.time() < deadline and latest_checkpoint(str(tmp_path)) is None:
@@ -193,7 +196,15 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     done = int(ckpt.name.split("_")[1])
     assert 1 <= done < 3
     cfg = load_config(overrides=args[5:])
-    summary = GRPOTrainer(cfg, resume=True, progress=False).run()
+    killed_run = DriverState.read(ckpt).mlflow_run_id
+
+    def outage(event, step, trainer):
+        if event == "dispatched" and step == done + 1:
+            mlflow_server.stop()
+        if event == "step_end" and step == done + 1:
+            mlflow_server.start()
+
+    summary = GRPOTrainer(cfg, resume=True, progress=False, callbacks=[outage]).run()
     assert summary["steps"] == 3  # history restored from the checkpoint + the remaining steps
     assert summary["learning"]["steps"] == 3  # the per-component curves too (the plot has every step)
     held = summary["heldout"]  # the start column was measured by the killed run, before its first step
@@ -206,6 +217,16 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert {s: lrs[s] for s in range(1, 4)} == pytest.approx({s: lr_at(s, cfg.learner.schedule, 3, cfg.learner.lr)
                                                               for s in range(1, 4)})
     assert lrs[1] < lrs[2] and lrs[3] < lrs[2]  # warmup, then decay
+    # the killed run's MLflow run, on the server, with every reward at every step, nothing lost
+    assert killed_run and run.info.run_id == killed_run and run.info.status == "FINISHED"
+    for name in reward_metric_names(cfg.rewards.weights):
+        assert {m.step for m in client.get_metric_history(run.info.run_id, name)} == {1, 2, 3}, name
+    assert "not answering" in capsys.readouterr().out
+    assert (summary["tracking"]["outages"], summary["tracking"]["dropped_metric_values"]) == (1, 0)
+    listed = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "learning_curve.png", "heldout.md"} <= listed
+    assert all(any((mlflow_server.dest / run.info.experiment_id / run.info.run_id).rglob(p)) for p in listed)
+    assert not (tmp_path / "mlartifacts").exists()
 
 
 def test_invalid_config_fails_before_any_actor(capsys):
