@@ -137,6 +137,11 @@ class RolloutEngine(ABC):
         """Teacher-forced log-probs of tokens 1..L-1 of each sequence."""
 
     @abstractmethod
+    @abstractmethod
+    def checkpoint_view(self) -> Dict[str, torch.Tensor]:
+        """Every parameter of the loaded model under the checkpoint's (HF) names, unfused and
+        unpacked: what a weight sync must have brought to the learner's values."""
+
     def get_parameter(self, name: str) -> Optional[torch.Tensor]:
         """A copy of one parameter by its HF name (None when the engine has no readable tensor
         of that name: vLLM's CPU backend repacks linear weights)."""

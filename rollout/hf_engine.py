@@ -10,7 +10,7 @@ ends inside an image span starts it from that span's tokens).
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -47,6 +47,9 @@ class HFEngine(RolloutEngine):
     def get_parameter(self, name: str) -> Optional[torch.Tensor]:
         p = dict(self.model.named_parameters()).get(name)
         return None if p is None else p.detach().cpu().clone()
+
+    def checkpoint_view(self) -> Dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
 
     @torch.no_grad()
     def prompt_logprobs(self, sequences: List[List[int]]) -> List[List[float]]:

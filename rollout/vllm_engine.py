@@ -83,6 +83,46 @@ class WeightExtension:
         p = params.get(name)
         return None if p is None else p.detach().cpu().clone()
 
+    def realsr_checkpoint_view(self) -> Dict[str, torch.Tensor]:
+        """Every parameter of the loaded model under the checkpoint's (HF) names: the projections
+        vLLM fuses on load (q/k/v into qkv_proj, gate/up into gate_up_proj) are cut back into
+        their parts by the model's own mapping (`hf_to_vllm_mapper.orig_to_new_stacked`), so a
+        check can compare every tensor a weight sync should have written, by name."""
+        model = self.model_runner.get_model()
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        parts: Dict[str, List[Tuple[str, object]]] = {}
+        for hf, (fused, shard) in (getattr(mapper, "orig_to_new_stacked", None) or {}).items():
+            parts.setdefault(fused, []).append((hf, shard))
+        hf_cfg = self.model_runner.model_config.hf_config
+        head = hf_cfg.hidden_size // hf_cfg.num_attention_heads
+        qkv = {"q": hf_cfg.num_attention_heads * head, "k": hf_cfg.num_key_value_heads * head,
+               "v": hf_cfg.num_key_value_heads * head}
+        modules = dict(model.named_modules())
+        out: Dict[str, torch.Tensor] = {}
+        for name, p in model.named_parameters():
+            module, _, leaf = name.rpartition(".")
+            t = p.detach().cpu()
+            if t.numel() == 0 and hasattr(modules.get(module), "cpu_linear"):  # packed for the CPU GEMM
+                t = _unpacked_cpu_weight(modules[module])
+            if module not in parts:
+                out[name] = t.clone()
+                continue
+            pieces = sorted(parts[module], key=lambda hs: "qkv".index(hs[1]) if hs[1] in qkv else int(hs[1]))
+            sizes = [qkv[s] if s in qkv else t.shape[0] // len(pieces) for _, s in pieces]
+            for (hf, _), chunk in zip(pieces, torch.split(t, sizes, dim=0)):
+                out[f"{hf}.{leaf}"] = chunk.clone()
+        return out
+
+
+def _unpacked_cpu_weight(layer) -> torch.Tensor:
+    """The [out, in] weight of a linear layer whose weight vLLM's CPU backend moved into a packed
+    GEMM handle (`dispatch_cpu_unquantized_gemm` leaves an empty parameter and `layer.cpu_linear`):
+    the layer applied to the identity gives W^T exactly (each output is one weight times 1)."""
+    k = int(getattr(layer, "input_size_per_partition", 0) or layer.input_size)
+    with torch.no_grad():
+        eye = torch.eye(k, dtype=layer.weight.dtype, device=layer.weight.device)
+        return layer.cpu_linear(eye, layer.weight, None).t().contiguous().cpu()
+
 
 @dataclass
 class GuidedRequest:
@@ -327,6 +367,9 @@ class VLLMEngine(RolloutEngine):
 
     def get_parameter(self, name: str) -> Optional[torch.Tensor]:
         return self.llm.collective_rpc("realsr_get_parameter", args=(name,))[0]
+
+    def checkpoint_view(self) -> Dict[str, torch.Tensor]:
+        return self.llm.collective_rpc("realsr_checkpoint_view")[0]
 
     def prompt_logprobs(self, sequences: List[List[int]]) -> List[List[float]]:
         """Teacher-forced log-probs of tokens 1..L-1 of each sequence (for checks and the learner's

@@ -103,5 +103,9 @@ class RolloutWorker:
         t = self.engine.get_parameter(name)
         return None if t is None else t.detach().cpu().numpy()
 
+    def checkpoint_view(self) -> Dict[str, Any]:
+        """Every engine parameter under its checkpoint name, as numpy (checks of a weight sync)."""
+        return {n: t.float().numpy() for n, t in self.engine.checkpoint_view().items()}
+
     def prompt_logprobs(self, sequences: List[List[int]]) -> List[List[float]]:
         return self.engine.prompt_logprobs(sequences)
