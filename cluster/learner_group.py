@@ -61,6 +61,14 @@ class LearnerGroup:
     def sft_step(self, batch: Dict[str, np.ndarray]) -> Dict[str, float]:
         return self.group.run("call", "sft_step", shards=self.shard(batch))[0]
 
+    def logprobs(self, batch: Dict[str, np.ndarray]) -> np.ndarray:
+        """The learner's log-probs of every target of `batch` [n, L-1], rows in batch order."""
+        parts = self.group.run("call", "logprobs", shards=self.shard(batch))
+        out = np.zeros(batch["loss_mask"].shape, dtype=np.float32)
+        for r, part in enumerate(parts):
+            out[r::self.world] = part
+        return out
+
     def set_lr(self, lr: float) -> None:
         self._on_all("set_lr", lr)
 

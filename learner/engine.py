@@ -185,6 +185,11 @@ class LearnerEngine:
         return sequence_logprobs(model, ids, am, start, self.cfg.logprob_chunk, 1.0, with_entropy)
 
     # ---- GRPO --------------------------------------------------------------------------------
+    def logprobs(self, batch: Dict[str, np.ndarray]) -> np.ndarray:
+        """This rank's log-probs of every target of `batch` [n, L-1] (0 where unscored), as the
+        loss sees them: what the rollout engine's log-probs of the same tokens must equal."""
+        return self._old_logprobs(batch)
+
     @torch.no_grad()
     def _old_logprobs(self, batch: Dict[str, np.ndarray]) -> np.ndarray:
         out = np.zeros(batch["loss_mask"].shape, dtype=np.float32)

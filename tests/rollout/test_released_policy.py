@@ -17,6 +17,7 @@ from cluster.learner_group import LearnerGroup
 from learner.sft import run_sft
 from rollout.config import RolloutConfig
 from rollout.worker import RolloutWorker
+from tests.cluster.test_weight_sync import assert_every_tensor_synced
 from tests.released_checkpoint import write_released_checkpoint
 from tests.rewards.helpers import make_trace
 from tests.vlcot.test_import_policy import _reference_model
@@ -127,12 +128,22 @@ def test_sft_in_the_released_format_then_generation_stops_at_8710_and_a_grpo_ste
         batch = pack_grpo([prompts["base"]] * 2 + [prompt] * 2, [s.token_ids for s in samples],
                           [1.0, -1.0, 0.5, -0.5], [s.logprobs for s in samples], pad_id=1,
                           image_token_ids=lay.image_span_ids())
+        # the learner scores the sampled tokens as the engines did (same weights, temperature 1,
+        # target j + 1 in column j): a shift by one or a temperature in either fails by far more
+        mask = batch["loss_mask"] > 0
+        np.testing.assert_allclose(group.logprobs(batch)[mask], batch["rollout_logp"][mask], atol=LOGPROB_TOL, rtol=0)
+        hf_samples = [s for g in ray.get(hf.generate.remote([prompt], 2, 5)) for s in g]
+        hf_batch = pack_grpo([prompt] * 2, [s.token_ids for s in hf_samples], [1.0, -1.0],
+                             [s.logprobs for s in hf_samples], pad_id=1, image_token_ids=lay.image_span_ids())
+        hf_mask = hf_batch["loss_mask"] > 0
+        np.testing.assert_allclose(group.logprobs(hf_batch)[hf_mask], hf_batch["rollout_logp"][hf_mask],
+                                   atol=LOGPROB_TOL, rtol=0)
         metrics = group.grpo_step(batch)
         assert np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
+        assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # the first update is on-policy
+        assert metrics["is_weight_mean"] == pytest.approx(1.0, abs=1e-3)  # learner / engine agree
         _broadcast(group, vllm, 2)
-        learned = group.full_state_dict()
-        got_emb = ray.get(vllm.get_parameter.remote("model.embed_tokens.weight"))
-        assert np.array_equal(got_emb, learned["model.embed_tokens.weight"])
+        assert_every_tensor_synced(vllm, group)
         assert ray.get(vllm.generate.remote([prompts["base"]], 1, 0, True))[0][0].version == 2
     finally:
         group.shutdown()
