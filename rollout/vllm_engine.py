@@ -184,8 +184,8 @@ class VLLMEngine(RolloutEngine):
 
         s = self.cfg.sampling
         # Per-request seeds on the CPU backend crash vLLM 0.32 whenever a prefill is chunked
-        # (its CPU generators have no offset to rewind): there, sampling is seeded once per
-        # engine (rollout.seed) instead of per request.
+        # (its CPU generators have no offset to rewind): there, requests carry no seed and vLLM
+        # samples from torch's global generator, which `_generate` reseeds from the call's seed.
         return SamplingParams(
             n=n, temperature=0.0 if greedy else s.temperature, top_p=1.0 if greedy else s.top_p,
             seed=None if self.on_cpu else seed,
@@ -194,6 +194,8 @@ class VLLMEngine(RolloutEngine):
         )
 
     def _generate(self, prompts: List[List[int]], n: int, seed: int, greedy: bool) -> List[List[Sample]]:
+        if self.on_cpu:  # no per-request seeds here: the call's seed sets what the sampler draws, so a
+            torch.manual_seed(seed)  # step's samples depend on its seed, not on every step before (resume)
         from vllm.inputs import TokensPrompt
 
         if self.cfg.sampling.cfg_scale != 1.0:
