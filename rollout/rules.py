@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from rollout.config import SamplingConfig
+from rollout.skeleton import build_skeleton, skeleton_feed, skeleton_next
 from vlcot.trace import IMAGE_STAGE_SCALE, IMAGE_STAGES
 
 NEG = float("-inf")
@@ -76,8 +77,6 @@ class SpanRules:
         t = sampling.temperature
         skeleton = None
         if sampling.skeleton:
-            from rollout.skeleton import build_skeleton
-
             if codec is None:
                 raise ValueError("sampling.skeleton needs the policy's text codec to encode the trace's tags")
             spans = sum((g[0] * layout.patch_px // layout.downsample) * (g[1] * layout.patch_px // layout.downsample + 1)
@@ -174,7 +173,7 @@ class SpanState:
         self.consumed += 1
         if self.mode == "text":
             if rules.skeleton_runs and not self.off:
-                self._skeleton_feed(token, rules.skeleton_runs)
+                skeleton_feed(self, token, rules.skeleton_runs)
             if token == rules.image_start:
                 self.mode, self.span_len = "grid_h", 1
             return
@@ -199,39 +198,10 @@ class SpanState:
             if rules.skeleton_runs:  # the image was stage k's body: run k + 1 follows
                 self.part, self.pos = self.part + 1, 0
 
-    def _skeleton_feed(self, token: int, runs: Tuple[Tuple[int, ...], ...]) -> None:
-        k, body = divmod(self.part, 2)
-        if k >= len(runs) or (body and k + 1 >= len(runs)):
-            return
-        if not body:  # inside forced run k
-            if token != runs[k][self.pos]:
-                self.off = True
-                return
-            self.pos += 1
-        elif token == runs[k + 1][0]:  # the policy closed the text stage itself: the run goes on
-            self.part, self.pos = self.part + 1, 1
-        else:
-            self.pos += 1
-            return
-        if self.pos == len(runs[self.part // 2]):
-            self.part, self.pos = self.part + 1, 0
-
-    def skeleton_next(self, rules: SpanRules) -> Optional[int]:
-        """The token the skeleton forces next in text, or None where the policy writes."""
-        if not rules.skeleton_runs or self.off:
-            return None
-        runs = rules.skeleton_runs
-        k, body = divmod(self.part, 2)
-        if k >= len(runs):
-            return None
-        if not body:
-            return runs[k][self.pos]
-        return runs[k + 1][0] if self.pos >= rules.skeleton_budgets[k] else None
-
     def next_kind(self, rules: SpanRules) -> Tuple[str, Optional[int]]:
         """('text' | 'codes' | 'force', forced token or None)."""
         if self.mode == "text":
-            forced = self.skeleton_next(rules)
+            forced = skeleton_next(self, rules.skeleton_runs, rules.skeleton_budgets)
             return ("text", None) if forced is None else ("force", forced)
         stage = min(self.images, len(rules.stage_grids) - 1)
         if self.mode == "grid_h":

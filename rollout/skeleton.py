@@ -26,7 +26,7 @@ the rest, so the response never exceeds the engine's token limit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from vlcot.trace import IMAGE_STAGES, STAGES
 
@@ -78,3 +78,37 @@ def build_skeleton(codec, layout, text_budget: int) -> Skeleton:
     probe = list(codec.prompt_around([layout.image_start, layout.image_end]))
     prompt_tail = probe[::-1].index(layout.image_end)  # tokens after the (last) image_end
     return Skeleton(runs, budgets, tuple(int(t) for t in tags), prompt_tail)
+
+
+# ---- the skeleton's part of a sequence's span state (rollout.rules.SpanState) ---------------
+# `state.part` 2k = forcing run k, 2k + 1 = stage k's body; `state.pos` = tokens of that run or
+# body so far; `state.off` = the tokens left the skeleton (only the span rules apply then).
+def skeleton_feed(state, token: int, runs: Tuple[Tuple[int, ...], ...]) -> None:
+    """Advance the skeleton over one token written in text."""
+    k, body = divmod(state.part, 2)
+    if k >= len(runs) or (body and k + 1 >= len(runs)):
+        return
+    if not body:  # inside forced run k
+        if token != runs[k][state.pos]:
+            state.off = True
+            return
+        state.pos += 1
+    elif token == runs[k + 1][0]:  # the policy closed the text stage itself: the run goes on
+        state.part, state.pos = state.part + 1, 1
+    else:
+        state.pos += 1
+        return
+    if state.pos == len(runs[state.part // 2]):
+        state.part, state.pos = state.part + 1, 0
+
+
+def skeleton_next(state, runs: Tuple[Tuple[int, ...], ...], budgets: Tuple[int, ...]) -> Optional[int]:
+    """The token the skeleton forces next in text, or None where the policy writes."""
+    if not runs or state.off:
+        return None
+    k, body = divmod(state.part, 2)
+    if k >= len(runs):
+        return None
+    if not body:
+        return runs[k][state.pos]
+    return runs[k + 1][0] if state.pos >= budgets[k] else None
