@@ -1,7 +1,8 @@
 """`realsr-r1` command line.
 
 Every subcommand takes `--config FILE` (default: configs/tiny-cpu.yaml) and `key=value`
-overrides, and validates the whole configuration before doing any work.
+overrides, and validates the whole configuration before doing any work. A mistake in what the
+user gave (vlcot/errors.py `UserError`) is one line on stderr and exit code 2; a traceback is a bug.
 
     realsr-r1 annotate --input DIR [--overwrite]          captions + tags sidecars with local models
     realsr-r1 prepare-data [--config F] [key=value ...]   HQ images -> LR, labels, manifest
@@ -27,7 +28,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from cluster.config import ConfigError, load_config, to_yaml
+from cluster.config import load_config, to_yaml
+from vlcot.errors import UserError, existing_folder, one_line, output_folder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,13 +110,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command. A `UserError` (vlcot/errors.py: a mistake the user can fix) is one line on
     stderr and exit code 2 wherever it is raised; anything else is a bug and keeps its traceback."""
-    from vlcot.errors import UserError
-
     try:
         return _main(argv)
     except UserError as exc:
         command = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), "")
-        print(f"realsr-r1 {command}: {exc}".replace(" :", ":"), file=sys.stderr)
+        print(f"{' '.join(['realsr-r1', command]).strip()}: {one_line(exc)}", file=sys.stderr)
         return 2
 
 
@@ -129,6 +129,7 @@ def _main(argv: Optional[List[str]]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides)
     if getattr(args, "input", None):
+        existing_folder(args.input, "--input", "give a folder of photographs")
         overrides.append(f"data.input_dir={args.input}")
     if args.command == "prepare-data" and args.out:
         overrides.append(f"data.output_dir={args.out}")
@@ -140,18 +141,10 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.command in ("infer", "eval"):
         from cluster.infer_job import pick_config_path, resolve_checkpoints
 
-        try:
-            ckpts = resolve_checkpoints(args.checkpoint if args.command == "eval" else [args.checkpoint], args.vq)
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"realsr-r1: {exc}", file=sys.stderr)
-            return 2
+        ckpts = resolve_checkpoints(args.checkpoint if args.command == "eval" else [args.checkpoint], args.vq)
         if ckpts:
             config_path = pick_config_path(args.config, next(iter(ckpts.values())))
-    try:
-        cfg = load_config(config_path, overrides)
-    except ConfigError as exc:
-        print(f"realsr-r1: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(config_path, overrides)
 
     if args.command == "show-config":
         print(to_yaml(cfg))
@@ -165,42 +158,35 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.command == "annotate":
         from vlcot.annotate import annotate_folder
 
-        try:
-            summary = annotate_folder(Path(args.input), cfg.annotate, cfg.image, cfg.data, cfg.degradation,
-                                      overwrite=args.overwrite, progress=not args.no_progress)
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            print(f"realsr-r1 annotate: {exc}", file=sys.stderr)
-            return 2
+        summary = annotate_folder(Path(args.input), cfg.annotate, cfg.image, cfg.data, cfg.degradation,
+                                  overwrite=args.overwrite, progress=not args.no_progress)
         print(summary.render())
         return 0 if not summary.failed else 1
     if args.command == "prepare-eval":
         from evaluation.eval_sets import paired_set, synthetic_set
 
         if bool(args.paired) == bool(args.synthetic) or (args.paired and "," not in args.paired):
-            print("realsr-r1 prepare-eval: give exactly one of --paired LR_DIR,HR_DIR or --synthetic HR_DIR",
-                  file=sys.stderr)
-            return 2
+            raise UserError("give exactly one of --paired LR_DIR,HR_DIR or --synthetic HR_DIR"
+                            + (f" (--paired {args.paired} names one folder)" if args.paired and not args.synthetic
+                               else ""))
         if args.lr_size < 1 or args.scale < 1:
-            print("realsr-r1 prepare-eval: --lr-size and --scale must be >= 1", file=sys.stderr)
-            return 2
-        try:
-            if args.paired:
-                lr_dir, hr_dir = args.paired.split(",", 1)
-                summary = paired_set(Path(lr_dir), Path(hr_dir), Path(args.out), args.lr_size, args.scale)
-            else:
-                seed = cfg.data.seed if args.seed is None else args.seed
-                summary = synthetic_set(Path(args.synthetic), Path(args.out), cfg.degradation, args.lr_size,
-                                        args.scale, seed)
-        except FileNotFoundError as exc:
-            print(f"realsr-r1 prepare-eval: {exc}", file=sys.stderr)
-            return 2
+            raise UserError(f"--lr-size {args.lr_size} and --scale {args.scale} must be >= 1")
+        output_folder(args.out, "--out")
+        if args.paired:
+            lr_dir, hr_dir = args.paired.split(",", 1)
+            summary = paired_set(Path(lr_dir), Path(hr_dir), Path(args.out), args.lr_size, args.scale)
+        else:
+            seed = cfg.data.seed if args.seed is None else args.seed
+            summary = synthetic_set(Path(args.synthetic), Path(args.out), cfg.degradation, args.lr_size,
+                                    args.scale, seed)
         print(summary.render())
         return 0 if summary.pairs else 1
     if args.command == "init-policy":
         from cluster.jobs import build_initial_policy
         from vlcot.vq import vq_from_config
 
-        out = Path(args.out)
+        out = output_folder(args.out, "--out")
+        vq = vq_from_config(cfg.vq)  # both loaded (or refused) before either is written
         if cfg.policy.checkpoint:  # a copy of the configured checkpoint, as the actors load it
             from vlcot.policy import load_policy
 
@@ -208,30 +194,30 @@ def _main(argv: Optional[List[str]]) -> int:
             print(f"policy -> {out / 'policy'}  (from {cfg.policy.checkpoint})")
         else:
             print(build_initial_policy(cfg, out / "policy"))
-        vq_from_config(cfg.vq).save(out / "vq")
+        vq.save(out / "vq")
         print(f"vq     -> {out / 'vq'}")
         return 0
     if args.command == "train-vq":
         from vlcot.vq_train import train_vq
 
+        output_folder(args.out, "--out", empty=True)  # checked before the minutes of training
         print(train_vq(cfg.vq, cfg.vq_train, args.out).render())
         return 0
     if args.command == "import-policy":
-        from vlcot.importer import ImportRefused, import_policy
+        from vlcot.importer import import_policy
 
-        try:
-            report = import_policy(args.src, args.out, codebook_size=cfg.vq.codebook_size,
-                                   max_grid=cfg.policy.special_tokens.max_grid, patch_px=cfg.image.patch_px,
-                                   tokenizer_file=args.tokenizer, max_shard_bytes=args.shard_mb << 20)
-        except ImportRefused as exc:
-            print(f"realsr-r1 import-policy: refused, nothing written: {exc}", file=sys.stderr)
-            return 2
+        report = import_policy(args.src, args.out, codebook_size=cfg.vq.codebook_size,  # ImportRefused: one line
+                               max_grid=cfg.policy.special_tokens.max_grid, patch_px=cfg.image.patch_px,
+                               tokenizer_file=args.tokenizer, max_shard_bytes=args.shard_mb << 20)
         print(report.render())
         print(f"use it with: policy.checkpoint={args.out} (configs/pure-7b.yaml)")
         return 0
     if args.command == "sft":
         from cluster.jobs import run_sft_job
 
+        output_folder(cfg.run_dir, "run_dir")
+        if args.out:
+            output_folder(args.out, "--out")
         result = run_sft_job(cfg, args.out, progress=not args.no_progress)
         hist = result["history"]
         print(f"sft: {len(hist)} steps, loss {hist[0]['loss/sft']:.4f} -> {hist[-1]['loss/sft']:.4f}; "
@@ -241,6 +227,7 @@ def _main(argv: Optional[List[str]]) -> int:
         from cluster.driver import GRPOTrainer
         from cluster.tracking import lost_line
 
+        output_folder(cfg.run_dir, "run_dir")
         summary = GRPOTrainer(cfg, resume=args.resume, progress=not args.no_progress).run()
         first, last = (f"{v:.3f}" if v is not None else "-" for v in (summary["first_20pct_mean"],
                                                                      summary["last_20pct_mean"]))
@@ -249,13 +236,9 @@ def _main(argv: Optional[List[str]]) -> int:
               + lost_line(summary.get("tracking")))
         return 0
     if args.command == "submit":
-        from cluster.submit import build_submit_command, run_submit
+        from cluster.submit import build_submit_command, run_submit, runtime_env_arg
 
-        try:
-            extra = json.loads(args.runtime_env_json) if args.runtime_env_json else None
-        except json.JSONDecodeError as exc:
-            print(f"--runtime-env-json is not JSON: {exc}", file=sys.stderr)
-            return 2
+        extra = runtime_env_arg(args.runtime_env_json) if args.runtime_env_json else None
         cmd = build_submit_command(cfg, args.config, list(args.overrides), args.address, args.resume, args.python,
                                    extra)
         print(" ".join(cmd))
@@ -263,9 +246,6 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.command == "infer":
         from cluster.infer_job import run_infer_job, summary_line
 
-        if not Path(args.image).exists():
-            print(f"realsr-r1: --image {args.image}: no such file or folder", file=sys.stderr)
-            return 2
         summary = run_infer_job(cfg, next(iter(ckpts.values())), args.image,
                                 args.out or str(Path(cfg.run_dir) / "infer"), progress=not args.no_progress)
         print(summary_line(summary))
@@ -292,27 +272,27 @@ def _main(argv: Optional[List[str]]) -> int:
 def _eval(cfg, args, ckpts) -> int:
     from cluster.eval_job import Column, builtin_set, load_set, run_eval_job
     from cluster.infer_job import named_path
+    from vlcot.errors import BadPath
 
-    try:
-        sets = [load_set(s) for s in args.data] or [builtin_set(cfg)]
-        columns = [Column(n, "checkpoint") for n in ckpts]
-        for spec in args.sr:
-            name, path = named_path(spec, "--sr")
-            if not Path(path).is_dir() or name in [c.name for c in columns]:
-                raise ValueError(f"--sr {spec!r}: expected NAME=DIR with an existing folder and a new name")
-            columns.append(Column(name, "sr", path))
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"realsr-r1: {exc}", file=sys.stderr)
-        return 2
+    if not ckpts and not args.sr:
+        raise UserError("give at least one --checkpoint DIR or --sr NAME=DIR to score")
+    columns = [Column(n, "checkpoint") for n in ckpts]
+    for spec in args.sr:
+        name, path = named_path(spec, "--sr")
+        if not Path(path).is_dir():
+            raise BadPath(f"--sr {spec}: {path} is not a folder: give NAME=DIR, the folder of another method's "
+                          "outputs")
+        if name in [c.name for c in columns]:
+            raise UserError(f"--sr {spec}: the name {name!r} is taken; name it: OTHER={path}")
+        columns.append(Column(name, "sr", path))
+    output_folder(cfg.eval.out_dir or Path(cfg.run_dir) / "eval", "--out / eval.out_dir")
+    sets = [load_set(s) for s in args.data] or [builtin_set(cfg)]  # a path without images is refused there
+    for spec, es in zip(args.data or ["(the built-in set)"], sets):
+        if not es.items:  # e.g. no LR image has an HR image of its stem
+            why = f": {es.skipped[0][0]}: {es.skipped[0][1]}" if es.skipped else ""
+            raise UserError(f"--data {spec}: no usable images{why}")
     if not args.no_bicubic:
         columns.append(Column("Bicubic", "bicubic"))
-    if not ckpts and not args.sr:
-        print("realsr-r1: eval needs at least one --checkpoint or --sr", file=sys.stderr)
-        return 2
-    empty = [s.name for s in sets if not s.items]
-    if empty:
-        print(f"realsr-r1: eval set(s) {empty} have no usable images", file=sys.stderr)
-        return 2
     summary = run_eval_job(cfg, sets, columns, ckpts, progress=not args.no_progress)
     print(Path(summary["out_dir"], "table.md").read_text())
     print(f"eval: {summary['images']} images x {len(columns)} columns; generation {summary['generate_s']:.1f}s, "

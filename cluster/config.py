@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cluster.tracking import problems as tracking_problems
@@ -28,7 +29,7 @@ from rollout.config import RolloutConfig
 from rollout.config import problems as rollout_problems
 from rewards.config import problems as reward_problems
 from vlcot.config import (LABEL_MEASURES, AnnotateConfig, DataConfig, DegradationConfig, ImageConfig, OrderConfig,
-                          PolicyConfig, VQConfig, VQTrainConfig, annotate_problems, architecture_problem,
+                          PolicyConfig, VQConfig, VQTrainConfig, annotate_problems, policy_folder_problem,
                           resolve_checkpoint, vq_train_problems)
 from vlcot.conversation import CHECKPOINT_KEY, conversation_problems, resolve_conversation
 from vlcot.errors import UserError
@@ -141,26 +142,60 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not key=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(merged, _dotlist(overrides))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         msg = str(exc).splitlines()[0]
+        if "Incompatible value 'None'" in msg:  # `key=` on the command line is null, not ""
+            msg += f"; an empty string is written {key}=''"
         raise ConfigError(f"config key {key!r}: {msg}") from None
     validate(cfg)
     return cfg
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parser error as one phrase: what and where (line and column counted from 1)."""
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else what
+
+
+def _dotlist(overrides: Sequence[str]):
+    """key=value overrides as a config; a value that is not YAML names its override."""
+    for item in overrides:
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as exc:
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({what}): write a list as [1, 2] "
+                              "and put a string holding [ { : or # in quotes") from None
+    return OmegaConf.from_dotlist(list(overrides))
 
 
 def _yaml_layers(path: Path) -> list:
     """The yaml at `path` after the chain of `base:` files it starts from (base first)."""
     layers, seen = [], []
     while path is not None:
+        of = f" (the base of {seen[-1]})" if seen else ""
+        if path.is_dir():
+            raise ConfigError(f"config file {path}{of} is a folder: give a yaml file, e.g. {DEFAULT_CONFIG}")
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}" + (f" (the base of {seen[-1]})" if seen else ""))
+            raise ConfigError(f"config file not found: {path}{of}: give an existing yaml file, e.g. {DEFAULT_CONFIG}")
         if path.resolve() in seen:
             raise ConfigError(f"config files name each other as base: {' -> '.join(map(str, seen + [path]))}")
         seen.append(path.resolve())
-        layer = OmegaConf.load(path)
+        try:
+            layer = OmegaConf.load(path)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}{of} is not valid YAML: {_yaml_problem(exc)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path}{of} is not a text (UTF-8) file: give a yaml file") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path}{of} cannot be read: {exc.strerror or exc}") from None
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"config file {path}{of} holds a {type(layer).__name__.replace('Config', '').lower()}, "
+                              "not a mapping of config keys (`section: {key: value}`, as in configs/*.yaml)")
         base = layer.pop("base", None)
         layers.insert(0, layer)
         path = (path.parent / str(base)) if base else None
@@ -241,13 +276,10 @@ def _validate_checkpoint(cfg: Config) -> None:
     path = Path(cfg.policy.checkpoint)
     if not (path / "config.json").is_file():
         _fail("policy.checkpoint", f"{path} is not an HF-layout directory with config.json")
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        _fail("policy.checkpoint", f"{path / 'config.json'} cannot be read: {exc}")
-    why = architecture_problem(raw.get("architectures"), path)
+    why = policy_folder_problem(path, files=False)  # weights and tokenizer: when a command loads it
     if why:
         _fail("policy.checkpoint", why)
+    raw = json.loads((path / "config.json").read_text())
     limit = int(raw.get("max_position_embeddings") or 0)
     if limit and cfg.rollout.max_model_len > limit:
         _fail("rollout.max_model_len", f"{cfg.rollout.max_model_len} exceeds the policy's max_position_embeddings "
@@ -400,7 +432,8 @@ def validate(cfg: Config) -> None:
 
     data = cfg.data
     if data.input_dir and not Path(data.input_dir).is_dir():
-        _fail("data.input_dir", f"not a directory: {data.input_dir}")
+        _fail("data.input_dir", f"not a folder: {data.input_dir} (give a folder of photographs, or leave it empty "
+              "for the built-in set)")
     if data.min_side < 1 or data.max_pixels < 1 or data.variants_per_image < 1:
         _fail("data", "min_side, max_pixels and variants_per_image must be >= 1")
     if cfg.trainer.prompt_order not in ("shuffle", "spread"):

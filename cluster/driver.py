@@ -27,7 +27,7 @@ from cluster.envs import runtime_env_for_iqa
 from cluster.grid import log_sample_grid
 from cluster.heldout_eval import heldout_for
 from cluster.learning_curve import report_learning
-from cluster.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, manifest_for,
+from cluster.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, training_records,
                           required_cpus, start_ray)
 from cluster.metrics import guidance_metrics, step_metrics, step_line
 from cluster.reward_pool import RewardPool
@@ -42,7 +42,7 @@ from learner.schedule import lr_at
 from rewards.scoring import RewardInput
 from rollout.engine import PromptError
 from rollout.kv_budget import unguided_hint
-from vlcot.data import read_manifest
+from vlcot.errors import BadPath
 from vlcot.trace import parse_response
 
 log = logging.getLogger(__name__)
@@ -79,15 +79,25 @@ class GRPOTrainer:
         return lc
 
     # ---- setup -------------------------------------------------------------------------------
+    def _read_inputs(self) -> None:
+        """Every input checked before the tracking run opens or any actor starts: a refusal is one
+        line, not a traceback, and leaves no empty run behind."""
+        cfg = self.cfg
+        if self.resume and latest_checkpoint(str(self.run_dir)) is None:
+            raise BadPath(f"--resume: no checkpoint under {self.run_dir / CKPT_DIR}: leave out --resume to start "
+                          "this run, or point run_dir at the run to continue")
+        roles = (["sft"] if cfg.trainer.sft and cfg.learner.sft.steps > 0 and not self.resume else []) + ["rl"]
+        read = {}
+        for role in sorted(roles, key=lambda r: not getattr(cfg.data, f"{r}_manifest")):  # named ones first:
+            read[role] = training_records(cfg, role)  # a bad one is refused before prepare-data runs for the other
+        self.manifest, self.records = read["rl"]
+        self.sft_manifest, self.sft_records = read.get("sft", (None, []))
+
     def _prepare(self) -> None:
         from vlcot.policy import load_policy_meta
         from vlcot.vq import VQTokenizer
 
         cfg = self.cfg
-        self.manifest = manifest_for(cfg, "rl")
-        self.records = read_manifest(self.manifest)
-        if not self.records:
-            raise RuntimeError(f"the GRPO manifest {self.manifest} is empty: nothing to train on")
         self.policy_dir = ensure_policy_dir(cfg)
         self.vq_dir = ensure_vq_dir(cfg)
         self.vq = VQTokenizer.load(self.vq_dir)
@@ -140,9 +150,8 @@ class GRPOTrainer:
             if (i + 1) % cfg.learner.sft.log_every == 0:
                 print(f"sft {i + 1}/{cfg.learner.sft.steps}: loss {m['loss/sft']:.4f}")
 
-        manifest = manifest_for(cfg, "sft")
-        records = self.records if manifest == self.manifest else read_manifest(manifest)
-        result = cold_start_sft(self.learner, records, self.vq, self.meta, cfg, on_step)
+        manifest = self.sft_manifest  # read and checked in _prepare
+        result = cold_start_sft(self.learner, self.sft_records, self.vq, self.meta, cfg, on_step)
         self.sft_examples = result.examples
         hist = result.history
         self.learner.set_lr(cfg.learner.lr)
@@ -276,6 +285,7 @@ class GRPOTrainer:
         from tqdm import tqdm
 
         cfg, t_run = self.cfg, time.perf_counter()
+        self._read_inputs()
         # a required tracking server that does not answer refuses the run before anything starts
         self.tracker, ended = open_run_tracker(cfg, self.run_dir, self.resume), "FAILED"
         self.reward_history: List[float] = []

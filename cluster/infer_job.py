@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from cluster.run_state import CKPT_DIR, latest_checkpoint
+from vlcot.config import policy_folder_problem, vq_folder_problem
+from vlcot.errors import BadPath, UserError, output_folder
 
 
 @dataclass
@@ -39,25 +41,34 @@ def resolve_checkpoint(path: str | Path, vq: str | Path | None = None) -> Resolv
     elif (p / CKPT_DIR).is_dir() and latest_checkpoint(str(p)) is not None:
         policy = latest_checkpoint(str(p)) / "hf"  # type: ignore[operator]
     else:
-        raise FileNotFoundError(f"--checkpoint {path}: not an HF policy folder (config.json), a checkpoint "
-                                f"folder (hf/config.json) or a run folder ({CKPT_DIR}/step_*)")
+        raise BadPath(f"--checkpoint {path}: not an HF policy folder (config.json), a checkpoint "
+                      f"folder (hf/config.json) or a run folder ({CKPT_DIR}/step_*)")
+    why = policy_folder_problem(policy)  # a llama, an unconverted release, no weights: before anything loads
+    if why:
+        raise BadPath(f"--checkpoint {path}: {why}")
     if vq is not None:
         vq_dir = Path(vq)
-        if not (vq_dir / "vq_config.json").is_file():
-            raise FileNotFoundError(f"--vq {vq}: no vq_config.json there")
+        why = vq_folder_problem(vq_dir)
+        if why:
+            raise BadPath(f"--vq {vq}: {why}; give the VQ tokenizer folder the checkpoint was trained with")
     else:
         found = [a / "vq" for a in _ancestors(policy) if (a / "vq" / "vq_config.json").is_file()]
         if not found:
-            raise FileNotFoundError(f"no VQ tokenizer (vq/vq_config.json) in or above {policy}; pass --vq DIR")
+            raise BadPath(f"--checkpoint {path}: no VQ tokenizer (vq/vq_config.json) in or above {policy}; "
+                          "pass --vq DIR")
         vq_dir = found[0]
+        why = vq_folder_problem(vq_dir)
+        if why:
+            raise BadPath(f"--checkpoint {path}: the VQ tokenizer found above it is damaged: {why}; pass --vq DIR")
     configs = [a / "config.yaml" for a in _ancestors(policy) if (a / "config.yaml").is_file()]
     return ResolvedCheckpoint(policy, vq_dir, configs[0] if configs else None)
 
 
 def run_infer_job(cfg, ckpt: ResolvedCheckpoint, image: str, out_dir: str, progress: bool = True) -> Dict[str, Any]:
-    from evaluation.infer import SuperResolver, list_inputs, output_names, run_infer, write_skipped
+    from evaluation.infer import SuperResolver, output_names, require_images, run_infer, write_skipped
 
-    files, skipped_names = list_inputs(image)
+    files, skipped_names = require_images(image, "--image")  # refused here, before the model loads
+    output_folder(out_dir, "--out")
     t0 = time.perf_counter()
     resolver = SuperResolver(cfg, ckpt.policy_dir, ckpt.vq_dir)
     load_s = time.perf_counter() - t0
@@ -82,7 +93,7 @@ def named_path(spec: str, what: str) -> Tuple[str, str]:
     if "=" in spec:
         name, path = spec.split("=", 1)
         if not name or not path:
-            raise ValueError(f"{what} {spec!r}: expected NAME=PATH")
+            raise UserError(f"{what} {spec!r}: expected NAME=PATH")
         return name, path
     return Path(spec.rstrip("/")).name, spec
 
@@ -93,7 +104,7 @@ def resolve_checkpoints(specs: Sequence[str], vq: Optional[str] = None) -> Dict[
     for spec in specs:
         name, path = named_path(spec, "--checkpoint")
         if name in out:
-            raise ValueError(f"--checkpoint {spec!r}: the name {name!r} is taken; name it: NAME={path}")
+            raise UserError(f"--checkpoint {spec!r}: the name {name!r} is taken; name it: NAME={path}")
         out[name] = resolve_checkpoint(path, vq)
     return out
 

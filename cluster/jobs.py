@@ -6,9 +6,10 @@ import logging
 import os
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from cluster.config import Config
+from vlcot.errors import BadPath
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,23 @@ def manifest_for(cfg: Config, role: str) -> Path:
     if not path:
         return ensure_data(cfg)
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{key} {path} is not a file: give a manifest that `realsr-r1 prepare-data` wrote "
-                                f"(data.manifest / data.output_dir), or leave {key} empty to use data.manifest")
+        raise BadPath(f"{key} {path} is not a file: give a manifest that `realsr-r1 prepare-data` wrote "
+                      f"(data.manifest / data.output_dir), or leave {key} empty to use data.manifest")
     return Path(path)
+
+
+def training_records(cfg: Config, role: str) -> Tuple[Path, List[Dict]]:
+    """(manifest, its records) of one training set, checked before any actor starts: a missing,
+    malformed or empty manifest is a UserError naming it."""
+    from vlcot.data import read_manifest
+
+    manifest = manifest_for(cfg, role)
+    key = MANIFEST_ROLES[role] if getattr(cfg.data, MANIFEST_ROLES[role].split(".")[1]) else "data.manifest"
+    records = read_manifest(manifest, key)
+    if not records:
+        raise BadPath(f"{key} {manifest} is empty: nothing to train on; give a manifest that `realsr-r1 "
+                      "prepare-data` wrote")
+    return manifest, records
 
 
 def encode_prompts(records: List[Dict], vq, image_cfg, codec, layout, manifest: Path) -> List[List[int]]:
@@ -183,15 +198,13 @@ def run_sft_job(cfg: Config, out_dir: Optional[Path] = None, progress: bool = Tr
     from tqdm import tqdm
 
     from cluster.learner_group import LearnerGroup
-    from vlcot.data import read_manifest
     from vlcot.policy import load_policy_meta
     from vlcot.vq import VQTokenizer
 
-    manifest = manifest_for(cfg, "sft")
+    manifest, records = training_records(cfg, "sft")  # every input checked before Ray starts
     policy_dir = ensure_policy_dir(cfg)
     vq = VQTokenizer.load(ensure_vq_dir(cfg))
     meta = load_policy_meta(policy_dir, cfg.policy, cfg.image, cfg.vq)  # no weights: only the format is needed here
-    records = read_manifest(manifest)
     start_ray(max(2, cfg.learner.num_workers))
     group = LearnerGroup(cfg.learner, str(policy_dir))
     bar = tqdm(total=cfg.learner.sft.steps, desc="sft", disable=not progress)

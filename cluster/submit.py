@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from cluster.config import REPO_ROOT, Config
+from vlcot.errors import UserError
 
 EXCLUDES = [".venv", ".venv-iqa", "runs", "mlruns", "mlartifacts", ".git", "**/__pycache__", "*.egg-info",
             ".pytest_cache"]
@@ -42,6 +43,28 @@ def job_runtime_env(extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         else:
             runtime_env[key] = value
     return runtime_env
+
+
+def runtime_env_arg(text: str) -> Dict[str, Any]:
+    """`--runtime-env-json`: a JSON object of Ray runtime-env fields; `env_vars` (if given) maps
+    names to strings and `excludes` is a list of strings. Anything else is refused here, in one
+    line, not by Ray after the upload."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--runtime-env-json is not JSON ({exc.msg} at column {exc.colno}): {text}; give an object, "
+                        'e.g. \'{"env_vars": {"KEY": "value"}}\'') from None
+    if not isinstance(value, dict):
+        raise UserError(f"--runtime-env-json {text}: a JSON {type(value).__name__}, not an object of runtime-env "
+                        'fields, e.g. \'{"image_uri": "..."}\'')
+    env_vars = value.get("env_vars", {})
+    if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
+        raise UserError(f"--runtime-env-json {text}: env_vars must map names to strings, e.g. "
+                        '{"env_vars": {"HF_HOME": "/data/hf"}}')
+    excludes = value.get("excludes", [])
+    if not isinstance(excludes, list) or not all(isinstance(e, str) for e in excludes):
+        raise UserError(f"--runtime-env-json {text}: excludes must be a list of path patterns (strings)")
+    return value
 
 
 def build_submit_command(cfg: Config, config_path: Optional[str], overrides: List[str], address: str,

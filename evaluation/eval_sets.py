@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from vlcot.errors import existing_folder
 from vlcot.images import open_image
 
 PAIR_SUFFIX = re.compile(r"[_-](hr|lr\d*|x\d+)$", re.IGNORECASE)
@@ -56,13 +57,13 @@ def pair_key(stem: str) -> str:
     return PAIR_SUFFIX.sub("", stem)
 
 
-def _images(folder: Path) -> List[Path]:
-    """The folder's image files, as eval itself lists them (`evaluation.infer.list_inputs`)."""
-    from evaluation.infer import list_inputs
+def _images(folder: Path, flag: str) -> List[Path]:
+    """The folder's image files, as eval itself lists them (`evaluation.infer.list_inputs`); a
+    path that is not a folder of images is a BadPath naming it and `flag`."""
+    from evaluation.infer import require_images
 
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
-    return list_inputs(folder)[0]
+    existing_folder(folder, flag, "give a folder of images")
+    return require_images(folder, flag)[0]
 
 
 def _centre_box(w: int, h: int, size: int) -> Tuple[int, int, int, int]:
@@ -85,7 +86,7 @@ def _finish(summary: EvalSetSummary) -> EvalSetSummary:
 def paired_set(lr_dir: Path, hr_dir: Path, out_dir: Path, lr_size: int = 128, scale: int = 4) -> EvalSetSummary:
     lr_dir, hr_dir, out_dir = Path(lr_dir), Path(hr_dir), Path(out_dir)
     summary = EvalSetSummary("paired", str(out_dir))
-    lr_files, hr_files = _images(lr_dir), _images(hr_dir)
+    lr_files, hr_files = _images(lr_dir, "--paired LR_DIR"), _images(hr_dir, "--paired HR_DIR")
     hr_by_key: Dict[str, Path] = {}
     for f in hr_files:
         if pair_key(f.stem) in hr_by_key:
@@ -140,7 +141,7 @@ def synthetic_set(hr_dir: Path, out_dir: Path, degradation, lr_size: int = 128, 
     hr_dir, out_dir = Path(hr_dir), Path(out_dir)
     summary = EvalSetSummary("synthetic", str(out_dir))
     hr_size = lr_size * scale
-    files = _images(hr_dir)
+    files = _images(hr_dir, "--synthetic")
     _start(out_dir)
     for f in files:
         img, why, _ = open_image(f)

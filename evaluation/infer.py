@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from evaluation.tiling import TilePlan, blend, count_tiles
+from vlcot.errors import BadPath
 from vlcot.images import IMAGE_SUFFIXES, open_image
 from vlcot.trace import IMAGE_STAGE_SCALE, IMAGE_STAGES, TEXT_STAGES, build_prompt, parse_response
 
@@ -33,14 +34,15 @@ log = logging.getLogger(__name__)
 STAGE_DIRS = {"final_image": "final", "middle_image": "middle", "rough_image": "rough"}
 
 
-def list_inputs(path: str | Path) -> Tuple[List[Path], List[Tuple[str, str]]]:
+def list_inputs(path: str | Path, flag: str = "") -> Tuple[List[Path], List[Tuple[str, str]]]:
     """A file, or a folder's files (sorted, not recursive) -> (candidates, [(path, why skipped)]).
-    A `<stem>.json` beside an image is its sidecar (labels, tags), not a skipped file."""
+    A `<stem>.json` beside an image is its sidecar (labels, tags), not a skipped file. A path
+    that does not exist is a BadPath naming it and `flag` (how the user gave it)."""
     p = Path(path)
     if p.is_file():
         return [p], []
     if not p.is_dir():
-        raise FileNotFoundError(f"no such image or folder: {p}")
+        raise BadPath(f"{flag + ' ' if flag else ''}{p}: no such image or folder")
     files, skipped = [], []
     entries = sorted(p.iterdir())
     image_stems = {f.stem for f in entries if f.suffix.lower() in IMAGE_SUFFIXES}
@@ -51,6 +53,23 @@ def list_inputs(path: str | Path) -> Tuple[List[Path], List[Tuple[str, str]]]:
             files.append(f)
         else:
             skipped.append((str(f), f"not an image file suffix ({f.suffix or 'none'})"))
+    return files, skipped
+
+
+def require_images(path: str | Path, flag: str) -> Tuple[List[Path], List[Tuple[str, str]]]:
+    """`list_inputs` for a path the user gave with `flag` (e.g. "--image"), refused before any
+    model loads when it holds nothing to work on: a folder without image files, or a single
+    file that is not a readable image."""
+    files, skipped = list_inputs(path, flag)
+    p = Path(path)
+    if p.is_file():
+        img, why, _ = open_image(p)
+        if img is None:
+            raise BadPath(f"{flag} {p} is not a readable image, {why}: give an image file or a folder of them")
+    elif not files:
+        found = f"{len(skipped)} other files, e.g. {Path(skipped[0][0]).name}" if skipped else "it is empty"
+        raise BadPath(f"{flag} {p} holds no image files ({found}); give a folder of "
+                      f"{'/'.join(sorted(s.lstrip('.') for s in IMAGE_SUFFIXES))} images")
     return files, skipped
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from vlcot.config import AnnotateConfig, DataConfig, DegradationConfig, ImageConfig
+from vlcot.errors import BadPath, UserError, existing_folder, one_line
 
 log = logging.getLogger(__name__)
 LEVELS = {"x4": 4, "x2": 2, "x1": 1}
@@ -66,11 +67,21 @@ class AnnotateSummary:
 def _model_type(folder: str, key: str) -> str:
     path = Path(folder)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{key} {folder}: no model there (no config.json)")
+        raise BadPath(f"{key} {folder}: no model there (no config.json): give a local Hugging Face model folder")
     try:
-        return str(json.loads((path / "config.json").read_text()).get("model_type", ""))
-    except ValueError as exc:
-        raise ValueError(f"{key} {folder}: config.json is not valid JSON ({exc})") from exc
+        raw = json.loads((path / "config.json").read_text())
+    except ValueError as exc:  # malformed JSON, or not UTF-8
+        raise UserError(f"{key} {folder}: config.json is not valid JSON ({str(exc).splitlines()[0]})") from None
+    return str(raw.get("model_type", "")) if isinstance(raw, dict) else ""
+
+
+def _from_folder(load, folder: str, key: str):
+    """`load(folder)` (a transformers from_pretrained); a folder that lacks a file it needs
+    (weights, processor config) is a BadPath naming the folder and the config key."""
+    try:
+        return load(folder, local_files_only=True)
+    except OSError as exc:  # transformers: what the folder lacks, in a paragraph
+        raise BadPath(f"{key} {folder}: the model cannot be loaded from it ({one_line(exc)[:300]})") from None
 
 
 class Captioner:
@@ -83,12 +94,13 @@ class Captioner:
 
         kind = _model_type(folder, "annotate.captioner")
         if kind not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-            raise ValueError(f"annotate.captioner {folder}: a {kind!r} model does not turn images into text "
-                             "(give an image-text-to-text model folder: BLIP, LLaVA, Qwen2-VL, ...)")
+            raise UserError(f"annotate.captioner {folder}: a {kind!r} model does not turn images into text "
+                            "(give an image-text-to-text model folder: BLIP, LLaVA, Qwen2-VL, ...)")
         self.cfg = cfg
         self.device = torch.device(cfg.device)
-        self.model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        self.model = _from_folder(AutoModelForImageTextToText.from_pretrained, folder, "annotate.captioner")
+        self.model = self.model.to(self.device).eval()
+        self.processor = _from_folder(AutoProcessor.from_pretrained, folder, "annotate.captioner")
         self.chat = bool(getattr(self.processor, "chat_template", None))
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None and not self.model.config.is_encoder_decoder:
@@ -131,13 +143,14 @@ class Tagger:
 
         kind = _model_type(folder, "annotate.detector")
         if kind not in DETECTORS:
-            raise ValueError(f"annotate.detector {folder}: a {kind!r} model is not a supported zero-shot detector "
-                             f"(supported: {', '.join(DETECTORS)}); leave annotate.detector empty to take tags from "
-                             "the captions")
+            raise UserError(f"annotate.detector {folder}: a {kind!r} model is not a supported zero-shot detector "
+                            f"(supported: {', '.join(DETECTORS)}); leave annotate.detector empty to take tags from "
+                            "the captions")
         self.cfg = cfg
         self.device = torch.device(cfg.device)
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder, local_files_only=True).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        self.model = _from_folder(AutoModelForZeroShotObjectDetection.from_pretrained, folder, "annotate.detector")
+        self.model = self.model.to(self.device).eval()
+        self.processor = _from_folder(AutoProcessor.from_pretrained, folder, "annotate.detector")
         self.text_len = int(self.model.config.text_config.max_position_embeddings)
 
     def tags(self, images: List[Image.Image]) -> List[List[str]]:
@@ -181,15 +194,14 @@ def annotate_folder(folder: Path, cfg: AnnotateConfig, image: ImageConfig, data:
     none (every image with `overwrite`)."""
     from tqdm import tqdm
 
-    from vlcot.data import center_square, folder_candidates, sample_seed
+    from vlcot.data import center_square, folder_candidates, refuse_imageless, sample_seed
     from vlcot.degradation import degrade
     from vlcot.images import IMAGE_SUFFIXES, open_image
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"annotate: {folder} is not a folder")
+    folder = existing_folder(folder, "--input", "give the folder of photographs prepare-data will read")
+    refuse_imageless(folder)  # before the models load
     if not cfg.captioner:
-        raise ValueError("annotate.captioner is not set: give a local image-text-to-text model folder")
+        raise UserError("annotate.captioner is not set: give a local image-text-to-text model folder")
     captioner = Captioner(cfg.captioner, cfg)
     tagger = Tagger(cfg.detector, cfg) if cfg.detector else None
     summary = AnnotateSummary()

@@ -8,6 +8,7 @@ documented next to its default.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -50,6 +51,26 @@ class VQConfig:
 class VQCheckpointError(UserError):
     """The configured VQ tokenizer cannot be used (missing, damaged or mismatched files);
     the message names the file and the config key. Commands print it as one line."""
+
+
+# The two files of a VQ tokenizer folder (`VQTokenizer.save`, `realsr-r1 train-vq`)
+VQ_FILES = ("vq_config.json", "vq_model.safetensors")
+
+
+def vq_folder_problem(path) -> str:
+    """Why `path` is not a VQ tokenizer folder ("" if it looks like one): both files there and
+    the config readable as a VQConfig. Cheap (no weights read): checked before a model loads."""
+    p = Path(path)
+    config, weights = (p / name for name in VQ_FILES)
+    if not config.is_file():
+        return f"{p} has no {config.name}: not a VQ tokenizer folder (a run's vq/, or what train-vq wrote)"
+    try:
+        VQConfig(**json.loads(config.read_text()))
+    except (OSError, ValueError, TypeError) as exc:  # malformed JSON, not an object, unknown keys
+        return f"{config} is not a VQ configuration ({str(exc).splitlines()[0]})"
+    if not weights.is_file():
+        return f"{p} has no {weights.name} beside its {config.name}: the folder is incomplete"
+    return ""
 
 
 # Tokenizers shipped inside the package, named in config as `vq.checkpoint: builtin:NAME`
@@ -149,6 +170,39 @@ def architecture_problem(architectures, path) -> str:
         return ""
     return (f"{path} declares architecture {arch!r}; a released Lumina-mGPT / PURE folder must be converted once: "
             f"realsr-r1 import-policy --src {path} --out DIR")
+
+
+def policy_folder_problem(path, files: bool = True) -> str:
+    """Why `path` is not a policy folder this project can load ("" if it is): an HF-layout
+    folder whose config.json is a Chameleon-family model in the stock architecture and, with
+    `files`, that holds safetensors weights and a tokenizer. Reads config.json only (cheap:
+    checked before any model or actor loads it)."""
+    p = Path(path)
+    if not p.is_dir():
+        return (f"{p} is not a folder ({'it is a file' if p.exists() else 'nothing is there'}): give an HF-layout "
+                "policy folder (config.json, safetensors weights, tokenizer)")
+    config = p / "config.json"
+    if not config.is_file():
+        return (f"{p} has no config.json: not an HF-layout policy folder (init-policy, sft, train and import-policy "
+                "write one)")
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: malformed JSON or not UTF-8
+        return f"{config} cannot be read as JSON ({str(exc).splitlines()[0]}): the folder's config.json is damaged"
+    if not isinstance(raw, dict):
+        return f"{config} holds a JSON {type(raw).__name__}, not a model configuration"
+    kind = raw.get("model_type")
+    if kind and kind != "chameleon":
+        return (f"{p} holds a {kind!r} model ({config}), not a Chameleon-family policy: give a folder that "
+                "init-policy, sft, train or import-policy (Lumina-mGPT / PURE) wrote")
+    why = architecture_problem(raw.get("architectures"), p)
+    if why or not files:
+        return why
+    if not ((p / "model.safetensors.index.json").is_file() or any(p.glob("*.safetensors"))):
+        return f"{p} has no .safetensors weights beside its config.json: the folder is incomplete"
+    if not ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
+        return f"{p} has no tokenizer.json beside its config.json: the folder is incomplete"
+    return ""
 
 
 @dataclass

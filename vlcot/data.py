@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from vlcot.config import DataConfig, DegradationConfig, ImageConfig
 from vlcot.degradation import degrade, label_degradation, usm_sharpen
+from vlcot.errors import BadPath, UserError, existing_folder, output_folder
 from vlcot.examples import FALLBACK_CAPTION
 from vlcot.images import IMAGE_SUFFIXES, open_image, to_rgb
 from vlcot.text_tokenizer import ANNOTATIONS
@@ -362,9 +363,10 @@ def _require_annotations(cands: List[Candidate]) -> None:
         if cand.annotation_error or lacks:
             bad.append(f"{cand.source}: {cand.annotation_error or 'no ' + ' and no '.join(lacks)}")
     if bad:
-        shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise ValueError(f"data.require_annotations is set and {len(bad)} of {len(cands)} images lack captions or "
-                         f"tags (a <stem>.json sidecar beside each image, docs/vlcot.md):\n  {shown}")
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise UserError(f"data.require_annotations is set and {len(bad)} of {len(cands)} images lack captions or "
+                        f"tags: {shown}. Write a <stem>.json sidecar beside each (docs/vlcot.md; `realsr-r1 annotate "
+                        "--input DIR` writes them), or set data.require_annotations=false")
 
 
 def _reason_key(reason: str) -> str:
@@ -381,21 +383,31 @@ def _write_jsonl(path: Path, rows: List[Dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def read_manifest(path: str | Path) -> List[Dict[str, Any]]:
-    """Manifest rows with hr_path/lr_path made absolute. A malformed line is an error
-    naming the line (a manifest is written by this tool, so damage should not pass)."""
+def read_manifest(path: str | Path, what: str = "manifest") -> List[Dict[str, Any]]:
+    """Manifest rows with hr_path/lr_path made absolute. A missing file or a malformed line is
+    a UserError naming the file (and line) and `what` (the flag or key that named it): a
+    manifest is written by prepare-data, so damage should not pass."""
     path = Path(path)
+    fix = "give a manifest.jsonl that `realsr-r1 prepare-data` wrote"
+    if not path.is_file():
+        raise BadPath(f"{what} {path} is not a file ({'a folder' if path.is_dir() else 'nothing is there'}): {fix}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a text file: {fix}") from None
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{i}: not valid JSON ({exc})") from exc
+            raise UserError(f"{what} {path}:{i}: not valid JSON ({exc.msg} at column {exc.colno}): {fix}") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{what} {path}:{i}: a JSON {type(row).__name__}, not a record: {fix}")
         for key in ("hr_path", "lr_path"):
             if key not in row:
-                raise ValueError(f"{path}:{i}: record has no {key!r}")
+                raise UserError(f"{what} {path}:{i}: record has no {key!r}: {fix}")
             row[key] = str((path.parent / row[key]).resolve())
         rows.append(row)
     return rows
@@ -409,12 +421,27 @@ def heldout_manifest_path(data: DataConfig) -> Path:
     return manifest.parent / "heldout.jsonl"
 
 
+def refuse_imageless(folder: Path) -> None:
+    """An input folder with no file of an image type (recursively; sidecars aside) is a
+    mistake to name now, not a run that ends with 0 samples."""
+    files = []
+    for p in folder.rglob("*"):
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            return
+        if p.is_file() and p.suffix.lower() not in SIDECAR_SUFFIXES:
+            files.append(p)
+    found = f"{len(files)} other files, e.g. {files[0].name}" if files else "it is empty"
+    kinds = "/".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
+    raise BadPath(f"data.input_dir (--input) {folder} holds no image files ({found}): give a folder of photographs "
+                  f"({kinds}), or leave it empty for the built-in set")
+
+
 def prepare_data(image: ImageConfig, degradation: DegradationConfig, data: DataConfig, progress: bool = True) -> Summary:
     """`realsr-r1 prepare-data`: the built-in set when `data.input_dir` is empty, else that folder."""
+    output_folder(data.output_dir, "data.output_dir (--out)")
     if data.input_dir:
-        folder = Path(data.input_dir)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"data.input_dir {folder} is not a directory")
+        folder = existing_folder(data.input_dir, "data.input_dir (--input)", "give a folder of photographs")
+        refuse_imageless(folder)
         candidates = folder_candidates(folder)
     else:
         candidates = builtin_candidates()

@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 
 from vlcot.conversation import CHECKPOINT_KEY
-from vlcot.errors import UserError
+from vlcot.errors import UserError, output_folder
 from vlcot.layout import parse_image_code_name
 from vlcot.shards import ShardWriter, shard_files
 
@@ -52,7 +52,11 @@ _NORMS = (".self_attn.q_norm.", ".self_attn.k_norm.")
 
 
 class ImportRefused(UserError):
-    """The source folder is not a checkpoint this importer recognises; nothing was written."""
+    """The source folder is not a checkpoint this importer recognises; nothing was written
+    (the message says so first)."""
+
+    def __init__(self, msg: str):
+        super().__init__(f"refused, nothing written: {msg}")
 
 
 @dataclass
@@ -83,9 +87,12 @@ def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         _refuse(f"{path} not found: {what}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        _refuse(f"{path} is not valid JSON ({exc})")
+        value = json.loads(path.read_text())
+    except ValueError as exc:  # malformed JSON, or not UTF-8 text
+        _refuse(f"{path} is not valid JSON ({str(exc).splitlines()[0]})")
+    if not isinstance(value, dict):
+        _refuse(f"{path} holds a JSON {type(value).__name__}, not an object: {what}")
+    return value
 
 
 def tokenizer_vocabulary(tok: dict, path: Path) -> Dict[str, int]:
@@ -260,10 +267,13 @@ def import_policy(src: str | Path, out: str | Path, *, codebook_size: int = 1638
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        _refuse(f"--out {out} exists and is not empty")
+        _refuse(f"--out {out} exists and is not empty" if out.is_dir() else f"--out {out} is a file: give a new folder")
+    output_folder(out, "--out")  # not under a file, writable: known before the checks read every shard
     try:
         plan = _plan(src, codebook_size, max_grid, patch_px, Path(tokenizer_file) if tokenizer_file else None)
-    except FileNotFoundError as exc:
+    except ImportRefused:
+        raise
+    except (FileNotFoundError, UserError) as exc:  # a shard the index names is missing, a damaged index
         raise ImportRefused(str(exc)) from None
     checked = time.perf_counter()
     tmp = out.parent / f".{out.name}.importing-{os.getpid()}"

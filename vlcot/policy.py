@@ -23,7 +23,8 @@ import torch
 from transformers import AutoTokenizer, ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlcot.config import STOCK_ARCHITECTURE, ImageConfig, PolicyConfig, VQConfig, architecture_problem
+from vlcot.config import STOCK_ARCHITECTURE, ImageConfig, PolicyConfig, VQConfig, policy_folder_problem
+from vlcot.errors import BadPath
 from vlcot.conversation import CHECKPOINT_KEY, Conversation, resolve_conversation
 from vlcot.layout import TokenLayout, image_code_name
 from vlcot.text_tokenizer import HFTextCodec, train_bpe_tokenizer
@@ -206,13 +207,12 @@ def build_tiny_policy(policy_cfg: PolicyConfig, image: ImageConfig, vq: VQConfig
 
 
 def _read_config(path: Path) -> ChameleonConfig:
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"policy checkpoint {path} has no config.json (expected an HF-layout directory)")
-    config = ChameleonConfig.from_pretrained(path)
-    why = architecture_problem(config.architectures, path)
+    """The folder's config, once `policy_folder_problem` finds nothing wrong with the folder
+    (a BadPath naming what is, before transformers gets to it)."""
+    why = policy_folder_problem(path)
     if why:
-        raise ValueError(f"policy checkpoint {why}")
-    return config
+        raise BadPath(f"policy checkpoint {why}")
+    return ChameleonConfig.from_pretrained(path)
 
 
 def load_policy_meta(path: str | Path, policy_cfg: PolicyConfig | None = None, image: ImageConfig | None = None,

@@ -19,6 +19,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from vlcot.errors import BadPath
+
 log = logging.getLogger(__name__)
 
 CACHE_DIR = "prompt_codes"
@@ -63,7 +65,8 @@ def cached_prompt_codes(lr_paths: Sequence[str], vq, prompt_size: int, cache_dir
         for i in chunk:
             img, why, _ = open_image(lr_paths[i])
             if img is None:
-                raise RuntimeError(f"manifest LR image unreadable: {lr_paths[i]}: {why}")
+                raise BadPath(f"manifest LR image unreadable: {lr_paths[i]}: {why}; run `realsr-r1 prepare-data` again or "
+                              "point data.manifest at the folder it wrote")
             images.append(img)
         for i, codes in zip(chunk, vq.encode_images(images, prompt_size, batch_size=batch_size)):
             known[lr_paths[i]] = (stamps[i], codes.astype(np.int16))

@@ -17,6 +17,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
+from vlcot.errors import BadPath, UserError, read_json
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -88,18 +90,19 @@ def shard_files(folder: str | Path) -> List[Path]:
     folder = Path(folder)
     index = folder / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json(index, "a safetensors index (weight_map: tensor -> shard file)")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no weight_map")
+            raise UserError(f"{index} has no weight_map: the folder's safetensors index is damaged")
         files = list(dict.fromkeys(weight_map.values()))
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"{index} names shard {missing[0]}, which is not in {folder}"
-                                    f" ({len(missing)} of {len(files)} shards missing)")
+            raise BadPath(f"{index} names shard {missing[0]}, which is not in {folder}"
+                          f" ({len(missing)} of {len(files)} shards missing)")
         return [folder / f for f in files]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+        raise BadPath(f"no .safetensors weights in {folder}")
     return files
 
 

@@ -26,11 +26,10 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from vlcot.config import VQCheckpointError, VQConfig, resolve_checkpoint
+from vlcot.config import VQ_FILES, VQCheckpointError, VQConfig, resolve_checkpoint
 from vlcot.images import to_rgb
 
-CONFIG_NAME = "vq_config.json"
-WEIGHTS_NAME = "vq_model.safetensors"
+CONFIG_NAME, WEIGHTS_NAME = VQ_FILES
 
 
 class VQTokenizer(nn.Module):
