@@ -59,7 +59,8 @@ def test_grow_and_remove_keep_slots_dense(ray_local):
 
 
 def test_growth_that_cannot_start_names_the_demand_and_keeps_the_group(ray_local):
-    g = ActorGroup("echo", Echo, 1, lambda slot: (slot,), dict(num_cpus=0.1), ready_timeout_s=3)
+    g = ActorGroup("echo", Echo, 1, lambda slot: (slot,), dict(num_cpus=0.1), ready_timeout_s=60)
+    g.ready_timeout_s = 3  # short for the growth that cannot start (the first start may be slow on a busy machine)
     g.options["num_gpus"] = 1  # no GPU here: the new actor cannot be placed
     with pytest.raises(RuntimeError, match=r"echo actors not ready after 3s: each asks for .*'num_gpus': 1"):
         g.grow(1)
