@@ -361,7 +361,7 @@ def text_mask(state: SpanState, rules: SpanRules, masks: Masks) -> torch.Tensor:
     """What a text position may not be: image-span internals, and image_start once every
     image was drawn (in a skeleton's text body: image_start and the end token, which its runs
     write)."""
-    if rules.skeleton_runs and not state.off and state.part % 2:
+    if rules.skeleton_runs and not state.off and state.part // 2 in masks.skeleton_text and state.part % 2:
         return masks.skeleton_text[state.part // 2]
     return masks.text_blocked if state.images < len(rules.stage_grids) else masks.text_blocked_no_image
 

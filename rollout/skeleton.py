@@ -107,7 +107,7 @@ def skeleton_next(state, runs: Tuple[Tuple[int, ...], ...], budgets: Tuple[int, 
     if not runs or state.off:
         return None
     k, body = divmod(state.part, 2)
-    if k >= len(runs):
+    if k >= len(runs) or (body and k + 1 >= len(runs)):  # the last run (the end token) is written
         return None
     if not body:
         return runs[k][state.pos]
