@@ -219,6 +219,11 @@ def test_import_policy_refuses_an_out_that_is_a_file(bad, capsys):
     refuses(capsys, ["import-policy", "--src", bad.policy, "--out", bad.file], bad.file)
 
 
+def in_run_dir(args, tmp_path):
+    """`args` with run_dir set to `tmp_path` unless a case names its own."""
+    return args if any(str(a).startswith("run_dir=") for a in args) else [f"run_dir={tmp_path}", *args]
+
+
 # sft and train name every manifest so no case prepares data; each is refused before Ray starts
 SFT = [
     ("manifest-missing", lambda b: [f"data.sft_manifest={b.missing / 'm.jsonl'}"], lambda b: b.missing / "m.jsonl"),
@@ -235,9 +240,7 @@ SFT = [
 @pytest.mark.parametrize("case", SFT, ids=[c[0] for c in SFT])
 def test_sft_refuses_before_ray(bad, capsys, tmp_path, nothing_starts, case):
     _, argv, offending = case
-    args = argv(bad)
-    run_dir = [] if any(str(a).startswith("run_dir=") for a in args) else [f"run_dir={tmp_path}"]
-    refuses(capsys, ["sft", "--no-progress", *run_dir, *args], offending(bad))
+    refuses(capsys, ["sft", "--no-progress", *in_run_dir(argv(bad), tmp_path)], offending(bad))
 
 
 TRAIN = [
@@ -256,8 +259,7 @@ TRAIN = [
 def test_train_refuses_before_any_actor_starts(bad, capsys, tmp_path, nothing_starts, case):
     _, argv, offending = case
     args = argv(bad)
-    run_dir = [] if any(str(a).startswith("run_dir=") for a in args) else [f"run_dir={tmp_path}"]
-    line = refuses(capsys, ["train", "--no-progress", *run_dir, *args], offending(bad))
+    line = refuses(capsys, ["train", "--no-progress", *in_run_dir(args, tmp_path)], offending(bad))
     if "--resume" in args:
         assert str(tmp_path) in line
 
