@@ -54,6 +54,33 @@ def test_per_reward_normalisation_reaches_the_learner_batch(tmp_path):
     np.testing.assert_allclose(batch["advantages"], want.numpy()[np.sort(order)], atol=1e-6)
 
 
+@pytest.mark.parametrize("max_staleness,dropped", [(1, [4, 5]), (2, [])])
+def test_samples_too_many_versions_behind_are_dropped_counted_and_left_out_of_the_advantages(
+        tmp_path, max_staleness, dropped):
+    """Async mode: at learner version 3 with `trainer.max_staleness` 1, samples drawn by version
+    1 are dropped (counted), and the group's advantages come from its fresh samples only."""
+    import torch
+
+    from learner.advantages import batch_advantages
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "rollout.group_size=4", "learner.num_workers=1",
+                             f"trainer.max_staleness={max_staleness}"])
+    trainer = GRPOTrainer(cfg, progress=False)
+    trainer.prompt_ids = [[1, 2, 3], [1, 2, 4]]
+    trainer.tokenizer, trainer.image_ids = SimpleNamespace(pad_token_id=0), np.array([], dtype=np.int64)
+    rewards, versions = [1.0, 0.0, 0.5, 0.25, 2.0, 5.0, 3.0, 4.0], [3, 3, 2, 2, 1, 1, 3, 3]
+    samples = [ScoredSample(k // 4, k // 4, Sample(k // 4, k % 4, [10 + k], [-1.0], "stop", v), None,
+                            SimpleNamespace(total=r)) for k, (r, v) in enumerate(zip(rewards, versions))]
+    batch, info = trainer._learner_batch(samples, 3)
+    kept = [k for k in range(8) if k not in dropped]
+    assert info["samples/stale_dropped"] == len(dropped) and info["samples/trained"] == len(kept)
+    assert info["policy/version_lag"] == pytest.approx(np.mean([3 - v for v in versions]))
+    assert sorted(batch["input_ids"][:, 3] - 10) == kept  # each sample's one response token names it
+    want, _ = batch_advantages("total", "grpo", torch.tensor([rewards[k] for k in kept]), {}, cfg.rewards.weights,
+                               torch.tensor([k // 4 for k in kept]), cfg.learner.grpo.adv_eps)
+    np.testing.assert_allclose(batch["advantages"], want.numpy(), atol=1e-6)
+
+
 def test_async_learner_recomputes_old_logprobs_without_mutating_the_config(tmp_path):
     cfg = load_config(None, [f"run_dir={tmp_path}", "trainer.mode=async"])
     trainer = GRPOTrainer(cfg, progress=False)

@@ -6,46 +6,13 @@ import numpy as np
 import pytest
 import ray
 
+from cluster.learner_group import LearnerGroup
 from cluster.transport import WeightTransport, free_port
 from learner.batch import pack_grpo
 from learner.config import LearnerConfig
-from cluster.learner_group import LearnerGroup
+from tests.learner.learner_steps import assert_same_update, grpo_batch, one_step_state, trainable_names
 
 pytestmark = pytest.mark.slow
-
-
-def grpo_batch(layout, step, n=4):
-    rng = np.random.default_rng(100 + step)
-    prompts = [list(rng.integers(3, 600, 12)) for _ in range(n)]
-    responses = [list(rng.integers(3, 600, 3)) + [layout.image_start] + list(rng.choice(layout.image_code_ids, 9))
-                 for _ in range(n)]
-    adv = rng.normal(size=n)
-    logps = [list(-rng.uniform(8, 11, len(r))) for r in responses]
-    return pack_grpo(prompts, responses, adv, logps, image_token_ids=layout.image_span_ids())
-
-
-def trainable_names(policy):
-    return [n for n, p in policy.model.named_parameters() if p.requires_grad]
-
-
-def one_step_state(policy_dir, layout, ranks, stage, **cfg):
-    """Full weights after one GRPO step on `grpo_batch(layout, 0)` (micro-batches of one sample,
-    so every rank accumulates over several)."""
-    group = LearnerGroup(LearnerConfig(num_workers=ranks, zero_stage=stage, micro_batch_size=1, **cfg), policy_dir)
-    try:
-        group.grpo_step(grpo_batch(layout, 0))
-        return group.full_state_dict()
-    finally:
-        group.shutdown()
-
-
-def assert_same_update(got, want, start, names, tol):
-    """`got` and `want` moved from `start` alike: their largest difference is below `tol` times
-    the largest move (which must be real)."""
-    moved = max(float(np.abs(want[n] - start[n]).max()) for n in names)
-    assert moved > 1e-4  # the step did something to compare
-    worst = max(float(np.abs(got[n] - want[n]).max()) for n in names)
-    assert worst < tol * moved, (worst, moved)
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +151,11 @@ def test_broadcast_reaches_receivers_bit_for_bit(ray_local, policy_dir, tiny_pol
         group.shutdown()
 
 
-def test_resume_continues_exactly(ray_local, policy_dir, tiny_policy, tmp_path):
-    cfg = LearnerConfig(num_workers=2, zero_stage=2, lr=1e-3)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_continues_exactly(ray_local, policy_dir, tiny_policy, tmp_path, stage):
+    """Saved after 2 steps and loaded by a fresh group, 2 more steps end bit for bit where 4
+    steps of one group do: weights, Adam's moments and the step counter are all restored."""
+    cfg = LearnerConfig(num_workers=2, zero_stage=stage, lr=1e-3)
     straight = LearnerGroup(cfg, policy_dir)
     try:
         for s in range(4):
@@ -198,6 +168,7 @@ def test_resume_continues_exactly(ray_local, policy_dir, tiny_policy, tmp_path):
         for s in range(2):
             first.grpo_step(grpo_batch(tiny_policy.layout, s))
         first.save(str(tmp_path / "ckpt"), {"data_cursor": 2})
+        saved = first.full_state_dict()
     finally:
         first.shutdown()
     resumed = LearnerGroup(cfg, policy_dir)
@@ -209,8 +180,13 @@ def test_resume_continues_exactly(ray_local, policy_dir, tiny_policy, tmp_path):
         assert resumed.param_digests()[0] == want
     finally:
         resumed.shutdown()
-    # the HF half of the checkpoint loads in transformers and has the trained weights
+    # the HF half of the checkpoint loads in transformers and has the weights of step 2
     from vlcot.policy import load_policy
 
     hf = load_policy(tmp_path / "ckpt" / "hf")
     assert hf.layout == tiny_policy.layout
+    got = {n: p.detach().numpy() for n, p in hf.model.named_parameters()}
+    assert got.keys() == saved.keys()
+    assert all(np.array_equal(got[n], saved[n]) for n in saved)
+    assert not np.array_equal(saved["model.embed_tokens.weight"],
+                              tiny_policy.model.model.embed_tokens.weight.detach().numpy())
