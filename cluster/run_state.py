@@ -14,6 +14,7 @@ import numpy as np
 
 CKPT_DIR = "checkpoints"
 DRIVER_STATE = "driver_state.json"
+PENDING_STEP = "pending_step.json"  # async mode: the next step's generation, collected at the checkpoint
 
 
 class DataCursor:
@@ -95,6 +96,18 @@ class DriverState:
         d = json.loads((Path(checkpoint) / DRIVER_STATE).read_text())
         return cls(int(d["step"]), int(d["version"]), d["cursor"], d.get("mlflow_run_id"),
                    list(d.get("reward_history", [])), dict(d.get("component_history", {})), d.get("lr_schedule"))
+
+
+def write_pending_step(checkpoint: Path, step: int, records: List[int], collected: Dict[str, Any]) -> None:
+    """The next step's generation (async mode), written before the driver state that makes the
+    checkpoint count (`latest_checkpoint`)."""
+    (Path(checkpoint) / PENDING_STEP).write_text(json.dumps({"step": step, "records": records, "collected": collected}))
+
+
+def read_pending_step(checkpoint: Path) -> Optional[Dict[str, Any]]:
+    """{step, records, collected} as written, or None (sync mode, or the run's last step)."""
+    path = Path(checkpoint) / PENDING_STEP
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

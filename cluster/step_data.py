@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
 
 from rewards.types import RewardResult
-from rollout.engine import Sample
+from rollout.engine import PromptError, Result, Sample
 from vlcot.trace import ParsedTrace
+
+
+@dataclass
+class CollectedRollout:
+    """A step's generation once it is back from the rollout pool: what `_step` works from.
+
+    In async mode the next step's generation is in flight when a checkpoint is written; it is
+    collected then and stored with the checkpoint (`to_json`), so a resumed run trains on the
+    very samples the killed one would have (drawn by the policy version before the checkpoint's,
+    for the prompts the data cursor had already handed out)."""
+
+    results: List[Result]  # per prompt, in prompt order: its samples, or the engine's refusal
+    generate_s: float  # dispatch to results
+    guidance: Dict[str, float]  # the generation's classifier-free-guidance counters
+    workers: int  # rollout workers it was dispatched to
+    lost: List[str] = field(default_factory=list)  # nodes of workers dropped while it ran
+
+    def to_json(self) -> Dict[str, Any]:
+        results = [{"error": asdict(r)} if isinstance(r, PromptError) else {"samples": [asdict(x) for x in r]}
+                   for r in self.results]
+        return {"results": results, "generate_s": self.generate_s, "guidance": self.guidance,
+                "workers": self.workers, "lost": self.lost}
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "CollectedRollout":
+        results: List[Result] = [PromptError(**r["error"]) if "error" in r else [Sample(**x) for x in r["samples"]]
+                                 for r in d["results"]]
+        return cls(results, float(d["generate_s"]), dict(d["guidance"]), int(d["workers"]), list(d["lost"]))
+
+
+@dataclass
+class DispatchedStep:
+    """A GRPO step whose prompts are out to the rollout pool (`rollout`), or already back
+    (`collected`: a resumed async run's first step, read from its checkpoint)."""
+
+    step: int  # 0-based
+    records: List[int]  # manifest index of each prompt, in prompt order
+    rollout: Optional[Any] = None  # cluster.rollout_pool.RolloutBatch while in flight
+    collected: Optional[CollectedRollout] = None
 
 
 @dataclass

@@ -242,6 +242,39 @@ def test_resume_after_the_driver_is_killed(tmp_path, mlflow_server, capsys):
     assert all(torch.allclose(resumed_w[n], straight_w[n], rtol=0, atol=1e-6) for n in straight_w)
 
 
+def test_async_zero3_resume_trains_the_step_in_flight_as_the_uninterrupted_run(tmp_path):
+    """Async mode on ZeRO-3 learner ranks: a checkpoint holds the next step's generation, which
+    was in flight when it was written (drawn by the previous policy version, for prompts the data
+    cursor had handed out). Resumed from step 1, steps 2 and 3 train on exactly what the
+    uninterrupted run trained on: the same per-step metrics and the same final weights."""
+    import shutil
+
+    from cluster.run_state import CKPT_DIR, read_pending_step
+
+    args = ["trainer.mode=async", "learner.zero_stage=3", "trainer.steps=3", "trainer.checkpoint_every=1",
+            "trainer.keep_checkpoints=3", "trainer.heldout_eval=false", "trainer.log_images_every=100"]
+    straight = GRPOTrainer(small(tmp_path / "straight", *args), progress=False).run()
+    pending = read_pending_step(tmp_path / "straight" / CKPT_DIR / "step_000001")
+    assert pending["step"] == 1 and len(pending["records"]) == 2
+    assert {x["version"] for r in pending["collected"]["results"] for x in r["samples"]} == {0}  # one version behind
+    assert read_pending_step(tmp_path / "straight" / CKPT_DIR / "step_000003") is None  # nothing follows the last step
+    # the run as if killed after step 1: its folder with only the first checkpoint
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed", ignore=shutil.ignore_patterns("step_000002", "step_000003"))
+    resumed = GRPOTrainer(small(tmp_path / "resumed", *args), resume=True, progress=False).run()
+    assert resumed["steps"] == 3 and resumed["learner_version"] == 3
+    client, run = run_metrics(resumed)  # the copied store: the straight run's steps, then the resumed run's 2 and 3
+    for key in ("rollout/tokens", "reward/total/mean", "loss/policy", "grad_norm", "policy/version_lag"):
+        by_step = {}
+        for m in client.get_metric_history(run.info.run_id, key):
+            by_step.setdefault(m.step, []).append(m.value)
+        assert [len(by_step[s]) for s in (1, 2, 3)] == [1, 2, 2], key
+        for s in (2, 3):
+            assert by_step[s][0] == pytest.approx(by_step[s][1], rel=1e-5, abs=1e-7), (key, s, by_step[s])
+    resumed_w, straight_w = (load_weights(latest_checkpoint(str(tmp_path / d)) / "hf") for d in ("resumed", "straight"))
+    assert resumed_w.keys() == straight_w.keys()
+    assert all(torch.allclose(resumed_w[n], straight_w[n], rtol=0, atol=1e-6) for n in straight_w)
+
+
 def load_weights(folder):
     from safetensors.torch import load_file
 
