@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -29,31 +28,22 @@ from cluster.heldout_eval import heldout_for
 from cluster.learning_curve import report_learning
 from cluster.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, training_records,
                           required_cpus, start_ray)
-from cluster.metrics import guidance_metrics, step_metrics, step_line
+from cluster.metrics import step_metrics, step_line
 from cluster.reward_pool import RewardPool
 from cluster.rollout_pool import RolloutBatch, RolloutPool
-from cluster.run_state import CKPT_DIR, DataCursor, DriverState, latest_checkpoint, prune_checkpoints
-from cluster.step_data import ScoredSample, StepResult
+from cluster.run_state import (CKPT_DIR, DataCursor, DriverState, latest_checkpoint, prune_checkpoints,
+                               read_pending_step, write_pending_step)
+from cluster.step_data import CollectedRollout, DispatchedStep, ScoredSample, StepResult
 from cluster.tracking import open_run_tracker
-from cluster.weight_sync import WEIGHT_SYNCS, sync_living_workers
-from learner.batch import pack_grpo
-from learner.advantages import batch_advantages
+from learner.step_batch import RolloutSamples, StepBatch, learner_batch
 from learner.schedule import lr_at
 from rewards.scoring import RewardInput
 from rollout.engine import PromptError
-from rollout.kv_budget import unguided_hint
 from vlcot.errors import BadPath
 from vlcot.trace import parse_response
 
 log = logging.getLogger(__name__)
 SFT_POLICY = "sft/hf"  # the cold-start SFT result: GRPO's starting point and its KL reference
-
-
-@dataclass
-class DispatchedStep:
-    step: int  # 0-based
-    records: List[int]  # manifest index of each prompt, in prompt order
-    rollout: RolloutBatch
 
 
 class GRPOTrainer:
@@ -126,8 +116,7 @@ class GRPOTrainer:
                                   ready_timeout_s=wait_s)
         self.rollout = RolloutPool(cfg.rollout, str(self.policy_dir), cfg.image, cfg.policy,
                                    placement=where("rollout"), ready_timeout_s=wait_s)
-        self.weight_sync = WEIGHT_SYNCS.get(cfg.trainer.weight_sync)(self.learner, self.rollout.group, cfg)
-        self.weight_sync.connect()
+        self.rollout.connect_weights(self.learner, cfg)
         nodes = self.actor_nodes()
         print(f"actors up in {time.perf_counter() - t0:.0f}s: {cfg.learner.num_workers} learner ranks "
               f"(ZeRO-{cfg.learner.zero_stage}) on {nodes['learner']}, {cfg.rollout.num_workers} {cfg.rollout.engine} "
@@ -180,23 +169,30 @@ class GRPOTrainer:
         is dispatched as soon as this one's results are in, so it overlaps scoring and learning."""
         cfg, step = self.cfg, dispatched.step
         self._emit("dispatched", step + 1)
-        results, generate_s = self._collect(dispatched.rollout, version)
-        guidance = self.last_guidance
+        collected = self._collected(dispatched, version)
         following = None
         if cfg.trainer.mode == "async" and step + 1 < cfg.trainer.steps:
             following = self._dispatch(step + 1)
         t0 = time.perf_counter()
-        samples, prompt_errors = self._parse(dispatched, results)
+        samples, prompt_errors = self._parse(dispatched, collected.results)
         self._score(dispatched, samples)
         reward_s = time.perf_counter() - t0
-        batch, info = self._learner_batch(samples, version)
+        chosen = self._learner_batch(samples, version)
+        info = chosen.info
         self.learner.set_lr(self.lr_at(step + 1))
-        learn = self.learner.grpo_step(batch)
-        sync, lost = sync_living_workers(self.weight_sync, self.rollout, version + 1)  # workers lost since the collect
-        dispatched.rollout.lost += lost
-        info.update({"rollout/workers": float(dispatched.rollout.workers),
-                     "rollout/workers_lost": float(len(dispatched.rollout.lost)), **guidance})
-        return StepResult(samples, prompt_errors, learn, sync, info, generate_s, reward_s), following
+        learn = self.learner.grpo_step(chosen.arrays)
+        synced = self.rollout.sync_weights(version + 1)  # drops or replaces workers lost since the collect
+        info.update({"rollout/workers": float(collected.workers),
+                     "rollout/workers_lost": float(len(collected.lost) + len(synced.lost)), **collected.guidance})
+        return StepResult(samples, prompt_errors, learn, synced.stats, info, collected.generate_s, reward_s), following
+
+    def _collected(self, dispatched: DispatchedStep, version: int) -> CollectedRollout:
+        """The step's generation, collected from the rollout pool once (or read from a checkpoint)."""
+        if dispatched.collected is None:
+            results, generate_s = self._collect(dispatched.rollout, version)
+            dispatched.collected = CollectedRollout(results, generate_s, self.last_guidance,
+                                                    dispatched.rollout.workers, list(dispatched.rollout.lost))
+        return dispatched.collected
 
     def lr_at(self, step: int) -> float:
         """The learning rate of GRPO step `step` (1-based) under learner.schedule."""
@@ -225,36 +221,27 @@ class GRPOTrainer:
         for s, reward in zip(samples, self.rewards.score(inputs)):
             s.reward = reward
 
-    def _learner_batch(self, samples: List[ScoredSample], version: int) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
-        """Advantages of the fresh-enough samples, the batch the learner trains on (a multiple of
-        its ranks; the least informative samples are left out), and what was dropped."""
-        import torch
-
-        g = self.cfg.learner.grpo
-        lags = np.array([version - s.sample.version for s in samples])
-        keep = np.nonzero(lags <= self.cfg.trainer.max_staleness)[0]
-        weights = self.cfg.rewards.weights
-        per_reward = ({k: torch.tensor([samples[i].reward.components[k] for i in keep]) for k in weights}
-                      if g.normalise == "per_reward" else {})
-        adv, stats = batch_advantages(g.normalise, g.advantage, torch.tensor([samples[i].reward.total for i in keep]),
-                                      per_reward, weights, torch.tensor([samples[i].group for i in keep]), g.adv_eps)
-        world = self.cfg.learner.num_workers
-        n = len(keep) - len(keep) % world
-        order = np.argsort(np.abs(adv.numpy()), kind="stable")[::-1][:n]  # drop the least informative
-        sel = keep[np.sort(order)]
-        advs = adv.numpy()[np.sort(order)]
-        batch = pack_grpo([self.prompt_ids[samples[i].record] for i in sel], [samples[i].sample.token_ids for i in sel],
-                          advs, [samples[i].sample.logprobs for i in sel], self.tokenizer.pad_token_id or 0,
-                          self.image_ids)
-        info = {"adv/zero_std_fraction": stats.zero_std_fraction, "policy/version_lag": float(lags.mean()),
-                "samples/stale_dropped": float(len(samples) - len(keep)), "samples/trained": float(n),
-                "samples/dropped_for_sharding": float(len(keep) - n)}
-        return batch, info
+    def _learner_batch(self, samples: List[ScoredSample], version: int) -> StepBatch:
+        """The learner's batch of this step's samples (learner/step_batch.py)."""
+        names = list(self.cfg.rewards.weights)
+        rollout = RolloutSamples([self.prompt_ids[s.record] for s in samples], [s.sample.token_ids for s in samples],
+                                 [s.sample.logprobs for s in samples], [s.group for s in samples],
+                                 [s.sample.version for s in samples], [s.reward.total for s in samples],
+                                 {k: [s.reward.components[k] for s in samples] for k in names}
+                                 if self.cfg.learner.grpo.normalise == "per_reward" else {})
+        return learner_batch(rollout, version, self.cfg.learner.grpo, self.cfg.rewards.weights,
+                             self.cfg.trainer.max_staleness, self.cfg.learner.num_workers,
+                             self.tokenizer.pad_token_id or 0, self.image_ids)
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def _save(self, step: int, version: int) -> None:
+    def _save(self, step: int, version: int, pending: Optional[DispatchedStep]) -> None:
+        """Learner, driver state and (async mode) the next step's generation: it is collected
+        now, which costs no time (the loop collects it next anyway), and stored, so a resumed run
+        trains step + 1 on the samples drawn by the previous policy version, as this run does."""
         out = self.run_dir / CKPT_DIR / f"step_{step:06d}"
         self.learner.save(str(out), {"driver_step": step})
+        if pending is not None:
+            write_pending_step(out, pending.step, pending.records, self._collected(pending, version).to_json())
         DriverState(step, version, self.cursor.state(), self.tracker.run_id, self.reward_history,
                     self.component_history, self._schedule_record()).write(out)
         prune_checkpoints(self.run_dir, self.cfg.trainer.keep_checkpoints)
@@ -264,7 +251,7 @@ class GRPOTrainer:
         lc = self.cfg.learner
         return {"lr": lc.lr, "steps": self.cfg.trainer.steps, **dataclasses.asdict(lc.schedule)}
 
-    def _load(self) -> Tuple[int, int]:
+    def _load(self) -> Tuple[int, int, Optional[DispatchedStep]]:
         ckpt = latest_checkpoint(str(self.run_dir))
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / CKPT_DIR}")
@@ -278,7 +265,11 @@ class GRPOTrainer:
             log.warning("the learning-rate schedule differs from the checkpoint's (%s, now %s): steps after %d "
                         "follow the new one", state.lr_schedule, now, state.step)
         print(f"resumed from {ckpt}: step {state.step}, policy version {state.version}")
-        return state.step, state.version
+        pending = read_pending_step(ckpt)
+        if pending is not None:
+            pending = DispatchedStep(pending["step"], pending["records"],
+                                     collected=CollectedRollout.from_json(pending["collected"]))
+        return state.step, state.version, pending
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
@@ -293,7 +284,7 @@ class GRPOTrainer:
         try:
             self._prepare()
             self._start_actors()
-            start, version = self._load() if self.resume else (0, 0)
+            start, version, pending = self._load() if self.resume else (0, 0, None)
             if not self.tracker.resumed:
                 self.tracker.params(flatten(cfg))
                 (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -303,16 +294,17 @@ class GRPOTrainer:
                 if not self.resume:
                     self._sft()
                 self._reference_is_sft()
-            sync_living_workers(self.weight_sync, self.rollout, version)
+            self.rollout.sync_weights(version)
             if start == 0 and self.heldout:
                 self.heldout.at_start(functools.partial(self._generate_now, version=version), self.rewards,
                                       "SFT" if self.sft_ran else "initial", version)
             bar = tqdm(total=cfg.trainer.steps, initial=start, desc="grpo", disable=not self.progress)
-            pending = self._dispatch(start) if start < cfg.trainer.steps else None
+            if pending is None and start < cfg.trainer.steps:
+                pending = self._dispatch(start)
             for step in range(start, cfg.trainer.steps):
                 result, pending = self._step(pending, version)
                 version += 1
-                self._record(step + 1, version, result)
+                self._record(step + 1, version, result, pending)
                 bar.update(1)
                 self._emit("step_end", step + 1)
                 if cfg.rollout.autoscale and step + 1 < cfg.trainer.steps:
@@ -332,8 +324,9 @@ class GRPOTrainer:
         (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def _record(self, step: int, version: int, result: StepResult) -> None:
-        """Metrics (MLflow and the console line), sample grid and checkpoint after a step."""
+    def _record(self, step: int, version: int, result: StepResult, pending: Optional[DispatchedStep]) -> None:
+        """Metrics (MLflow and the console line), sample grid and checkpoint (with the `pending`
+        next step of async mode) after a step."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -350,15 +343,14 @@ class GRPOTrainer:
             log_sample_grid(self.run_dir / "grids" / f"step_{step:06d}.png", first.parsed, self.records[first.record],
                             self.vq, self.tracker)
         if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps:
-            self._save(step, version)
+            self._save(step, version, pending)
 
     def _grow(self, version: int) -> None:
         """Autoscale: start the rollout workers the cluster now has room for and bring them to
         `version` (the next dispatch uses them)."""
         before = len(self.rollout.workers)
-        added = self.rollout.grow()
+        added = self.rollout.grow(version)
         if added:
-            self.weight_sync.workers_changed(list(range(before, before + added)), version)
             print(f"rollout pool: {before} -> {before + added} workers (new on "
                   f"{[r['node_ip'] for r in self.rollout.group.info[before:]]})")
 
@@ -369,16 +361,8 @@ class GRPOTrainer:
     def _final_state(self, version: int) -> Dict[str, Any]:
         """Where the actors ran and which policy version every rollout worker holds at the end
         (each must equal the learner's; None for a worker that cannot be reached now)."""
-        import ray
-        from ray.exceptions import RayActorError
-
-        versions: List[Optional[int]] = []
-        for ref in self.rollout.group.call("version"):
-            try:
-                versions.append(int(ray.get(ref)))
-            except RayActorError:
-                versions.append(None)
-        return {"actor_nodes": self.actor_nodes(), "learner_version": version, "rollout_versions": versions,
+        return {"actor_nodes": self.actor_nodes(), "learner_version": version,
+                "rollout_versions": self.rollout.worker_versions(),
                 "rollout_workers_lost": self.rollout.lost, "rl_manifest": str(self.manifest),
                 "rl_records": len(self.records), "sft_examples": self.sft_examples}
 
@@ -386,27 +370,10 @@ class GRPOTrainer:
         """A dispatched generation's results and its seconds from dispatch to results. A worker
         lost meanwhile is replaced and brought to `version`, or dropped (autoscale) and the
         weight group formed again without it."""
-        results = self.rollout.collect(batch, lambda slot: self.weight_sync.worker_replaced(slot, version))
+        results = self.rollout.collect(batch, version)
         generate_s = time.perf_counter() - batch.started
-        if batch.lost:
-            self.weight_sync.workers_changed([], version)
-        self.last_guidance = self._guidance_counts()  # the workers are idle until the next dispatch
+        self.last_guidance = self.rollout.guidance_since_last()  # the workers are idle until the next dispatch
         return results, generate_s
-
-    def _guidance_counts(self) -> Dict[str, float]:
-        """This generation's classifier-free-guidance counters (cluster.metrics.guidance_metrics)."""
-        try:
-            now = self.rollout.throughput()
-        except Exception as exc:  # a worker lost since the collect: its share is counted next time
-            log.warning("rollout guidance counters not read (%s: %s)", type(exc).__name__, exc)
-            return {}
-        m = guidance_metrics(getattr(self, "_guidance_seen", []), now)
-        self._guidance_seen = now
-        if m["rollout/cfg_unguided_codes"]:
-            log.warning("classifier-free guidance: %d image codes of this generation were drawn without their "
-                        "unconditional twin: %s", m["rollout/cfg_unguided_codes"],
-                        unguided_hint(self.cfg.rollout.gpus_per_worker <= 0))
-        return m
 
     def _generate_now(self, prompts: List[List[int]], version: int, **how) -> List[Any]:
         """Generate on the rollout pool and wait (the held-out check)."""
@@ -433,11 +400,6 @@ class GRPOTrainer:
                 "mlflow_uri": self.tracker.uri, "mlflow_run_id": self.tracker.run_id, "tracking": self.tracker.report()}
 
     def shutdown(self) -> None:
-        if getattr(self, "weight_sync", None) is not None:
-            try:
-                self.weight_sync.close()
-            except Exception as exc:  # the actors may be gone already; say so, go on stopping
-                log.warning("weight sync could not be closed (%s: %s)", type(exc).__name__, exc)
         for name in ("rollout", "rewards", "learner"):
             actor = getattr(self, name, None)
             if actor is not None:

@@ -3,14 +3,17 @@
 A prompt's G samples always go to one worker (prefix caching). Prompts go to the worker
 with the fewest prompts in flight; workers are spread over nodes (Ray's SPREAD strategy,
 unless a placement group places them). A worker that dies mid-call is replaced in its slot
-(`cluster.actor_group.ActorGroup`), brought to the current weights by the caller's weight
-sync (`on_replaced`), and the dead worker's prompts are dispatched again: every prompt gets
+(`cluster.actor_group.ActorGroup`), brought to the current weights by the pool's weight
+sync, and the dead worker's prompts are dispatched again: every prompt gets
 exactly one set of samples, none lost, none duplicated.
 
 With `rollout.autoscale`, a dead worker is dropped instead (its node is usually gone with it)
 and its prompts go to the living workers; between steps, `grow()` starts as many new workers
-as the cluster's free resources fit (a node joined), up to `rollout.max_workers`. The caller
-re-forms the weight group after either change (`WeightSync.workers_changed`).
+as the cluster's free resources fit (a node joined), up to `rollout.max_workers`.
+
+The pool owns the weight sync to its workers (`connect_weights`, then `sync_weights(version)`):
+a replaced worker is brought to the current weights before it reruns a call, and the weight
+group is formed again whenever workers are dropped or added, inside the pool.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import ray
 from ray.exceptions import RayActorError
 
 from cluster.actor_group import ActorGroup, resource_options
+from cluster.metrics import GuidanceCounter
 from cluster.nodes import node_alive
+from cluster.weight_sync import WEIGHT_SYNCS, SyncReport, WeightSync, sync_living_workers
 from rollout.config import RolloutConfig
 from rollout.worker import RolloutWorker
 
@@ -80,6 +85,8 @@ class RolloutPool:
         self.cfg = cfg
         self.max_restarts = max_restarts
         self.lost = 0  # workers dropped (autoscale)
+        self.weight_sync: Optional[WeightSync] = None  # connect_weights
+        self.guidance = GuidanceCounter(on_gpu=cfg.gpus_per_worker > 0)
         options = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_concurrency=1,
                        scheduling_strategy="SPREAD", **resource_options(cfg.resources))
         self.group = ActorGroup(
@@ -93,6 +100,33 @@ class RolloutPool:
     @property
     def restarts(self) -> int:
         return self.group.restarts
+
+    # ---- weights ---------------------------------------------------------------------------
+    def connect_weights(self, learner, run_cfg) -> None:
+        """The weight sync from `learner` (a LearnerGroup) to this pool's workers, as
+        `trainer.weight_sync` of the run's Config `run_cfg` names it, connected."""
+        self.weight_sync = WEIGHT_SYNCS.get(run_cfg.trainer.weight_sync)(learner, self.group, run_cfg)
+        self.weight_sync.connect()
+
+    def sync_weights(self, version: int) -> SyncReport:
+        """Every living worker holds the learner's weights, stamped `version` (dead workers are
+        dropped or replaced first, and again if one goes away during the sync)."""
+        return sync_living_workers(self.weight_sync, self, version)
+
+    def disconnect_weights(self) -> None:
+        """Release what the weight sync holds (its group, shared memory) while the actors run."""
+        if self.weight_sync is not None:
+            try:
+                self.weight_sync.close()
+            except Exception as exc:  # the actors may be gone already; say so, go on stopping
+                log.warning("weight sync could not be closed (%s: %s)", type(exc).__name__, exc)
+            self.weight_sync = None
+
+    def _bring_to(self, slots: List[int], version: Optional[int]) -> None:
+        """New workers in `slots` (none: workers were dropped) get weights `version` and the
+        weight group is formed again; nothing to do before weights are connected."""
+        if self.weight_sync is not None and version is not None:
+            self.weight_sync.workers_changed(slots, version)
 
     # ---- generation ------------------------------------------------------------------------
     def submit(self, prompts: Sequence[Sequence[int]], seed: int, n: Optional[int] = None,
@@ -109,11 +143,12 @@ class RolloutPool:
                  for w, idx in assignment.items() if idx}
         return RolloutBatch([list(p) for p in prompts], seed, assignment, calls, time.perf_counter(), n=n, greedy=greedy)
 
-    def collect(self, batch: RolloutBatch, on_replaced: Optional[Callable[[int], None]] = None) -> List[Any]:
+    def collect(self, batch: RolloutBatch, version: Optional[int] = None) -> List[Any]:
         """Results per prompt (list of samples or PromptError), in prompt order. A dead worker
-        is replaced and `on_replaced(slot)` brings it to the current weights (the weight sync),
-        or, with autoscale, dropped (its node is recorded in `batch.lost`); either way its
-        prompts are dispatched again, with the seed they had."""
+        is replaced and brought to weights `version` (the pool's weight sync; without one it
+        keeps the initial policy), or, with autoscale, dropped (its node is recorded in
+        `batch.lost`, the weight group formed again); either way its prompts are dispatched
+        again, with the seed they had."""
         results: List[Any] = [None] * len(batch.prompts)
         pending = [PendingCall(w, batch.assignment[w], worker_seed(batch.seed, w), ref) for w, ref in batch.calls.items()]
         dead: List[int] = []
@@ -122,16 +157,17 @@ class RolloutPool:
             try:
                 out = ray.get(call.ref)
             except RayActorError as exc:
-                pending.append(self._redispatch(batch, call, exc, dead, pending, on_replaced))
+                pending.append(self._redispatch(batch, call, exc, dead, pending, version))
                 continue
             for i, r in zip(call.positions, out):
                 results[i] = r
         if dead:
             self.group.remove(dead)
+            self._bring_to([], version)
         return results
 
     def _redispatch(self, batch: RolloutBatch, call: PendingCall, exc: Exception, dead: List[int],
-                    pending: List[PendingCall], on_replaced: Optional[Callable[[int], None]]) -> PendingCall:
+                    pending: List[PendingCall], version: Optional[int]) -> PendingCall:
         """The dead worker's prompts, sent again: to its replacement, or (autoscale) to the living
         worker with the fewest prompts in flight."""
         w = call.worker
@@ -155,17 +191,16 @@ class RolloutPool:
             log.warning("%s died (%s): replacing it and re-dispatching %d prompts", where, type(exc).__name__,
                         len(call.positions))
             self._replace(w, where)
-            if on_replaced is not None:
-                on_replaced(w)
+            self._bring_to([w], version)
             target = w
         ref = self.workers[target].generate.remote([batch.prompts[i] for i in call.positions], batch.n, call.seed,
                                                    batch.greedy)
         return PendingCall(target, call.positions, call.seed, ref)
 
     def check_workers(self) -> "PoolChange":
-        """Probe every worker; a dead one is dropped (autoscale) or replaced in its slot (the
-        caller re-forms the weight group and syncs next). A probe waits until Ray has decided
-        about a worker on an unreachable node."""
+        """Probe every worker; a dead one is dropped (autoscale) or replaced in its slot
+        (`sync_weights` then forms the weight group again and syncs). A probe waits until Ray
+        has decided about a worker on an unreachable node."""
         dead = []
         for w, ref in enumerate(self.group.call("version")):
             try:
@@ -208,17 +243,36 @@ class RolloutPool:
             fit = min(fit, self.cfg.max_workers - len(self.workers))
         return max(fit, 0)
 
-    def grow(self) -> int:
-        """Start the workers that fit (autoscale); returns how many started."""
+    def grow(self, version: Optional[int] = None) -> int:
+        """Start the workers that fit (autoscale) and bring them to weights `version`; returns
+        how many started."""
         n = self.room()
         if n:
+            before = len(self.workers)
             reports = self.group.grow(n)
             log.warning("rollout pool grew by %d workers (on %s): %d now", n,
                         sorted({r["node_ip"] for r in reports}), len(self.workers))
+            self._bring_to(list(range(before, before + n)), version)
         return n
 
     def throughput(self) -> List[Dict[str, float]]:
         return self.group.run("throughput")
 
+    def guidance_since_last(self) -> Dict[str, float]:
+        """The classifier-free-guidance counts of the generations since the last call
+        (cluster.metrics.GuidanceCounter)."""
+        return self.guidance.since_last(self.throughput)
+
+    def worker_versions(self) -> List[Optional[int]]:
+        """The policy version each worker holds (None for one that cannot be reached now)."""
+        versions: List[Optional[int]] = []
+        for ref in self.group.call("version"):
+            try:
+                versions.append(int(ray.get(ref)))
+            except RayActorError:
+                versions.append(None)
+        return versions
+
     def shutdown(self) -> None:
+        self.disconnect_weights()
         self.group.shutdown()

@@ -1,8 +1,9 @@
 """Weight sync: moving the learner's weights into every rollout worker, as its own component.
 
-The driver calls `sync(version)` after each learner step; the rollout pool calls
-`worker_replaced(slot, version)` after it restarts a dead worker. Transports are registered
-by name and chosen with `trainer.weight_sync`:
+The rollout pool owns its weight sync (`RolloutPool.connect_weights`): the driver makes one
+call, `rollout.sync_weights(version)`, after each learner step, and the pool itself brings a
+replaced, added or dropped worker up to date (`workers_changed`).
+Transports are registered by name and chosen with `trainer.weight_sync`:
 
 - `network` (default): a process group of its own (gloo on CPU, NCCL on GPUs) with learner
   rank 0 as the sender, hosted at rank 0's node address; bucketed broadcast, streamed into
@@ -29,8 +30,9 @@ import os
 import time
 import uuid
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List
 
 import ray
 
@@ -59,13 +61,10 @@ class WeightSync(ABC):
         """Every worker holds the learner's current weights, stamped `version`; returns stats."""
 
     @abstractmethod
-    def worker_replaced(self, slot: int, version: int) -> None:
-        """A new worker in `slot` started from the initial policy: bring it to `version`."""
-
-    @abstractmethod
     def workers_changed(self, added: List[int], version: int) -> None:
-        """The pool grew (new workers in slots `added`, holding the initial policy) or dropped
-        dead workers (`added` empty): bring the new ones to `version`, ready for the next sync."""
+        """The pool replaced or added workers (in slots `added`, holding the initial policy) or
+        dropped dead ones (`added` empty): bring the new ones to `version`, ready for the next
+        sync."""
 
 
 @WEIGHT_SYNCS.register("network")
@@ -109,9 +108,6 @@ class NetworkSync(WeightSync):
     def close(self) -> None:
         self.learner.leave_weight_group()
 
-    def worker_replaced(self, slot: int, version: int) -> None:
-        self.workers_changed([slot], version)
-
     def workers_changed(self, added: List[int], version: int) -> None:
         """A formed group cannot take or lose a member: it is formed again over the workers there
         are now; new workers get the weights by one broadcast to all (the others load the same
@@ -140,19 +136,25 @@ class FilesystemSync(WeightSync):
         return {"sync/seconds": seconds, "sync/bytes": float(nbytes), "sync/gb_per_s": nbytes / 1e9 / max(seconds, 1e-9),
                 "sync/write_s": written - t0, "timing/sync_s": seconds}
 
-    def worker_replaced(self, slot: int, version: int) -> None:
-        if self.version is None:  # nothing synced yet: the new worker already holds the initial policy
-            return
-        ray.get(self.workers.actors[slot].update_weights_from_path.remote(str(self.folder), self.version))
-
     def workers_changed(self, added: List[int], version: int) -> None:
-        for slot in added:
-            self.worker_replaced(slot, version)
+        """New workers reload from the folder (dropped ones need nothing: there is no group)."""
+        if self.version is None:  # nothing synced yet: the new workers already hold the initial policy
+            return
+        ray.get([self.workers.actors[slot].update_weights_from_path.remote(str(self.folder), self.version)
+                 for slot in added])
 
 
-def sync_living_workers(weight_sync: WeightSync, pool, version: int) -> Tuple[Dict[str, float], List[str]]:
-    """Bring every living rollout worker of `pool` (a RolloutPool) to `version`; returns the
-    sync's stats and the nodes of the workers dropped on the way.
+@dataclass
+class SyncReport:
+    """One weight sync: the transport's statistics and the nodes of the workers dropped on the way."""
+
+    stats: Dict[str, float]
+    lost: List[str] = field(default_factory=list)
+
+
+def sync_living_workers(weight_sync: WeightSync, pool: Any, version: int) -> SyncReport:
+    """Bring every living rollout worker of `pool` to `version` (`pool.check_workers()` is the
+    RolloutPool's probe: it drops or replaces dead workers and says which).
 
     A worker that died since it last answered is dropped (autoscale) or replaced before the
     sync, and the group is formed again. A node can also go down during the sync itself (the
@@ -168,7 +170,7 @@ def sync_living_workers(weight_sync: WeightSync, pool, version: int) -> Tuple[Di
             lost += change.lost
             weight_sync.workers_changed([], version)
         try:
-            return weight_sync.sync(version), lost
+            return SyncReport(weight_sync.sync(version), lost)
         except Exception as exc:
             change = pool.check_workers()
             if not change:

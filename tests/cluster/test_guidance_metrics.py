@@ -1,14 +1,10 @@
-"""`rollout/cfg_twins` and `rollout/cfg_unguided_codes` per step: the driver turns the rollout
-workers' cumulative counters into one step's counts and warns naming the setting that helps."""
+"""`rollout/cfg_twins` and `rollout/cfg_unguided_codes` per step: the rollout pool's counter turns
+the workers' cumulative counters into one step's counts and warns naming the setting that helps."""
 
 import logging
-from types import SimpleNamespace
-
 import pytest
 
-from cluster.config import load_config
-from cluster.driver import GRPOTrainer
-from cluster.metrics import guidance_metrics
+from cluster.metrics import GuidanceCounter, guidance_metrics
 
 
 def counters(twins, unguided):
@@ -24,27 +20,22 @@ def test_a_steps_counts_are_the_counters_since_the_last_collect_and_a_replaced_w
 
 
 @pytest.mark.parametrize("gpus,hint", [(0, "rollout.kv_cache_gb"), (1, "rollout.gpu_memory_utilization")])
-def test_the_driver_reports_each_collect_and_warns_with_the_setting_for_its_hardware(tmp_path, caplog, gpus, hint):
-    cfg = load_config(None, [f"run_dir={tmp_path}", f"rollout.gpus_per_worker={gpus}"])
-    trainer = GRPOTrainer(cfg, progress=False)
+def test_each_collect_is_reported_with_a_warning_naming_the_setting_for_its_hardware(caplog, gpus, hint):
+    counter = GuidanceCounter(on_gpu=gpus > 0)
     reads = iter([[counters(4, 0), counters(4, 0)], [counters(8, 0), counters(8, 5)]])
-    trainer.rollout = SimpleNamespace(throughput=lambda: next(reads))
-    with caplog.at_level(logging.WARNING, logger="cluster.driver"):
-        assert trainer._guidance_counts() == {"rollout/cfg_twins": 8.0, "rollout/cfg_unguided_codes": 0.0}
+    with caplog.at_level(logging.WARNING, logger="cluster.metrics"):
+        assert counter.since_last(lambda: next(reads)) == {"rollout/cfg_twins": 8.0, "rollout/cfg_unguided_codes": 0.0}
         assert not caplog.records
-        assert trainer._guidance_counts() == {"rollout/cfg_twins": 8.0, "rollout/cfg_unguided_codes": 5.0}
+        assert counter.since_last(lambda: next(reads)) == {"rollout/cfg_twins": 8.0, "rollout/cfg_unguided_codes": 5.0}
     assert len(caplog.records) == 1 and "5 image codes" in caplog.text and hint in caplog.text
     other = "rollout.gpu_memory_utilization" if gpus == 0 else "rollout.kv_cache_gb"
     assert other not in caplog.text
 
 
-def test_unreadable_counters_are_a_warning_not_a_failed_step(tmp_path, caplog):
-    trainer = GRPOTrainer(load_config(None, [f"run_dir={tmp_path}"]), progress=False)
-
+def test_unreadable_counters_are_a_warning_not_a_failed_step(caplog):
     def gone():
         raise RuntimeError("worker died")
 
-    trainer.rollout = SimpleNamespace(throughput=gone)
-    with caplog.at_level(logging.WARNING, logger="cluster.driver"):
-        assert trainer._guidance_counts() == {}
+    with caplog.at_level(logging.WARNING, logger="cluster.metrics"):
+        assert GuidanceCounter(on_gpu=False).since_last(gone) == {}
     assert "worker died" in caplog.text

@@ -9,7 +9,7 @@ import ray
 from cluster.config import load_config
 from cluster.learner_group import LearnerGroup
 from cluster.rollout_pool import PoolChange, RolloutPool
-from cluster.weight_sync import WEIGHT_SYNCS, sync_living_workers
+from cluster.weight_sync import sync_living_workers
 from tests.cluster.test_rollout_pool import kill
 from tests.learner.test_learner_group import grpo_batch
 from vlcot.trace import build_prompt
@@ -49,10 +49,10 @@ TRANSPORTS = {"network group": ["trainer.weight_sync=network", "trainer.weight_s
 def test_each_transport_brings_every_worker_to_the_learner(actors, tiny_policy, tmp_path, name):
     cfg, learner, pool = actors
     cfg = load_config(overrides=TRANSPORTS[name] + [f"trainer.weight_sync_dir={tmp_path}", "rollout.num_workers=1"])
-    sync = WEIGHT_SYNCS.get(cfg.trainer.weight_sync)(learner, pool.group, cfg)
-    sync.connect()
+    pool.connect_weights(learner, cfg)  # the pool owns its weight sync
+    sync = pool.weight_sync
     learner.grpo_step(grpo_batch(tiny_policy.layout, list(TRANSPORTS).index(name) + 1, n=2))
-    stats = sync.sync(5)
+    stats = pool.sync_weights(5).stats
     assert stats["sync/bytes"] > 0 and stats["timing/sync_s"] > 0
     if cfg.trainer.weight_sync == "network":  # the one worker shares learner rank 0's node
         shm = cfg.trainer.weight_sync_shm
@@ -63,7 +63,7 @@ def test_each_transport_brings_every_worker_to_the_learner(actors, tiny_policy, 
     if cfg.trainer.weight_sync == "network":  # later syncs to the same group leave out the frozen VQGAN
         learner.grpo_step(grpo_batch(tiny_policy.layout, 7, n=2))
         version = 6
-        again = sync.sync(version)
+        again = pool.sync_weights(version).stats
         assert 0 < again["sync/bytes"] < stats["sync/bytes"]
         assert_every_tensor_synced(pool.workers[0], learner)
     prompt = build_prompt(np.zeros((16, 16), dtype=int), tiny_policy.codec, tiny_policy.layout)
@@ -71,10 +71,10 @@ def test_each_transport_brings_every_worker_to_the_learner(actors, tiny_policy, 
     # a worker killed mid-dispatch is replaced and brought to the current weights before it reruns
     batch = pool.submit([prompt], 1)
     ray.kill(pool.workers[0])
-    samples = pool.collect(batch, lambda slot: sync.worker_replaced(slot, version))[0]
+    samples = pool.collect(batch, version)[0]
     assert samples[0].version == version and pool.restarts >= 1
     assert_every_tensor_synced(pool.workers[0], learner)
-    sync.close()
+    pool.disconnect_weights()
     if cfg.trainer.weight_sync == "network":
         assert not Path(sync.folder).exists()  # the shared-memory file is gone with the group
 
@@ -88,9 +88,8 @@ def test_a_node_lost_during_the_sync_is_dropped_and_the_sync_done_again(actors, 
                                  "trainer.weight_sync_timeout_s=20", "rollout.engine=hf", "rollout.num_workers=2",
                                  "rollout.autoscale=true", "rollout.group_size=2", "rollout.sampling.text_budget=16"])
     pool = RolloutPool(cfg.rollout, policy_dir, cfg.image, cfg.policy, ready_timeout_s=60)
-    sync = WEIGHT_SYNCS.get("network")(learner, pool.group, cfg)
     try:
-        sync.connect()
+        pool.connect_weights(learner, cfg)
         survivor, node = pool.workers[0], pool.group.info[1]["node_ip"]
         probe = pool.check_workers
 
@@ -102,14 +101,13 @@ def test_a_node_lost_during_the_sync_is_dropped_and_the_sync_done_again(actors, 
 
         pool.check_workers = answers_then_goes_down
         learner.grpo_step(grpo_batch(tiny_policy.layout, 11, n=2))
-        stats, lost = sync_living_workers(sync, pool, 9)
-        assert lost == [node] and pool.workers == [survivor] and pool.lost == 1
-        assert stats["sync/network_workers"] == 1.0
+        report = pool.sync_weights(9)
+        assert report.lost == [node] and pool.workers == [survivor] and pool.lost == 1
+        assert report.stats["sync/network_workers"] == 1.0
         assert ray.get(survivor.version.remote()) == 9
         assert_every_tensor_synced(survivor, learner)
     finally:
-        sync.close()
-        pool.shutdown()
+        pool.shutdown()  # closes its weight sync first
 
 
 class ScriptedPool:
@@ -143,9 +141,9 @@ def test_a_failed_sync_with_every_worker_answering_is_raised_not_retried():
     assert sync.formed == 0
     # two nodes lost one after the other during two syncs: the group is formed again each time
     sync = FailingSync(failures=2)
-    stats, lost = sync_living_workers(sync, ScriptedPool(PoolChange([], []), PoolChange(["10.0.0.3"], []),
-                                                         PoolChange([], [1])), 3)
-    assert stats == {"version": 3} and lost == ["10.0.0.3"] and sync.formed == 2
+    report = sync_living_workers(sync, ScriptedPool(PoolChange([], []), PoolChange(["10.0.0.3"], []),
+                                                    PoolChange([], [1])), 3)
+    assert report.stats == {"version": 3} and report.lost == ["10.0.0.3"] and sync.formed == 2
 
 
 def test_unknown_transport_is_a_config_error():
