@@ -85,6 +85,11 @@ def test_two_step_run_logs_every_metric(tmp_path, mode, placement, monkeypatch, 
     weighted = sum(w * m[f"reward/{name}/mean"] for name, w in cfg.rewards.weights.items())
     assert m["reward/total/mean"] == pytest.approx(weighted, abs=1e-6)  # the last step's total includes the plug-in
     assert run.data.metrics["samples/count"] == 4
+    # values a working step can have: a bug that logs 0, a negative time or an unbounded fraction fails
+    assert 0 <= m["clip_fraction"] <= 1 and m["entropy"] > 0 and 0 <= m["grad_norm"] < 1e3  # 0: equal rewards in each group
+    assert m["timing/generate_s"] > 0 and m["timing/learn_s"] > 0 and m["rollout/tokens_per_s"] > 0
+    assert m["tokens/text"] + m["tokens/image"] == m["rollout/tokens"]  # all 4 samples trained, every response token
+    assert 0 <= m["trace/all_images_fraction"] <= 1 and m["rollout/cfg_unguided_codes"] == 0
     assert run.data.params["trainer.mode"] == mode
     hist = client.get_metric_history(run.info.run_id, "reward/total/mean")
     assert sorted(m.step for m in hist) == [1, 2]
@@ -254,6 +259,7 @@ def test_async_zero3_resume_trains_the_step_in_flight_as_the_uninterrupted_run(t
     args = ["trainer.mode=async", "learner.zero_stage=3", "trainer.steps=3", "trainer.checkpoint_every=1",
             "trainer.keep_checkpoints=3", "trainer.heldout_eval=false", "trainer.log_images_every=100"]
     straight = GRPOTrainer(small(tmp_path / "straight", *args), progress=False).run()
+    assert straight["steps"] == 3 and straight["learner_version"] == 3
     pending = read_pending_step(tmp_path / "straight" / CKPT_DIR / "step_000001")
     assert pending["step"] == 1 and len(pending["records"]) == 2
     assert {x["version"] for r in pending["collected"]["results"] for x in r["samples"]} == {0}  # one version behind
