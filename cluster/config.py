@@ -126,14 +126,14 @@ class ConfigError(UserError):
     """A configuration problem, raised before any work starts. From `validate`: every problem of
     the config at once (`problems`, (full key, message) pairs), one line each."""
 
-    problems: List[Tuple[str, str]] = []
+    problems: Tuple[Tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, problems: Sequence[Tuple[str, str]]) -> "ConfigError":
         lines = [f"config key {key!r}: {one_line(msg)}" for key, msg in problems]
         head = [] if len(lines) == 1 else [f"{len(lines)} config problems:"]
         err = cls("\n  ".join(head + lines))
-        err.problems = list(problems)
+        err.problems = tuple(problems)
         return err
 
     def lines(self) -> List[str]:
