@@ -2,7 +2,8 @@
 
 Every subcommand takes `--config FILE` (default: configs/tiny-cpu.yaml) and `key=value`
 overrides, and validates the whole configuration before doing any work. A mistake in what the
-user gave (vlcot/errors.py `UserError`) is one line on stderr and exit code 2; a traceback is a bug.
+user gave (vlcot/errors.py `UserError`) is one line on stderr (a config with several problems:
+one line each) and exit code 2; a traceback is a bug.
 
     realsr-r1 annotate --input DIR [--overwrite]          captions + tags sidecars with local models
     realsr-r1 prepare-data [--config F] [key=value ...]   HQ images -> LR, labels, manifest
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from cluster.config import load_config, to_yaml
-from vlcot.errors import UserError, existing_folder, one_line, output_folder
+from vlcot.errors import UserError, existing_folder, output_folder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,12 +110,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command. A `UserError` (vlcot/errors.py: a mistake the user can fix) is one line on
-    stderr and exit code 2 wherever it is raised; anything else is a bug and keeps its traceback."""
+    stderr (one per problem of a config) and exit code 2 wherever it is raised; anything else is a
+    bug and keeps its traceback."""
     try:
         return _main(argv)
     except UserError as exc:
         command = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), "")
-        print(f"{' '.join(['realsr-r1', command]).strip()}: {one_line(exc)}", file=sys.stderr)
+        head, *more = exc.lines()  # more: the other problems of a config, one line each
+        print("\n  ".join([f"{' '.join(['realsr-r1', command]).strip()}: {head}", *more]), file=sys.stderr)
         return 2
 
 

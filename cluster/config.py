@@ -1,8 +1,11 @@
 """Configuration: dataclass defaults -> OmegaConf structured config -> yaml -> CLI dotlist
 overrides -> validated dataclass objects.
 
-Every problem (unknown key, wrong type, bad value) raises `ConfigError` naming the full
-key and what is allowed, before anything is started.
+An unknown key or a value of the wrong type raises `ConfigError` naming the full key, before
+anything is started. Then `validate` gathers the problems of every package (each package's
+`problems()`: vlcot/config_problems.py, rollout/, learner/, rewards/, evaluation/ config,
+cluster/tracking.py) and of the checks here that relate two roles' settings, and raises one
+`ConfigError` listing them all, one line per full key.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -25,22 +28,18 @@ from learner.config import LearnerConfig
 from learner.config import problems as learner_problems
 from learner.schedule import problems as schedule_problems
 from rewards.config import RewardsConfig
+from rewards.config import problems as reward_problems
 from rollout.config import RolloutConfig
 from rollout.config import problems as rollout_problems
-from rewards.config import problems as reward_problems
-from vlcot.config import (LABEL_MEASURES, AnnotateConfig, DataConfig, DegradationConfig, ImageConfig, OrderConfig,
-                          PolicyConfig, VQConfig, VQTrainConfig, annotate_problems, policy_folder_problem,
-                          resolve_checkpoint, vq_train_problems)
-from vlcot.conversation import CHECKPOINT_KEY, conversation_problems, resolve_conversation
-from vlcot.errors import UserError
-from vlcot.kernels import KERNEL_TYPES
+from vlcot.config import (AnnotateConfig, DataConfig, DegradationConfig, ImageConfig, PolicyConfig, VQConfig,
+                          VQTrainConfig, policy_folder_problem)
+from vlcot.config_problems import problems as vlcot_problems
+from vlcot.conversation import CHECKPOINT_KEY, resolve_conversation
+from vlcot.errors import UserError, one_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-POLICY_INITS = ("tiny", "released-layout")  # policy.init: how an empty policy.checkpoint is built
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny-cpu.yaml"
-DTYPES = ("float32", "bfloat16", "float16")
-VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)  # vLLM CPU attention; GPU kernels cover these too
 
 
 @dataclass
@@ -124,7 +123,21 @@ class Config:
 
 
 class ConfigError(UserError):
-    """A configuration problem, raised before any work starts."""
+    """A configuration problem, raised before any work starts. From `validate`: every problem of
+    the config at once (`problems`, (full key, message) pairs), one line each."""
+
+    problems: Tuple[Tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, problems: Sequence[Tuple[str, str]]) -> "ConfigError":
+        lines = [f"config key {key!r}: {one_line(msg)}" for key, msg in problems]
+        head = [] if len(lines) == 1 else [f"{len(lines)} config problems:"]
+        err = cls("\n  ".join(head + lines))
+        err.problems = tuple(problems)
+        return err
+
+    def lines(self) -> List[str]:
+        return [line.strip() for line in str(self).splitlines()] if self.problems else super().lines()
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), default: bool = True) -> Config:
@@ -221,87 +234,88 @@ def flatten(cfg: Config) -> dict:
     return out
 
 
-# ---- semantic validation -----------------------------------------------------------------------
-def _fail(key: str, msg: str) -> None:
-    raise ConfigError(f"config key {key!r}: {msg}")
-
-
-def _prob(key: str, v: float) -> None:
-    if not 0.0 <= v <= 1.0:
-        _fail(key, f"must be a probability in [0, 1], got {v}")
-
-
-def _range(key: str, v: List[float], lo: float = float("-inf")) -> None:
-    if len(v) != 2 or v[0] > v[1] or v[0] < lo:
-        _fail(key, f"must be [low, high] with {lo} <= low <= high, got {list(v)}")
-
-
-def _monotone(key: str, v: List[float], increasing: bool) -> None:
-    ok = len(v) == 3 and all((a < b) if increasing else (a > b) for a, b in zip(v, v[1:]))
-    if not ok:
-        order = "increasing" if increasing else "decreasing"
-        _fail(key, f"must be 3 strictly {order} edges (none|light|medium|heavy), got {list(v)}")
-
-
-def _validate_order(prefix: str, o: OrderConfig) -> None:
-    b = o.blur
-    for name in ("prob", "sinc_prob"):
-        _prob(f"{prefix}.blur.{name}", getattr(b, name))
-    for name in ("gaussian_noise_prob", "gray_noise_prob", "noise_prob", "jpeg_prob"):
-        _prob(f"{prefix}.{name}", getattr(o, name))
-    if not b.kernel_sizes or any(k < 3 or k % 2 == 0 for k in b.kernel_sizes):
-        _fail(f"{prefix}.blur.kernel_sizes", f"must be odd sizes >= 3, got {list(b.kernel_sizes)}")
-    unknown = [t for t in b.kernel_types if t not in KERNEL_TYPES]
-    if unknown or not b.kernel_types:
-        _fail(f"{prefix}.blur.kernel_types", f"unknown {unknown}; allowed: {list(KERNEL_TYPES)}")
-    if len(b.kernel_probs) != len(b.kernel_types) or min(b.kernel_probs) < 0 or sum(b.kernel_probs) <= 0:
-        _fail(f"{prefix}.blur.kernel_probs", "must be non-negative, one per kernel type, not all zero")
-    _range(f"{prefix}.blur.sigma", b.sigma, lo=1e-3)
-    _range(f"{prefix}.blur.betag", b.betag, lo=1e-3)
-    _range(f"{prefix}.blur.betap", b.betap, lo=1e-3)
-    if len(o.resize_probs) != 3 or min(o.resize_probs) < 0 or sum(o.resize_probs) <= 0:
-        _fail(f"{prefix}.resize_probs", "must be 3 non-negative weights (up, down, keep), not all zero")
-    _range(f"{prefix}.resize_range", o.resize_range, lo=1e-3)
-    if not o.resize_range[0] <= 1.0 <= o.resize_range[1]:
-        _fail(f"{prefix}.resize_range", f"must contain 1.0, got {list(o.resize_range)}")
-    _range(f"{prefix}.noise_sigma", o.noise_sigma, lo=0.0)
-    _range(f"{prefix}.poisson_scale", o.poisson_scale, lo=0.0)
-    _range(f"{prefix}.jpeg_quality", o.jpeg_quality, lo=1)
-    if o.jpeg_quality[1] > 100:
-        _fail(f"{prefix}.jpeg_quality", f"quality must be <= 100, got {list(o.jpeg_quality)}")
-
-
-def _validate_checkpoint(cfg: Config) -> None:
-    """What can be checked against a local policy folder before anything starts."""
+# ---- semantic validation: each package's problems, then the checks that relate two roles --------------
+def _checkpoint_problems(cfg: Config) -> List[Tuple[str, str]]:
+    """rollout.max_model_len against the local policy folder's position limit (the folder
+    itself: vlcot's problems)."""
     path = Path(cfg.policy.checkpoint)
-    if not (path / "config.json").is_file():
-        _fail("policy.checkpoint", f"{path} is not an HF-layout directory with config.json")
-    why = policy_folder_problem(path, files=False)  # weights and tokenizer: when a command loads it
-    if why:
-        _fail("policy.checkpoint", why)
-    raw = json.loads((path / "config.json").read_text())
-    limit = int(raw.get("max_position_embeddings") or 0)
+    if not cfg.policy.checkpoint or policy_folder_problem(path, files=False):
+        return []
+    limit = int(json.loads((path / "config.json").read_text()).get("max_position_embeddings") or 0)
     if limit and cfg.rollout.max_model_len > limit:
-        _fail("rollout.max_model_len", f"{cfg.rollout.max_model_len} exceeds the policy's max_position_embeddings "
-              f"{limit} ({path / 'config.json'}): set it to at most {limit}")
+        return [("rollout.max_model_len", f"{cfg.rollout.max_model_len} exceeds the policy's max_position_embeddings "
+                 f"{limit} ({path / 'config.json'}): set it to at most {limit}")]
+    return []
 
 
-def _validate_gpu_sharing(cfg: Config) -> None:
+def _gpu_sharing_problems(cfg: Config) -> List[Tuple[str, str]]:
     """NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): a fractional GPU request
     lets Ray put two ranks of one NCCL group on one device: two learner ranks, or two members
     of the network weight group (learner rank 0 and rollout workers)."""
-    r, lr = cfg.rollout, cfg.learner
+    r, lr, out = cfg.rollout, cfg.learner, []
     if 0 < lr.num_gpus < 1 and lr.num_workers > 1:
-        _fail("learner.num_gpus", f"{lr.num_gpus} lets {lr.num_workers} learner ranks share a GPU, which their NCCL "
-              "group refuses: use 1 (one GPU per rank)")
+        out.append(("learner.num_gpus", f"{lr.num_gpus} lets {lr.num_workers} learner ranks share a GPU, which their "
+                    "NCCL group refuses: use 1 (one GPU per rank)"))
     if 0 < r.gpus_per_worker < 1 and cfg.trainer.weight_sync == "network":
-        _fail("rollout.gpus_per_worker", f"{r.gpus_per_worker} lets a rollout worker share a GPU with another member "
-              "of the NCCL weight group (learner rank 0 or a worker), which NCCL refuses: use whole GPUs (1), or "
-              "trainer.weight_sync=filesystem (no process group); a same-GPU (CUDA IPC) path is not implemented")
+        out.append(("rollout.gpus_per_worker", f"{r.gpus_per_worker} lets a rollout worker share a GPU with another "
+                    "member of the NCCL weight group (learner rank 0 or a worker), which NCCL refuses: use whole GPUs "
+                    "(1), or trainer.weight_sync=filesystem (no process group); a same-GPU (CUDA IPC) path is not "
+                    "implemented"))
     if r.engine == "vllm" and r.tensor_parallel_size > 1:
-        _fail("rollout.tensor_parallel_size", f"{r.tensor_parallel_size}: weight updates pass tensors to an in-process "
-              "vLLM engine, which tensor parallelism moves into other processes; use 1 and scale with "
-              "rollout.num_workers")
+        out.append(("rollout.tensor_parallel_size", f"{r.tensor_parallel_size}: weight updates pass tensors to an "
+                    "in-process vLLM engine, which tensor parallelism moves into other processes; use 1 and scale "
+                    "with rollout.num_workers"))
+    return out
+
+
+def _cross_role_problems(cfg: Config) -> List[Tuple[str, str]]:
+    """Checks that relate two packages' settings; each skips what a package's own problems name."""
+    out = _checkpoint_problems(cfg) + _gpu_sharing_problems(cfg)
+    name, size = cfg.learner.grpo.advantage, cfg.rollout.group_size
+    if name in ADVANTAGE_ESTIMATORS and size < ADVANTAGE_ESTIMATORS.get(name).min_group_size:
+        out.append(("rollout.group_size", f"{size}: advantage estimator {name!r} compares the samples of one prompt "
+                    f"and needs >= {ADVANTAGE_ESTIMATORS.get(name).min_group_size} (with fewer, every advantage is "
+                    "exactly 0 and nothing is learned)"))
+    if cfg.infer.tile_overlap >= cfg.image.lr_size:
+        out.append(("infer.tile_overlap", f"must be smaller than the tile (image.lr_size {cfg.image.lr_size}), got "
+                    f"{cfg.infer.tile_overlap}"))
+    for role, res in (("learner", cfg.learner.resources), ("rollout", cfg.rollout.resources),
+                      ("rewards", cfg.rewards.resources)):
+        if any(k in ("CPU", "GPU", "memory") or v <= 0 for k, v in res.items()):
+            out.append((f"{role}.resources", f"{dict(res)}: custom resources only, each > 0 (CPUs and GPUs have "
+                        "their own keys)"))
+    samples, ranks = cfg.trainer.prompts_per_step * cfg.rollout.group_size, cfg.learner.num_workers
+    if ranks >= 1 and samples % ranks:
+        out.append(("trainer.prompts_per_step", f"prompts_per_step x rollout.group_size = {samples} samples must "
+                    f"divide over learner.num_workers {ranks}"))
+    return out
+
+
+def _trainer_problems(t: TrainerConfig, envs: EnvConfig) -> List[Tuple[str, str]]:
+    """The driver loop's own settings (`trainer`) and the roles' interpreters (`envs`)."""
+    from cluster.weight_sync import WEIGHT_SYNCS
+
+    out = [(f"trainer.{key}", f"{getattr(t, key)!r} not in {list(allowed)}") for key, allowed in (
+        ("prompt_order", ("shuffle", "spread")), ("mode", ("sync", "async")),
+        ("weight_sync", WEIGHT_SYNCS.names()), ("placement", ("auto", "enabled", "disabled")))
+        if getattr(t, key) not in allowed]
+    if t.weight_sync_timeout_s <= 0 or t.actor_start_timeout_s <= 0:
+        out.append(("trainer", "weight_sync_timeout_s and actor_start_timeout_s must be > 0 seconds"))
+    if t.steps < 0 or t.prompts_per_step < 1 or t.checkpoint_every < 1 or t.max_staleness < 1:
+        out.append(("trainer", "steps >= 0, prompts_per_step >= 1, checkpoint_every >= 1 and max_staleness >= 1 "
+                    "are required"))
+    if envs.iqa_python != "auto" and not Path(envs.iqa_python).is_file():
+        out.append(("envs.iqa_python", f"not an interpreter path: {envs.iqa_python} (or use 'auto')"))
+    return out
+
+
+def problems(cfg: Config) -> List[Tuple[str, str]]:
+    """Every problem of `cfg` as (full key, message): each package's own, then the cross-role checks."""
+    return (vlcot_problems(image=cfg.image, vq=cfg.vq, policy=cfg.policy, degradation=cfg.degradation,
+                           data=cfg.data, annotate=cfg.annotate, vq_train=cfg.vq_train)
+            + reward_problems(cfg.rewards) + learner_problems(cfg.learner) + rollout_problems(cfg.rollout)
+            + schedule_problems(cfg.learner.schedule, cfg.trainer.steps) + evaluation_problems(cfg.infer, cfg.eval)
+            + tracking_problems(cfg.tracking) + _trainer_problems(cfg.trainer, cfg.envs) + _cross_role_problems(cfg))
 
 
 class KVBudgetWarning(UserWarning):
@@ -363,125 +377,9 @@ def _warn_kv_budget(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> None:
-    im = cfg.image
-    for name in ("hr_size", "lr_size", "prompt_size", "patch_px"):
-        if getattr(im, name) <= 0:
-            _fail(f"image.{name}", f"must be positive, got {getattr(im, name)}")
-    if im.patch_px % 8:
-        _fail("image.patch_px", f"must be a multiple of the VQ downsample 8, got {im.patch_px}")
-    if im.hr_size % (4 * im.patch_px):
-        _fail("image.hr_size", f"must be a multiple of 4 x patch_px = {4 * im.patch_px} (the rough image is HR/4), got {im.hr_size}")
-    if im.prompt_size % im.patch_px:
-        _fail("image.prompt_size", f"must be a multiple of patch_px {im.patch_px}, got {im.prompt_size}")
-    if im.hr_size % im.lr_size:
-        _fail("image.lr_size", f"must divide hr_size {im.hr_size}, got {im.lr_size}")
-    grids = max(im.hr_size, im.prompt_size) // im.patch_px
-    if cfg.policy.special_tokens.max_grid < grids:
-        _fail("policy.special_tokens.max_grid", f"must be >= {grids} patches for a {max(im.hr_size, im.prompt_size)} px image")
-
-    vq = cfg.vq
-    if len(vq.block_out_channels) != 4:
-        _fail("vq.block_out_channels", f"needs 4 levels for x8 downsampling, got {list(vq.block_out_channels)}")
-    if any(c % vq.norm_num_groups for c in list(vq.block_out_channels) + [vq.z_channels]):
-        _fail("vq.norm_num_groups", f"must divide every channel count {list(vq.block_out_channels)} and z {vq.z_channels}")
-    if vq.codebook_size < 2 or vq.codebook_dim < 1 or vq.layers_per_block < 1:
-        _fail("vq", "codebook_size >= 2, codebook_dim >= 1 and layers_per_block >= 1 are required")
-    if vq.checkpoint:
-        try:
-            vq_path = resolve_checkpoint(vq.checkpoint)
-        except ValueError as exc:
-            _fail("vq.checkpoint", str(exc))
-        if not vq_path.exists():
-            _fail("vq.checkpoint", f"no such file or directory: {vq_path}")
-    if vq.weights not in ("model", "ema"):
-        _fail("vq.weights", f"{vq.weights!r} not in ['model', 'ema']")
-
-    pol = cfg.policy
-    if pol.dtype not in DTYPES:
-        _fail("policy.dtype", f"{pol.dtype!r} not in {list(DTYPES)}")
-    if pol.init not in POLICY_INITS:
-        _fail("policy.init", f"{pol.init!r} not in {list(POLICY_INITS)}")
-    for key, msg in conversation_problems(pol.conversation):
-        _fail(key, msg)
-    if pol.checkpoint:
-        _validate_checkpoint(cfg)
-    m = pol.model
-    if m.hidden_size % m.num_attention_heads or m.num_attention_heads % m.num_key_value_heads:
-        _fail("policy.model", "hidden_size must divide by num_attention_heads, which must divide by num_key_value_heads")
-    head_dim = m.hidden_size // m.num_attention_heads
-    if head_dim not in VLLM_HEAD_DIMS:
-        _fail("policy.model", f"head_dim = hidden_size / num_attention_heads = {head_dim}; vLLM's attention kernels need one of {list(VLLM_HEAD_DIMS)}")
-    if m.text_vocab_size < 300:
-        _fail("policy.model.text_vocab_size", f"must be >= 300 (256 bytes + special and tag tokens), got {m.text_vocab_size}")
-
-    d = cfg.degradation
-    _validate_order("degradation.first", d.first)
-    _validate_order("degradation.second", d.second)
-    _prob("degradation.second_order_prob", d.second_order_prob)
-    _prob("degradation.final_sinc_prob", d.final_sinc_prob)
-    t = d.thresholds
-    _monotone("degradation.thresholds.blur_sigma", t.blur_sigma, increasing=True)
-    _monotone("degradation.thresholds.noise_std", t.noise_std, increasing=True)
-    _monotone("degradation.thresholds.jpeg_quality", t.jpeg_quality, increasing=False)
-    if t.measure not in LABEL_MEASURES:
-        _fail("degradation.thresholds.measure", f"must be one of {list(LABEL_MEASURES)}, got {t.measure!r}")
-    for name in ("lr_blur_rms", "lr_noise_rms", "lr_jpeg_rms"):
-        _monotone(f"degradation.thresholds.{name}", getattr(t, name), increasing=True)
-    if not 0 <= t.resize_tolerance < 1:
-        _fail("degradation.thresholds.resize_tolerance", f"must be in [0, 1), got {t.resize_tolerance}")
-
-    data = cfg.data
-    if data.input_dir and not Path(data.input_dir).is_dir():
-        _fail("data.input_dir", f"not a folder: {data.input_dir} (give a folder of photographs, or leave it empty "
-              "for the built-in set)")
-    if data.min_side < 1 or data.max_pixels < 1 or data.variants_per_image < 1:
-        _fail("data", "min_side, max_pixels and variants_per_image must be >= 1")
-    if cfg.trainer.prompt_order not in ("shuffle", "spread"):
-        _fail("trainer.prompt_order", f"{cfg.trainer.prompt_order!r} not in ['shuffle', 'spread']")
-    if data.crops_per_image < 0 or data.heldout_per_image < 0:
-        _fail("data", f"crops_per_image and heldout_per_image must be >= 0, got {data.crops_per_image} and "
-              f"{data.heldout_per_image}")
-    if not 0 < data.crop_min_scale <= 1:
-        _fail("data.crop_min_scale", f"must be in (0, 1], got {data.crop_min_scale}")
-    for key, msg in (reward_problems(cfg.rewards) + learner_problems(cfg.learner) + rollout_problems(cfg.rollout)
-                     + schedule_problems(cfg.learner.schedule, cfg.trainer.steps)
-                     + evaluation_problems(cfg.infer, cfg.eval) + annotate_problems(cfg.annotate)
-                     + vq_train_problems(cfg.vq_train)):
-        _fail(key, msg)
-    _validate_gpu_sharing(cfg)
-    estimator = ADVANTAGE_ESTIMATORS.get(cfg.learner.grpo.advantage)
-    if cfg.rollout.group_size < estimator.min_group_size:
-        _fail("rollout.group_size", f"{cfg.rollout.group_size}: advantage estimator {cfg.learner.grpo.advantage!r} "
-              f"compares the samples of one prompt and needs >= {estimator.min_group_size} (with fewer, every "
-              "advantage is exactly 0 and nothing is learned)")
-    if cfg.infer.tile_overlap >= im.lr_size:
-        _fail("infer.tile_overlap", f"must be smaller than the tile (image.lr_size {im.lr_size}), got {cfg.infer.tile_overlap}")
-    t = cfg.trainer
-    if t.mode not in ("sync", "async"):
-        _fail("trainer.mode", f"{t.mode!r} not in ['sync', 'async']")
-    from cluster.weight_sync import WEIGHT_SYNCS
-
-    if t.weight_sync not in WEIGHT_SYNCS:
-        _fail("trainer.weight_sync", f"{t.weight_sync!r} not in {WEIGHT_SYNCS.names()}")
-    if t.placement not in ("auto", "enabled", "disabled"):
-        _fail("trainer.placement", f"{t.placement!r} not in ['auto', 'enabled', 'disabled']")
-    if t.weight_sync_timeout_s <= 0 or t.actor_start_timeout_s <= 0:
-        _fail("trainer", "weight_sync_timeout_s and actor_start_timeout_s must be > 0 seconds")
-    if cfg.rollout.max_workers < 0 or 0 < cfg.rollout.max_workers < cfg.rollout.num_workers:
-        _fail("rollout.max_workers", f"{cfg.rollout.max_workers}: 0 (no bound) or at least rollout.num_workers "
-              f"{cfg.rollout.num_workers}")
-    for role, res in (("learner", cfg.learner.resources), ("rollout", cfg.rollout.resources),
-                      ("rewards", cfg.rewards.resources)):
-        if any(k in ("CPU", "GPU", "memory") or v <= 0 for k, v in res.items()):
-            _fail(f"{role}.resources", f"{dict(res)}: custom resources only, each > 0 (CPUs and GPUs have their own keys)")
-    if t.steps < 0 or t.prompts_per_step < 1 or t.checkpoint_every < 1 or t.max_staleness < 1:
-        _fail("trainer", "steps >= 0, prompts_per_step >= 1, checkpoint_every >= 1 and max_staleness >= 1 are required")
-    if (t.prompts_per_step * cfg.rollout.group_size) % cfg.learner.num_workers:
-        _fail("trainer.prompts_per_step", f"prompts_per_step x rollout.group_size = "
-              f"{t.prompts_per_step * cfg.rollout.group_size} samples must divide over learner.num_workers "
-              f"{cfg.learner.num_workers}")
-    for key, msg in tracking_problems(cfg.tracking):
-        _fail(key, msg)
-    if cfg.envs.iqa_python != "auto" and not Path(cfg.envs.iqa_python).is_file():
-        _fail("envs.iqa_python", f"not an interpreter path: {cfg.envs.iqa_python} (or use 'auto')")
+    """Refuse `cfg` with one ConfigError that names every problem (one line each); a config that
+    works, but slower than it could, gets a warning instead."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError.of(found)
     _warn_kv_budget(cfg)  # a warning, not an error: the run still works

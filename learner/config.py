@@ -122,7 +122,7 @@ def problems(cfg: LearnerConfig, prefix: str = "learner") -> List[Tuple[str, str
         out.append((f"{prefix}.grpo", "ppo_epochs and minibatches must be >= 1"))
     if cfg.lr <= 0 or cfg.sft.lr <= 0:
         out.append((prefix, "lr and sft.lr must be > 0"))
-    if cfg.sft.batch_size % cfg.num_workers:
+    if cfg.num_workers >= 1 and cfg.sft.batch_size % cfg.num_workers:  # else num_workers is named above
         out.append((f"{prefix}.sft.batch_size", f"must be a multiple of num_workers {cfg.num_workers}"))
     if len(cfg.betas) != 2:
         out.append((f"{prefix}.betas", "must be [beta1, beta2]"))

@@ -84,4 +84,7 @@ def problems(cfg: RolloutConfig, prefix: str = "rollout") -> List[Tuple[str, str
         out.append((f"{prefix}.kv_cache_blocks", f"must be >= 0 (0 = sized by the engine), got {cfg.kv_cache_blocks}"))
     if cfg.max_model_len < 16 or s.max_new_tokens < 0 or s.text_budget < 0:
         out.append((prefix, "max_model_len >= 16, max_new_tokens >= 0 and text_budget >= 0 are required"))
+    if cfg.max_workers < 0 or 0 < cfg.max_workers < cfg.num_workers:
+        out.append((f"{prefix}.max_workers", f"{cfg.max_workers}: 0 (no bound) or at least {prefix}.num_workers "
+                    f"{cfg.num_workers}"))
     return out

@@ -1,7 +1,8 @@
 """Typed defaults for the task side: image sizes, token layout, VQ, policy, degradation, data.
 
 Plain dataclasses (no OmegaConf import here): `cluster/config.py` turns them into an
-OmegaConf structured config, merges yaml and CLI overrides and validates the result.
+OmegaConf structured config and merges yaml and CLI overrides; vlcot/config_problems.py
+says what is wrong with the result.
 Every value the paper leaves open (degradation thresholds, probabilities) is a field here,
 documented next to its default.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 from vlcot.conversation import ConversationConfig
 from vlcot.errors import UserError
@@ -110,21 +111,6 @@ class VQTrainConfig:
     log_every: int = 100
     threads: int = 0                # torch threads (0 = torch's default)
     seed: int = 0
-
-
-def vq_train_problems(cfg: VQTrainConfig) -> List[Tuple[str, str]]:
-    out: List[Tuple[str, str]] = []
-    if cfg.crop < 8 or cfg.crop % 8:
-        out.append(("vq_train.crop", f"must be a positive multiple of 8, got {cfg.crop}"))
-    if cfg.autoencoder_steps < 0 or cfg.quantised_steps < 1 or cfg.batch_size < 1:
-        out.append(("vq_train", "autoencoder_steps >= 0, quantised_steps >= 1 and batch_size >= 1 are required"))
-    if cfg.kmeans_crops < 1 or cfg.kmeans_iters < 1:
-        out.append(("vq_train", "kmeans_crops and kmeans_iters must be >= 1"))
-    if not cfg.scales or any(not 0 < s <= 1 for s in cfg.scales):
-        out.append(("vq_train.scales", f"each scale must be in (0, 1], got {list(cfg.scales)}"))
-    if cfg.lr <= 0 or not 0 < cfg.min_lr_ratio <= 1 or not 0 <= cfg.channel_shuffle_prob <= 1:
-        out.append(("vq_train", "lr > 0, min_lr_ratio in (0, 1] and channel_shuffle_prob in [0, 1] are required"))
-    return out
 
 
 @dataclass
@@ -379,18 +365,3 @@ class AnnotateConfig:
     max_tags: int = 8
     batch_size: int = 4
     device: str = "cpu"
-
-
-def annotate_problems(cfg: AnnotateConfig) -> List[Tuple[str, str]]:
-    out: List[Tuple[str, str]] = []
-    if sorted(cfg.prompts) != ["x1", "x2", "x4"] or not all(isinstance(v, str) for v in cfg.prompts.values()):
-        out.append(("annotate.prompts", f"must give a prompt for each of x4, x2, x1, got {sorted(cfg.prompts)}"))
-    if cfg.batch_size < 1 or cfg.max_tags < 1 or cfg.max_new_tokens < 1 or not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
-        out.append(("annotate", "batch_size, max_tags and max_new_tokens must be >= 1, min_new_tokens in "
-                    "[0, max_new_tokens]"))
-    if not 0.0 <= cfg.score_threshold <= 1.0:
-        out.append(("annotate.score_threshold", f"must be in [0, 1], got {cfg.score_threshold}"))
-    if cfg.detector and not cfg.vocabulary:
-        out.append(("annotate.vocabulary", "a detector needs words to look for"))
-    return out
-

@@ -15,12 +15,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, List
 
 
 class UserError(ValueError):
     """A mistake in what the user gave a command; the message says what and how to fix it.
     A ValueError, so callers that already catch ValueError keep working."""
+
+    def lines(self) -> List[str]:
+        """The message as a command prints it: one line (a library's message may span several),
+        unless the error is a list of problems, one per line (cluster/config.py's ConfigError)."""
+        return [one_line(self)]
 
 
 class BadPath(UserError, FileNotFoundError):

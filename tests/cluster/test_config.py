@@ -201,3 +201,47 @@ def test_conversation_presets_resolve_with_overrides():
     conv = resolve_conversation(ConversationConfig(preset="lumina", end_token="</s>"), "realsr")
     assert (conv.name, conv.turn_separator, conv.end_token) == ("lumina", "<reserved08706>", "</s>")
     assert conv.instruction.startswith("Perceive the degradation, understand the image content")
+
+
+# three packages' problems in one config: vlcot's image sizes, the learner's, rollout's
+THREE_PACKAGES = {"image.prompt_size": "image.prompt_size=72", "learner.zero_stage": "learner.zero_stage=1",
+                  "rollout.engine": "rollout.engine=tgi"}
+
+
+def test_every_problem_of_a_config_is_reported_at_once():
+    """Problems in three packages and one cross-role check come back in one error, one line
+    each naming its full key, not the first alone."""
+    cross = "rollout.gpus_per_worker"  # a fraction of a GPU in the NCCL weight group
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[*THREE_PACKAGES.values(), f"{cross}=0.5"])
+    lines = str(err.value).splitlines()
+    assert lines[0] == "4 config problems:"
+    assert [line.split("'")[1] for line in lines[1:]] == [*THREE_PACKAGES, cross]
+    assert all(line.startswith("  config key '") for line in lines[1:])
+    assert sorted(key for key, _ in err.value.problems) == sorted([*THREE_PACKAGES, cross])
+    assert "got 72" in lines[1] and "'tgi' not in" in lines[3]
+
+
+def test_the_cli_prints_every_problem_of_a_config_on_its_own_line(capsys):
+    from cluster.cli import main
+
+    assert main(["show-config", *THREE_PACKAGES.values()]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = err.splitlines()
+    assert lines[0] == "realsr-r1 show-config: 3 config problems:"
+    assert [line.split("'")[1] for line in lines[1:]] == list(THREE_PACKAGES)
+
+
+@pytest.mark.parametrize("overrides,keys", [
+    (["image.patch_px=0"], ["image.patch_px"]),               # the checks that divide by it are skipped
+    (["vq.norm_num_groups=0"], ["vq.norm_num_groups"]),
+    (["policy.model.num_attention_heads=0"], ["policy.model"]),
+    (["learner.num_workers=0"], ["learner.num_workers"]),    # samples over ranks is not computed
+    (["degradation.first.blur.kernel_types=[]", "degradation.first.blur.kernel_probs=[]"],
+     ["degradation.first.blur.kernel_types", "degradation.first.blur.kernel_probs"]),  # min() of no weights
+])
+def test_a_value_later_checks_divide_by_is_reported_not_a_crash(overrides, keys):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    assert [k for k, _ in err.value.problems] == keys
