@@ -24,7 +24,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from cluster.actor_group import ActorGroup, resource_options
-from cluster.nodes import node_alive
+from comm.nodes import node_alive
 from rollout.config import RolloutConfig
 from rollout.worker import RolloutWorker
 
