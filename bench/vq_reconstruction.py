@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._common import best_time, report  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from cluster.envs import iqa_python  # noqa: E402
-from evaluation.fidelity import psnr_y  # noqa: E402
+from vlcot.fidelity import psnr_y  # noqa: E402
 from vlcot.data import center_square  # noqa: E402
 from vlcot.images import open_image  # noqa: E402
 from vlcot.vq import VQTokenizer, pil_to_tensor, vq_from_config  # noqa: E402

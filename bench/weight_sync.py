@@ -15,7 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cluster.transport import WeightTransport, free_port  # noqa: E402
+from comm.transport import WeightTransport, free_port  # noqa: E402
 
 
 def tensors_of(total_mb: int, n: int = 48):

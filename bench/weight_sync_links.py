@@ -3,7 +3,7 @@ baseline timed in the same run:
 
   --part node   same node: a plain tensor copy of the same bytes vs (a) the gloo
                 WeightTransport between two processes and (b) the shared-memory file
-                (cluster/shm_weights.py): writer process writes, reader process reads and copies
+                (comm/shm_weights.py): writer process writes, reader process reads and copies
                 every tensor into a preallocated destination, as an engine load does.
   --part veth   two network namespaces joined by a veth pair (needs root): a raw TCP socket
                 copy (sendall / recv_into a preallocated bytearray) vs the gloo WeightTransport,
@@ -49,8 +49,8 @@ if os.environ.get("BENCH_KEEP_FREED_MEMORY") == "1":
     keep_freed_memory()
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cluster.shm_weights import SharedMemoryWeightReader, SharedMemoryWeightWriter  # noqa: E402
-from cluster.transport import WeightTransport, free_port  # noqa: E402
+from comm.shm_weights import SharedMemoryWeightReader, SharedMemoryWeightWriter  # noqa: E402
+from comm.transport import WeightTransport, free_port  # noqa: E402
 
 SENDER_IP, RECEIVER_IP = "10.231.7.1", "10.231.7.2"
 RAW_PORT, STORE_PORT = 29531, 29532  # inside fresh namespaces nothing else holds them

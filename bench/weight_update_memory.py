@@ -24,7 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.import_policy import PeakAnon, _anon_mb  # noqa: E402
-from cluster.transport import WeightTransport, free_port  # noqa: E402
+from comm.transport import WeightTransport, free_port  # noqa: E402
 
 
 def receiver(policy_dir: str, port: int, modes, q) -> None:

@@ -145,7 +145,7 @@ def probe_cuda() -> CudaCheck:
 
     import torch
 
-    from cluster.nodes import driver_version
+    from comm.nodes import driver_version
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

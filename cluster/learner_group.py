@@ -14,7 +14,7 @@ import numpy as np
 import ray
 
 from cluster.actor_group import ActorGroup, resource_options
-from cluster.nodes import rank_environments
+from comm.nodes import rank_environments
 from learner.actor import LearnerActor
 from learner.config import LearnerConfig
 

@@ -28,8 +28,8 @@ from ray.exceptions import RayActorError
 
 from cluster.actor_group import ActorGroup, resource_options
 from cluster.metrics import GuidanceCounter
-from cluster.nodes import node_alive
 from cluster.weight_sync import WEIGHT_SYNCS, SyncReport, WeightSync, sync_living_workers
+from comm.nodes import node_alive
 from rollout.config import RolloutConfig
 from rollout.worker import RolloutWorker
 

@@ -7,9 +7,9 @@ Transports are registered by name and chosen with `trainer.weight_sync`:
 
 - `network` (default): a process group of its own (gloo on CPU, NCCL on GPUs) with learner
   rank 0 as the sender, hosted at rank 0's node address; bucketed broadcast, streamed into
-  each engine bucket by bucket (cluster/transport.py). On CPU, workers on rank 0's own node
+  each engine bucket by bucket (comm/transport.py). On CPU, workers on rank 0's own node
   read the weights from one shared-memory file instead (`trainer.weight_sync_shm`,
-  cluster/shm_weights.py), written in the same parameter walk. A replaced, added or lost
+  comm/shm_weights.py), written in the same parameter walk. A replaced, added or lost
   worker cannot join or leave a formed group, so the group is formed again.
 - `filesystem`: learner rank 0 writes the weights as an HF safetensors folder (streamed shard
   by shard) into `trainer.weight_sync_dir` and every worker reloads from it. No process group:
@@ -36,8 +36,8 @@ from typing import Any, Dict, List
 
 import ray
 
-from cluster.shm_weights import shm_dir
-from cluster.transport import WeightTransport
+from comm.shm_weights import shm_dir
+from comm.transport import WeightTransport
 from vlcot.registry import Registry
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import ray
 
+from evaluation.infer import SuperResolver, run_infer
+from evaluation.metrics import MetricSuite, score_pairs
+
 
 def shards(n: int, k: int) -> List[List[int]]:
     """Indices 0..n-1 in k contiguous, near-equal, non-empty shards (fewer when n < k)."""
@@ -29,8 +32,6 @@ class InferWorker:
     def __init__(self, cfg, policy_dir: str, vq_dir: str):
         import torch
 
-        from evaluation.infer import SuperResolver
-
         torch.set_num_threads(max(1, int(cfg.eval.num_cpus)))
         self.resolver = SuperResolver(cfg, policy_dir, vq_dir)
 
@@ -40,8 +41,6 @@ class InferWorker:
     def run(self, files: Sequence[str], names: Sequence[str], out_dir: str) -> List[Dict[str, Any]]:
         from pathlib import Path
 
-        from evaluation.infer import run_infer
-
         return run_infer(self.resolver, [Path(f) for f in files], names, out_dir, progress=False)
 
 
@@ -49,8 +48,6 @@ class InferWorker:
 class MetricWorker:
     def __init__(self, names: Sequence[str], weights_dir: str, crop_border: int, num_threads: int = 1):
         import torch
-
-        from evaluation.metrics import MetricSuite
 
         torch.set_num_threads(max(1, num_threads))
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,8 +57,6 @@ class MetricWorker:
         return True
 
     def score(self, pairs: Sequence[Tuple[str, Optional[str]]]):
-        from evaluation.metrics import score_pairs
-
         return score_pairs(self.suite, pairs)
 
     def score_sets(self, groups: Sequence[Tuple[Sequence[str], Sequence[str]]]) -> List[Dict[str, Optional[float]]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
+from evaluation.metrics import METRICS
+
 INFER_MODES = ("tile", "resize")
 INFER_ENGINES = ("hf", "vllm")
 
@@ -55,8 +57,6 @@ class EvalConfig:
 
 
 def problems(infer: InferConfig, ev: EvalConfig) -> List[Tuple[str, str]]:
-    from evaluation.metrics import METRICS
-
     out: List[Tuple[str, str]] = []
     if infer.mode not in INFER_MODES:
         out.append(("infer.mode", f"{infer.mode!r} not in {list(INFER_MODES)}"))

@@ -26,6 +26,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from evaluation.infer import require_images
+from vlcot.data import sample_seed
+from vlcot.degradation import degrade, label_degradation
 from vlcot.errors import existing_folder
 from vlcot.images import open_image
 
@@ -60,8 +63,6 @@ def pair_key(stem: str) -> str:
 def _images(folder: Path, flag: str) -> List[Path]:
     """The folder's image files, as eval itself lists them (`evaluation.infer.list_inputs`); a
     path that is not a folder of images is a BadPath naming it and `flag`."""
-    from evaluation.infer import require_images
-
     existing_folder(folder, flag, "give a folder of images")
     return require_images(folder, flag)[0]
 
@@ -135,9 +136,6 @@ def _write_pair(lr_path: Path, hr_path: Path, out_dir: Path, key: str, lr_size: 
 def synthetic_set(hr_dir: Path, out_dir: Path, degradation, lr_size: int = 128, scale: int = 4,
                   seed: int = 0) -> EvalSetSummary:
     """OST-Val-like: HR centre crops of lr_size * scale, degraded with a fixed seed per image."""
-    from vlcot.data import sample_seed
-    from vlcot.degradation import degrade, label_degradation
-
     hr_dir, out_dir = Path(hr_dir), Path(out_dir)
     summary = EvalSetSummary("synthetic", str(out_dir))
     hr_size = lr_size * scale

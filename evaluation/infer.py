@@ -85,6 +85,8 @@ class SuperResolver:
     def __init__(self, cfg, policy_dir: str | Path, vq_dir: str | Path, device: Optional[str] = None):
         import torch
 
+        # local: the engine and tokenizer stack (ray, transformers, diffusers) loads only where a
+        # resolver is built, not in the IQA-environment metric workers or the CLI that import this
         from rollout.worker import make_engine
         from vlcot.policy import load_policy_meta
         from vlcot.vq import VQTokenizer

@@ -1,6 +1,6 @@
 """The image metrics of the paper's Table 1, and which of them can run here.
 
-PSNR and SSIM (Y channel) are computed by `evaluation.fidelity`; the rest come from pyiqa
+PSNR and SSIM (Y channel) are computed by `vlcot.fidelity`; the rest come from pyiqa
 (so this module runs in the IQA environment), each labelled with its exact pyiqa metric
 (the training set of a learned metric changes its numbers: the paper reports maniqa-pipal
 and topiq_nr-spaq). Learned metrics need local weight files under
@@ -24,6 +24,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from rewards.iqa import to_unit_tensor, upsample_short_side
+from rewards.niqe import BUILTIN_PRISTINE
+from vlcot.fidelity import psnr_y, ssim_y
+from vlcot.images import open_image
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +41,7 @@ class EvalMetric:
     label: str
     higher_better: bool
     full_reference: bool
-    pyiqa_name: str = ""  # "" = computed by evaluation.fidelity
+    pyiqa_name: str = ""  # "" = computed by vlcot.fidelity
     files: Tuple[str, ...] = ()  # under weights_dir; the first is pyiqa's pretrained_model_path
     options: Tuple[Tuple[str, object], ...] = ()
     min_size: int = 0  # short side below this is bicubic-upsampled first
@@ -130,8 +135,6 @@ class MetricSuite:
         kwargs = dict(spec.options)
         label, note = spec.label, ""
         if spec.name == "niqe" and not (weights_dir and (Path(weights_dir) / spec.files[0]).is_file()):
-            from rewards.niqe import BUILTIN_PRISTINE
-
             kwargs["pretrained_model_path"] = str(BUILTIN_PRISTINE)
             label, note = "NIQE*", f"pristine model fitted on the built-in photographs ({BUILTIN_PRISTINE.name})"
         else:
@@ -154,16 +157,12 @@ class MetricSuite:
         return MetricStatus(spec.name, label, True, note)
 
     def _tensor(self, img: np.ndarray, min_size: int = 0):
-        from rewards.iqa import to_unit_tensor, upsample_short_side
-
         return upsample_short_side(to_unit_tensor([img]), min_size).to(self.device)
 
     def score(self, sr: np.ndarray, hr: Optional[np.ndarray]) -> Dict[str, Optional[float]]:
         """uint8 [H, W, 3] SR (and HR, same size) -> {metric: value}; None where the metric is
         unavailable, needs an HR it did not get, or failed on this image (logged)."""
         import torch
-
-        from evaluation.fidelity import psnr_y, ssim_y
 
         out: Dict[str, Optional[float]] = {}
         for spec in self.specs:
@@ -233,8 +232,6 @@ class MetricShard:
 def score_pairs(suite: MetricSuite, pairs: Sequence[Tuple[str, Optional[str]]]) -> MetricShard:
     """[(sr_path, hr_path or None)] -> MetricShard (an unreadable file yields all-None values)."""
     from PIL import Image
-
-    from vlcot.images import open_image
 
     shard = MetricShard(status=suite.status)
     for sr_path, hr_path in pairs:

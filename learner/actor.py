@@ -5,7 +5,7 @@ landed (`place`), hands each its torchrun environment (`setup`: the rendezvous a
 address, local rank and visible GPUs per node), shards batches over them and calls engine
 methods on every rank through `call`. Weight broadcast: all ranks walk
 the full parameters (ZeRO-3 gathers are collective) and rank 0 streams them through a
-transport the caller provides (`cluster.transport.WeightTransport` via a factory).
+transport the caller provides (`comm.transport.WeightTransport` via a factory).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any, Callable, Dict, Optional
 
 import ray
 
-from cluster.nodes import NodePlace, RankEnvironment, gloo_interface, here
-from cluster.transport import free_port
+from comm.nodes import NodePlace, RankEnvironment, gloo_interface, here
+from comm.shm_weights import SharedMemoryWeightWriter, remove_orphans
+from comm.transport import free_port
 from learner.config import LearnerConfig
 
 
@@ -47,7 +48,7 @@ class LearnerActor:
         import torch
 
         torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
-        from learner.engine import LearnerEngine
+        from learner.engine import LearnerEngine  # local: the model stack (transformers) loads in the actor, not the driver
 
         self.engine = LearnerEngine(self.cfg, self.policy_dir)
         return {"rank": self.rank, "device": str(self.engine.device), "dtype": str(self.engine.dtype),
@@ -73,8 +74,6 @@ class LearnerActor:
         if make_transport is not None:
             self.transport = make_transport(local_host=self.place.ip)
         if shm_folder:
-            from cluster.shm_weights import SharedMemoryWeightWriter, remove_orphans
-
             remove_orphans(Path(shm_folder).parent)  # left by runs killed before they could clean up
             self.shm = SharedMemoryWeightWriter(shm_folder)
         return True

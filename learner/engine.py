@@ -23,11 +23,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from cluster.nodes import role_device
+from comm.nodes import role_device
 from learner.config import LearnerConfig
 from learner.grpo import AGGREGATIONS, POLICY_LOSSES, aggregate, kl_penalty, token_type_weights, truncated_is_weights
 from learner.logprobs import sequence_logprobs, use_chunked_head
 from learner.zero3 import ZeroTrace, begin_forward
+from vlcot.policy import load_policy
+from vlcot.shards import write_policy_folder
 
 STATE_FILE = "learner_state.json"
 DS_TAG = "state"  # DeepSpeed keeps its own "latest" pointer file beside the tag folder
@@ -59,8 +61,6 @@ class LearnerEngine:
         torch.manual_seed(cfg.seed + self.rank)
         self.dtype = torch.bfloat16 if (cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.on_gpu)) else torch.float32
 
-        from vlcot.policy import load_policy
-
         policy = load_policy(self.policy_dir, dtype=self.dtype)  # never an fp32 copy of a bf16 model
         self.layout = policy.layout
         model = policy.model
@@ -83,8 +83,6 @@ class LearnerEngine:
         folder: the policy GRPO starts from (the driver passes the in-run SFT result). No-op
         (False) when no reference is wanted."""
         import deepspeed
-
-        from vlcot.policy import load_policy
 
         g = self.cfg.grpo
         if not (g.kl_coef > 0 or g.kl_monitor):
@@ -368,8 +366,6 @@ class LearnerEngine:
         """The current weights as an HF policy folder, in the learner's dtype, streamed shard by
         shard (rank 0 writes; every rank walks the parameters, since ZeRO-3 gathers are
         collective). Config and tokenizer files are copied from the policy folder."""
-        from vlcot.shards import write_policy_folder
-
         write_policy_folder(path, self.iter_full_params(), self.policy_dir, self.dtype,
                             max_shard_bytes=self.cfg.save_shard_mb << 20, write=self.rank == 0)
         self.dist.barrier()

@@ -15,6 +15,7 @@ import numpy as np
 
 from learner.batch import pack
 from learner.config import SFTConfig
+from vlcot.examples import build_example
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,6 @@ log = logging.getLogger(__name__)
 def build_sft_examples(records: Sequence[dict], vq, codec, layout, image_cfg) -> Tuple[List[List[int]], List[List[int]], List[str]]:
     """Manifest records -> (prompts, responses, skipped reasons). A record whose images
     cannot be read is skipped with its reason, not fatal."""
-    from vlcot.examples import build_example
-
     prompts, responses, skipped = [], [], []
     for rec in records:
         try:

@@ -8,9 +8,10 @@ from typing import Any, Dict, List, Optional
 
 import ray
 
-from cluster.nodes import role_device
+from comm.nodes import role_device
 from rewards.config import RewardsConfig
-from rewards.scoring import RewardInput, RewardResult
+from rewards.iqa import IQAScorer
+from rewards.scoring import RewardInput, RewardResult, RewardScorer
 
 
 @ray.remote
@@ -21,11 +22,9 @@ class RewardActor:
         device = self._device(cfg)
         vq = None
         if vq_dir and cfg.weights.get("generation", 0.0) > 0:
-            from vlcot.vq import VQTokenizer
+            from vlcot.vq import VQTokenizer  # local: imports diffusers (~20 s), only for the generation reward
 
             vq = VQTokenizer.load(vq_dir).to(device)
-        from rewards.scoring import RewardScorer
-
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
         self.scorer = RewardScorer(cfg, vq=vq, device=device)
         self.image_scorer = self.scorer.resources.iqa  # for score_images; built on first use when None
@@ -45,8 +44,6 @@ class RewardActor:
     def score_images(self, images: List[Any], refs: Optional[List[Any]] = None) -> List[Any]:
         """IQA of plain uint8 [H, W, 3] images: (generation score, raw metric values) each."""
         if self.image_scorer is None:
-            from rewards.iqa import IQAScorer
-
             self.image_scorer = IQAScorer(self.scorer.cfg.generation, device=self._device(self.scorer.cfg))
         return self.image_scorer.score(images, refs)
 

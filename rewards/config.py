@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from rewards.niqe import BUILTIN_PRISTINE
+from rewards.plugins import REWARDS, spec_problem
+
 AGGREGATES = ("mean", "geomean", "min")
 PRESETS = ("offline", "published", "custom")
 UNDERSTANDING_MODES = ("exact", "semantic")
@@ -91,8 +94,6 @@ class RewardsConfig:
 
 
 def offline_metrics() -> List[MetricSpec]:
-    from rewards.niqe import BUILTIN_PRISTINE
-
     return [
         MetricSpec(name="piqe", best=0.0, worst=100.0),
         MetricSpec(name="niqe", best=3.0, worst=13.0, weights=str(BUILTIN_PRISTINE), min_size=192),
@@ -150,8 +151,6 @@ def problems(cfg: RewardsConfig, prefix: str = "rewards") -> List[Tuple[str, str
         out.append((f"{prefix}.generation.fidelity.metric", f"{f.metric!r} not in {['', *FIDELITY_METRICS]}"))
     if f.metric and f.best == f.worst:
         out.append((f"{prefix}.generation.fidelity", "best and worst must differ"))
-    from rewards.plugins import REWARDS, spec_problem
-
     if not cfg.weights:
         out.append((f"{prefix}.weights", "names no reward"))
     for name, weight in cfg.weights.items():

@@ -20,6 +20,8 @@ from typing import Iterable, Tuple
 
 import numpy as np
 
+from vlcot.data import builtin_candidates
+
 BUILTIN_PRISTINE = Path(__file__).parent / "data" / "niqe_pristine_builtin.mat"
 BLOCK = 96
 SHARPNESS_FRACTION = 0.75
@@ -78,8 +80,6 @@ def fit_pristine(images: Iterable[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
 
 def write_builtin(path: Path = BUILTIN_PRISTINE) -> Path:
     from scipy.io import savemat
-
-    from vlcot.data import builtin_candidates
 
     images = [np.asarray(c.image.convert("RGB")) for c in builtin_candidates() if c.image is not None]
     mu, cov = fit_pristine(images)

@@ -23,14 +23,17 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from rewards.config import RewardsConfig
 from rewards.text import degradation_reward, format_reward, understanding_reward
 from rewards.types import RewardInput
+from vlcot.images import open_image
 from vlcot.registry import Registry
+
+if TYPE_CHECKING:  # a type only: rewards/config.py imports this module to check reward names
+    from rewards.config import RewardsConfig
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +136,6 @@ REWARDS.register("generation")(GenerationReward)
 def _load_rgb(path: Optional[str]) -> Optional[np.ndarray]:
     if not path:
         return None
-    from vlcot.images import open_image
-
     img, _, _ = open_image(path)
     return None if img is None else np.asarray(img)
 

@@ -15,7 +15,9 @@ import math
 from typing import Any, Dict, List
 
 from rewards.config import RewardsConfig
+from rewards.iqa import IQAScorer
 from rewards.plugins import RewardResources, build_rewards, run_reward
+from rewards.semantic import SemanticMatcher
 from rewards.types import RewardInput, RewardResult
 
 log = logging.getLogger(__name__)
@@ -29,12 +31,8 @@ class RewardScorer:
     def __init__(self, cfg: RewardsConfig, vq=None, device: str = "cpu", iqa=None, matcher=None):
         self.cfg = cfg
         if iqa is None and vq is not None and cfg.weights.get("generation", 0.0) > 0:
-            from rewards.iqa import IQAScorer
-
             iqa = IQAScorer(cfg.generation, device=device)
         if matcher is None and cfg.understanding_mode == "semantic" and "understanding" in cfg.weights:
-            from rewards.semantic import SemanticMatcher
-
             matcher = SemanticMatcher(cfg.semantic_threshold, device=device)
         self.resources = RewardResources(cfg, vq=vq, iqa=iqa, matcher=matcher)
         self.rewards = build_rewards(cfg, self.resources)

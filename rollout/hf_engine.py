@@ -17,12 +17,11 @@ import torch
 from rollout.config import RolloutConfig
 from rollout.engine import RolloutEngine, Sample
 from rollout.rules import Masks, SpanRules, constrain_row, initial_state, open_span, sample_row
+from vlcot.policy import load_policy
 
 
 class HFEngine(RolloutEngine):
     def __init__(self, cfg: RolloutConfig, policy_dir: str, image_cfg, policy_cfg=None, device: str = "cpu"):
-        from vlcot.policy import load_policy
-
         policy = load_policy(policy_dir, policy_cfg, image_cfg)
         self.model = policy.model.to(device).eval()
         self.device = torch.device(device)

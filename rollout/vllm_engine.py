@@ -20,7 +20,7 @@ move quickly).
   on the CPU backend `load_weights` after start fails because linear weights are repacked) or
   from a safetensors directory; then the prefix cache is reset. The tensors are an iterator
   that vLLM consumes as the transport receives them: a weight update holds about two
-  buckets, never the whole model (`cluster.transport` measures it).
+  buckets, never the whole model (`comm.transport` measures it).
 - Async scheduling is off: with it, logits processors can see -1 placeholders among the
   output tokens, which the span rules cannot read (the processor refuses them by name).
 - Classifier-free guidance (`sampling.cfg_scale != 1`): each sample is its own request, and
@@ -47,6 +47,7 @@ from rollout.rules import SpanRules, SpanState, initial_state, open_span
 from rollout.vllm_processor import GUIDE_KEY, RULES_KEY, TWIN_KEY, UNGUIDED_CODES
 from rollout.vllm_processor_v2 import choose_runner
 from vlcot.config import STOCK_ARCHITECTURE
+from vlcot.policy import load_policy_meta
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,6 @@ class VLLMEngine(RolloutEngine):
         # the model runner, chosen here rather than by vLLM: V2 takes only V2 logits processors
         self.runner, processor = choose_runner(cfg.vllm_runner)
         from vllm import LLM
-
-        from vlcot.policy import load_policy_meta
 
         register_policy()
         meta = load_policy_meta(policy_dir, policy_cfg, image_cfg)

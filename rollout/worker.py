@@ -4,7 +4,7 @@ One engine per process on purpose: vLLM's transformers backend patches the HF mo
 classes of the process it runs in, so an HF model cannot be built beside it.
 Workers scale with `rollout.num_workers` (GPUs per worker and tensor-parallel size from
 config) independently of the learner. Weights arrive through the transport the wiring
-code hands in (`join_weight_group(factory)`; `cluster.transport.WeightTransport`):
+code hands in (`join_weight_group(factory)`; `comm.transport.WeightTransport`):
 `receive_weights()` streams bucket by bucket into the engine and stamps the version.
 """
 
@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
 
-from cluster.nodes import here, role_device
+from comm.nodes import here, role_device
+from comm.shm_weights import SharedMemoryWeightReader
 from rollout.config import RolloutConfig
 from rollout.engine import RolloutEngine
 
@@ -23,6 +24,7 @@ from rollout.engine import RolloutEngine
 def make_engine(cfg: RolloutConfig, policy_dir: str, image_cfg, policy_cfg=None, device: str = "cpu") -> RolloutEngine:
     """`policy_cfg` (a `vlcot.config.PolicyConfig`) gives the conversation format and dtype;
     None = the checkpoint's own conversation preset."""
+    # local: an engine loads its model stack (vllm, or transformers) in the worker, not the driver
     if cfg.engine == "vllm":
         from rollout.vllm_engine import VLLMEngine
 
@@ -61,8 +63,6 @@ class RolloutWorker:
         """Load the weights learner rank 0 wrote to shared memory on this node (`version` must be
         what the folder holds)."""
         import time
-
-        from cluster.shm_weights import SharedMemoryWeightReader
 
         t0 = time.perf_counter()
         if getattr(self, "shm_reader", None) is None or str(self.shm_reader.folder) != folder:

@@ -29,7 +29,10 @@ import numpy as np
 from PIL import Image
 
 from vlcot.config import AnnotateConfig, DataConfig, DegradationConfig, ImageConfig
+from vlcot.data import center_square, folder_candidates, refuse_imageless, sample_seed
+from vlcot.degradation import degrade
 from vlcot.errors import BadPath, UserError, existing_folder, one_line
+from vlcot.images import IMAGE_SUFFIXES, open_image
 
 log = logging.getLogger(__name__)
 LEVELS = {"x4": 4, "x2": 2, "x1": 1}
@@ -193,10 +196,6 @@ def annotate_folder(folder: Path, cfg: AnnotateConfig, image: ImageConfig, data:
     """Write `<stem>.json` (captions x4/x2/x1 and tags) beside every image of `folder` that has
     none (every image with `overwrite`)."""
     from tqdm import tqdm
-
-    from vlcot.data import center_square, folder_candidates, refuse_imageless, sample_seed
-    from vlcot.degradation import degrade
-    from vlcot.images import IMAGE_SUFFIXES, open_image
 
     folder = existing_folder(folder, "--input", "give the folder of photographs prepare-data will read")
     refuse_imageless(folder)  # before the models load

@@ -37,9 +37,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from safetensors import safe_open
 
+from vlcot.config import STOCK_ARCHITECTURE
 from vlcot.conversation import CHECKPOINT_KEY
 from vlcot.errors import UserError, output_folder
 from vlcot.layout import parse_image_code_name
+from vlcot.policy import LAYOUT_KEY, MINIMAL_CHAMELEON_VQ, UnmaskedChameleonForConditionalGeneration
 from vlcot.shards import ShardWriter, shard_files
 
 RELEASED_ARCHITECTURES = ("ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration")
@@ -121,9 +123,6 @@ class _Plan:
 
 def _plan(src: Path, codebook_size: int, max_grid: int, patch_px: int, tokenizer_file: Optional[Path]) -> _Plan:
     from transformers import ChameleonConfig
-
-    from vlcot.config import STOCK_ARCHITECTURE
-    from vlcot.policy import LAYOUT_KEY, MINIMAL_CHAMELEON_VQ, UnmaskedChameleonForConditionalGeneration
 
     if not src.is_dir():
         _refuse(f"--src {src} is not a folder")

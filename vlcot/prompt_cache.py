@@ -20,6 +20,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from vlcot.errors import BadPath
+from vlcot.images import open_image
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ def cached_prompt_codes(lr_paths: Sequence[str], vq, prompt_size: int, cache_dir
     """Codes [h, w] of each LR image, from the cache where its entry is current, else encoded
     (and the cache rewritten). Returns (codes in `lr_paths` order, how many were encoded now).
     An unreadable LR is a RuntimeError naming the file."""
-    from vlcot.images import open_image
-
     cache = Path(cache_dir) / f"{tokenizer_digest(vq, prompt_size)}.npz"
     known: Dict[str, Tuple[Tuple[int, int], np.ndarray]] = {}
     if cache.is_file():

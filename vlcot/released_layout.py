@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from vlcot.layout import image_code_name
+from vlcot.text_tokenizer import BOS, EOS, PAD, TAG_TOKENS, UNK, train_bpe_tokenizer
 
 CODES = 16384
 FIRST_CODES = 8192  # ids 4 .. 8195
@@ -61,8 +62,6 @@ def released_vocabulary(text_vocab: Dict[str, int]) -> Dict[str, int]:
 
 def _text_tokenizer_json() -> dict:
     """A PURE-shaped `text_tokenizer.json`: the tiny byte-level BPE's merges over the full id space."""
-    from vlcot.text_tokenizer import BOS, EOS, PAD, TAG_TOKENS, UNK, train_bpe_tokenizer
-
     bpe = json.loads(train_bpe_tokenizer(640).backend_tokenizer.to_str())
     ours = {PAD, BOS, EOS, UNK, *TAG_TOKENS}  # the tiny tokenizer's specials: plain text in Chameleon's
     text_vocab = {k: v for k, v in bpe["model"]["vocab"].items() if k not in ours}

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlcot.config import VQConfig, VQTrainConfig
+from vlcot.data import builtin_candidates
+from vlcot.fidelity import psnr_y
 from vlcot.images import to_rgb
 from vlcot.vq import VQTokenizer, pil_to_tensor
 
@@ -47,8 +49,6 @@ REFERENCE_IMAGE, REFERENCE_BOX = "astronaut", (192, 64, 320, 192)
 def training_images() -> Dict[str, Image.Image]:
     """Every photograph phase 1 and 2 sample from, by name (RGB)."""
     import skimage.data as skd
-
-    from vlcot.data import builtin_candidates
 
     out: Dict[str, Image.Image] = {}
     for cand in builtin_candidates():
@@ -67,8 +67,6 @@ def reference_crop() -> Image.Image:
 
 def reconstruction_psnr(vq: VQTokenizer, image: Image.Image) -> float:
     """Y-channel PSNR (eval's convention) of an image against its encode-decode round trip."""
-    from evaluation.fidelity import psnr_y
-
     rgb = to_rgb(image)
     out = vq.decode_images(vq.encode_images([rgb], rgb.width))[0]
     return psnr_y(np.asarray(out), np.asarray(rgb))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import REPO_ROOT
-from cluster.transport import free_port
+from comm.transport import free_port
 from tests.ray_head import start_head, stop_head
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch
 
-from cluster.nodes import NoGPUError, no_gpu_message, role_device
+from comm.nodes import NoGPUError, no_gpu_message, role_device
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 

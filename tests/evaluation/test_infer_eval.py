@@ -10,7 +10,7 @@ import skimage.data
 from PIL import Image
 
 from cluster.cli import main
-from evaluation.fidelity import psnr_y
+from vlcot.fidelity import psnr_y
 from rollout.engine import Sample
 from vlcot.config import ImageConfig
 from vlcot.policy import build_tiny_policy

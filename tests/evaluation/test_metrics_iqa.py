@@ -9,7 +9,7 @@ from PIL import Image, ImageFilter
 from cluster.config import EnvConfig
 from cluster.envs import runtime_env_for_iqa
 from evaluation.actors import MetricWorker
-from evaluation.fidelity import psnr_y, ssim_y
+from vlcot.fidelity import psnr_y, ssim_y
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from PIL import Image, ImageFilter
 
 from evaluation.actors import shards
 from evaluation.cot import grade
-from evaluation.fidelity import psnr_y, ssim_y
+from vlcot.fidelity import psnr_y, ssim_y
 from evaluation.table import UNAVAILABLE, Block, Row, markdown, to_csv
 from evaluation.tiling import TilePlan, axis_starts, blend
 

@@ -7,7 +7,7 @@ import pytest
 import ray
 
 from cluster.learner_group import LearnerGroup
-from cluster.transport import WeightTransport, free_port
+from comm.transport import WeightTransport, free_port
 from learner.batch import pack_grpo
 from learner.config import LearnerConfig
 from tests.learner.learner_steps import assert_same_update, grpo_batch, one_step_state, trainable_names

@@ -32,7 +32,7 @@ def sft_batch(vocab: int, seed: int, response_lengths):
 
 @pytest.fixture(scope="module")
 def zero3(policy_dir):
-    from cluster.transport import free_port
+    from comm.transport import free_port
 
     saved = dict(os.environ)
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",

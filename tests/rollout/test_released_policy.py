@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from cluster.transport import WeightTransport, free_port
+from comm.transport import WeightTransport, free_port
 from learner.batch import pack_grpo
 from learner.config import LearnerConfig, SFTConfig
 from cluster.learner_group import LearnerGroup

@@ -7,7 +7,7 @@ import pytest
 import ray
 import torch
 
-from cluster.transport import WeightTransport, free_port
+from comm.transport import WeightTransport, free_port
 from rollout.config import RolloutConfig
 from rollout.engine import PromptError
 from rollout.worker import RolloutWorker

@@ -48,7 +48,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from cluster.transport import SyncStats, TensorMeta
+from comm.transport import SyncStats, TensorMeta
 
 ALIGN_BYTES = 64
 HEADER_NAME = "header.json"

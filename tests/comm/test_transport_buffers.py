@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from cluster.transport import WeightTransport, free_port
+from comm.transport import WeightTransport, free_port
 
 METAS = [(f"w{i}", (64, 32), "float32") for i in range(6)]
 

@@ -15,7 +15,7 @@ from datetime import timedelta
 import pytest
 
 from cluster.envs import IQA_VENV
-from cluster.transport import WeightTransport, free_port
+from comm.transport import WeightTransport, free_port
 
 
 def test_a_gloo_weight_group_gets_the_configured_timeout():
@@ -30,7 +30,7 @@ NCCL_PROBE = r"""
 import sys
 from datetime import timedelta
 import torch, torch.distributed as dist
-from cluster.transport import WeightTransport, free_port, group_options
+from comm.transport import WeightTransport, free_port, group_options
 if not (torch.version.cuda and dist.is_nccl_available()):
     print("SKIP no CUDA build of torch with NCCL here"); sys.exit(0)
 opts = group_options("nccl", timedelta(seconds=1800), "127.0.0.1")

@@ -1,6 +1,6 @@
 """Rank environments from where the learner ranks landed (no Ray needed)."""
 
-from cluster.nodes import NodePlace, gloo_interface, interface_of, rank_environments
+from comm.nodes import NodePlace, gloo_interface, interface_of, rank_environments
 
 
 def test_ranks_on_two_nodes_get_the_rendezvous_at_rank_0s_node_and_local_numbering():

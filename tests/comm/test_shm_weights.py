@@ -1,4 +1,4 @@
-"""Same-node weight transport through a shared-memory file (cluster/shm_weights.py): exact round
+"""Same-node weight transport through a shared-memory file (comm/shm_weights.py): exact round
 trips, file reuse and re-layout, the version and state checks, tee, and a reader in another process."""
 
 import multiprocessing as mp
@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from cluster.shm_weights import (ALIGN_BYTES, NothingWrittenError, SharedMemoryWeightReader,
+from comm.shm_weights import (ALIGN_BYTES, NothingWrittenError, SharedMemoryWeightReader,
                                  SharedMemoryWeightWriter, SharedWeightsError, VersionMismatchError)
 
 
@@ -177,7 +177,7 @@ def test_a_reader_in_another_process_sees_what_was_written(tmp_path):
 
 
 def test_one_walk_feeds_the_gloo_group_and_the_file(tmp_path):
-    from cluster.transport import WeightTransport, free_port
+    from comm.transport import WeightTransport, free_port
 
     weights = {name: t.contiguous() for name, t in odd_weights(seed=5).items()}
     port, received = free_port(), {}
@@ -202,7 +202,7 @@ def test_folders_of_writers_that_are_gone_are_removed_and_live_ones_kept(tmp_pat
     import subprocess
     import sys
 
-    from cluster.shm_weights import OWNER_NAME, SharedMemoryWeightWriter, remove_orphans
+    from comm.shm_weights import OWNER_NAME, SharedMemoryWeightWriter, remove_orphans
 
     live = SharedMemoryWeightWriter(tmp_path / "realsr-r1-live")  # this process: alive
     live.write([("w", (4,), "float32")], [torch.ones(4)], 1)

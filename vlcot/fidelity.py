@@ -5,6 +5,9 @@ which recent Real-ISR papers report): Y is ITU-R BT.601 luma, 16 + (65.481 R + 1
 24.966 B) with RGB in [0, 1]. PSNR uses Y / 255 in [0, 1] unrounded; SSIM uses Y rounded to
 0..255 in float64, an 11-tap Gaussian window (sigma 1.5) over the valid region, and clamps
 the contrast-structure term at 0. `crop_border` pixels are removed from every side first.
+
+It sits in vlcot/, the lowest layer, because both evaluation/ (the PSNR/SSIM columns) and the
+VQ trainer's reconstruction check (vlcot/vq_train.py) use it: one definition, imported downward.
 """
 
 from __future__ import annotations
