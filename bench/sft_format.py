@@ -29,7 +29,7 @@ from vlcot.fidelity import psnr_y  # noqa: E402
 from cluster.jobs import ensure_data, ensure_policy_dir, ensure_vq_dir, start_ray  # noqa: E402
 from cluster.learner_group import LearnerGroup  # noqa: E402
 from learner.sft import build_sft_examples, run_sft  # noqa: E402
-from vlcot.data import read_manifest  # noqa: E402
+from vlcot.manifest import read_manifest  # noqa: E402
 from vlcot.images import open_image  # noqa: E402
 from vlcot.policy import load_policy  # noqa: E402
 from vlcot.trace import parse_response  # noqa: E402
@@ -70,8 +70,8 @@ def main() -> None:
     records = read_manifest(ensure_data(cfg))
     prompts, responses, skipped = build_sft_examples(records, vq, policy.codec, policy.layout, cfg.image)
     assert not skipped, skipped
-    hrs = [np.asarray(open_image(r["hr_path"])[0]) for r in records]
-    lrs = [open_image(r["lr_path"])[0] for r in records]
+    hrs = [np.asarray(open_image(r.hr_path)[0]) for r in records]
+    lrs = [open_image(r.lr_path)[0] for r in records]
     size = cfg.image.hr_size
     vq_psnr = float(np.mean([reconstruction_psnr(vq, Image.fromarray(h)) for h in hrs]))
     bicubic = float(np.mean([psnr_y(np.asarray(lr.resize((size, size), Image.BICUBIC)), h) for lr, h in zip(lrs, hrs)]))

@@ -96,9 +96,9 @@ class GRPOTrainer:
         self.prompt_ids = encode_prompts(self.records, self.vq, cfg.image, self.codec, self.layout, self.manifest)
         self.image_ids = self.layout.image_span_ids()
         spread = cfg.trainer.prompt_order == "spread"
-        self.cursor = DataCursor(len(self.records), cfg.seed, [r["source"] for r in self.records] if spread else None)
+        self.cursor = DataCursor(len(self.records), cfg.seed, [r.source for r in self.records] if spread else None)
         self.heldout = heldout_for(cfg, self.run_dir, self.vq, self.codec, self.layout,
-                                   [r["degradation"]["labels"] for r in self.records])
+                                   [r.degradation.labels for r in self.records])
 
     def _start_actors(self) -> None:
         from cluster.learner_group import LearnerGroup
@@ -217,7 +217,7 @@ class GRPOTrainer:
         for s in samples:
             rec = self.records[s.record]
             inputs.append(RewardInput(f"{dispatched.step}:{s.group}:{s.sample.sample_index}", s.parsed,
-                                      rec["degradation"]["labels"], rec.get("tags") or [], rec["hr_path"]))
+                                      rec.degradation.labels, rec.tags, rec.hr_path))
         for s, reward in zip(samples, self.rewards.score(inputs)):
             s.reward = reward
 

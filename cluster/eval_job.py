@@ -74,21 +74,15 @@ def load_set(spec: str) -> EvalSet:
     """NAME=manifest.jsonl, or NAME=LR_DIR[,HR_DIR] (paired by file stem; `<stem>.json`
     beside an LR image may give `labels` and `tags`)."""
     from evaluation.infer import list_inputs, output_names, require_images
-    from vlcot.errors import BadPath, UserError, existing_folder
-    from vlcot.data import read_manifest
+    from vlcot.errors import BadPath, existing_folder
+    from vlcot.manifest import read_manifest
 
     name, path = named_path(spec, "--data")
     if path.endswith(".jsonl"):
         rows = read_manifest(path, "--data")
         if not rows:
             raise BadPath(f"--data {spec}: the manifest is empty: give one that prepare-data wrote")
-        odd = next((i for i, r in enumerate(rows, 1) if "id" not in r or "labels" not in (r.get("degradation") or {})),
-                   None)
-        if odd is not None:
-            raise UserError(f"--data {path}:{odd}: record has no id or degradation labels: give a manifest that "
-                            "prepare-data wrote")
-        items = [EvalItem(r["id"], r["lr_path"], r.get("hr_path"), list(r["degradation"]["labels"]),
-                          list(r.get("tags") or [])) for r in rows]
+        items = [EvalItem(r.id, r.lr_path, r.hr_path, list(r.degradation.labels), list(r.tags)) for r in rows]
         return EvalSet(name, items)
     lr_dir, _, hr_dir = path.partition(",")
     files, skipped = require_images(lr_dir, "--data")  # a set with nothing to score is refused here

@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 import textwrap
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from vlcot.manifest import ManifestRecord
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ def sample_grid(lr: Image.Image, stages: Sequence[Optional[np.ndarray]], hr: Ima
     return canvas
 
 
-def log_sample_grid(out: Path, parsed, record: Dict[str, Any], vq, tracker) -> None:
+def log_sample_grid(out: Path, parsed, record: ManifestRecord, vq, tracker) -> None:
     """The grid of one training sample (its trace `parsed`, the manifest `record` it was
     prompted with) written to `out` and logged to MLflow under grids/. A failure is logged,
     never raised: a logging extra must not stop training."""
@@ -40,7 +42,7 @@ def log_sample_grid(out: Path, parsed, record: Dict[str, Any], vq, tracker) -> N
         for name in ("rough_image", "middle_image", "final_image"):
             st = parsed.stages[name]
             stages.append(np.asarray(vq.decode_images(st.codes[None])[0]) if st.valid else None)
-        img = sample_grid(Image.open(record["lr_path"]), stages, Image.open(record["hr_path"]), parsed.skeleton)
+        img = sample_grid(Image.open(record.lr_path), stages, Image.open(record.hr_path), parsed.skeleton)
         out.parent.mkdir(parents=True, exist_ok=True)
         img.save(out)
         tracker.artifact(str(out), "grids")

@@ -29,6 +29,7 @@ import numpy as np
 
 from rewards.scoring import RewardInput
 from rollout.engine import PromptError
+from vlcot.manifest import ManifestRecord, heldout_manifest_path, read_manifest
 from vlcot.trace import SLOTS, parse_response
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,6 @@ def heldout_for(cfg, run_dir: Path, vq, codec, layout,
     """The run's held-out prompts (`trainer.heldout_eval`), or None with a line saying why not.
     `training_labels` (the GRPO prompts' degradation words) give the majority-word baseline."""
     from cluster.jobs import encode_prompts
-    from vlcot.data import heldout_manifest_path, read_manifest
 
     if not cfg.trainer.heldout_eval:
         return None
@@ -95,12 +95,12 @@ def heldout_for(cfg, run_dir: Path, vq, codec, layout,
     held = HeldOutEval(records, encode_prompts(records, vq, cfg.image, codec, layout, path), path, run_dir,
                        list(cfg.rewards.weights), cfg.image.hr_size, codec, layout)
     if training_labels:
-        held.majority = majority_accuracy(training_labels, [r["degradation"]["labels"] for r in records])
+        held.majority = majority_accuracy(training_labels, [r.degradation.labels for r in records])
     return held
 
 
 class HeldOutEval:
-    def __init__(self, records: List[Dict[str, Any]], prompt_ids: List[List[int]], manifest: Path, run_dir: Path,
+    def __init__(self, records: List[ManifestRecord], prompt_ids: List[List[int]], manifest: Path, run_dir: Path,
                  reward_names: List[str], hr_size: int, codec, layout):
         if not records:
             raise ValueError(f"the held-out manifest {manifest} is empty")
@@ -117,14 +117,13 @@ class HeldOutEval:
         for rec, res in zip(self.records, results):
             if isinstance(res, PromptError):
                 refused += 1
-                log.warning("held-out prompt %s refused: %s", rec["id"], res.reason)
+                log.warning("held-out prompt %s refused: %s", rec.id, res.reason)
                 continue
             versions.add(int(res[0].version))
             parsed = parse_response(res[0].token_ids, self.codec, self.layout, hr_size=self.hr_size)
-            inputs.append(RewardInput(f"heldout:{rec['id']}", parsed, rec["degradation"]["labels"],
-                                      rec.get("tags") or [], rec["hr_path"]))
+            inputs.append(RewardInput(f"heldout:{rec.id}", parsed, rec.degradation.labels, rec.tags, rec.hr_path))
             predicted.append(list(parsed.degradation))
-            labels.append(rec["degradation"]["labels"])
+            labels.append(rec.degradation.labels)
         scored = rewards.score(inputs) if inputs else []
         means = {name: float(np.mean([r.components[name] for r in scored])) if scored else float("nan")
                  for name in self.reward_names}

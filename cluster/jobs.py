@@ -10,13 +10,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from cluster.config import Config
 from vlcot.errors import BadPath
+from vlcot.manifest import ManifestRecord, manifest_path, read_manifest
 
 log = logging.getLogger(__name__)
 
 
 def ensure_data(cfg: Config) -> Path:
     """The manifest, prepared from `data` config if it does not exist yet."""
-    manifest = Path(cfg.data.manifest) if cfg.data.manifest else Path(cfg.data.output_dir) / "manifest.jsonl"
+    manifest = manifest_path(cfg.data)
     if not manifest.is_file():
         from vlcot.data import prepare_data
 
@@ -41,11 +42,9 @@ def manifest_for(cfg: Config, role: str) -> Path:
     return Path(path)
 
 
-def training_records(cfg: Config, role: str) -> Tuple[Path, List[Dict]]:
+def training_records(cfg: Config, role: str) -> Tuple[Path, List[ManifestRecord]]:
     """(manifest, its records) of one training set, checked before any actor starts: a missing,
     malformed or empty manifest is a UserError naming it."""
-    from vlcot.data import read_manifest
-
     manifest = manifest_for(cfg, role)
     key = MANIFEST_ROLES[role] if getattr(cfg.data, MANIFEST_ROLES[role].split(".")[1]) else "data.manifest"
     records = read_manifest(manifest, key)
@@ -55,7 +54,7 @@ def training_records(cfg: Config, role: str) -> Tuple[Path, List[Dict]]:
     return manifest, records
 
 
-def encode_prompts(records: List[Dict], vq, image_cfg, codec, layout, manifest: Path) -> List[List[int]]:
+def encode_prompts(records: List[ManifestRecord], vq, image_cfg, codec, layout, manifest: Path) -> List[List[int]]:
     """The policy's prompt token ids for the records of `manifest`: each LR image, encoded by the
     VQ tokenizer at `image.prompt_size`, in the prompt template. The codes come from the
     manifest's prompt-code cache (vlcot/prompt_cache.py), so a start or a resume encodes only
@@ -67,7 +66,7 @@ def encode_prompts(records: List[Dict], vq, image_cfg, codec, layout, manifest: 
     from vlcot.trace import build_prompt
 
     t0 = time.perf_counter()
-    codes, encoded = cached_prompt_codes([rec["lr_path"] for rec in records], vq, image_cfg.prompt_size,
+    codes, encoded = cached_prompt_codes([rec.lr_path for rec in records], vq, image_cfg.prompt_size,
                                          Path(manifest).parent / CACHE_DIR)
     ids = [build_prompt(c, codec, layout) for c in codes]
     log.info("prompts: %d from %s (%d encoded now, %d from the cache) in %.1fs", len(ids), manifest, encoded,
@@ -179,7 +178,7 @@ class SFTResult:
     skipped: List[str]  # records that gave no trace, with the reason
 
 
-def cold_start_sft(group, records: List[dict], vq, meta, cfg: Config,
+def cold_start_sft(group, records: List[ManifestRecord], vq, meta, cfg: Config,
                    on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> SFTResult:
     """The one SFT path (`realsr-r1 sft` and the driver's cold start): manifest records -> VLCoT
     traces in the policy's conversation format -> `cfg.learner.sft.steps` steps on the learner

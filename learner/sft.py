@@ -16,11 +16,12 @@ import numpy as np
 from learner.batch import pack
 from learner.config import SFTConfig
 from vlcot.examples import build_example
+from vlcot.manifest import ManifestRecord
 
 log = logging.getLogger(__name__)
 
 
-def build_sft_examples(records: Sequence[dict], vq, codec, layout, image_cfg) -> Tuple[List[List[int]], List[List[int]], List[str]]:
+def build_sft_examples(records: Sequence[ManifestRecord], vq, codec, layout, image_cfg) -> Tuple[List[List[int]], List[List[int]], List[str]]:
     """Manifest records -> (prompts, responses, skipped reasons). A record whose images
     cannot be read is skipped with its reason, not fatal."""
     prompts, responses, skipped = [], [], []
@@ -28,7 +29,7 @@ def build_sft_examples(records: Sequence[dict], vq, codec, layout, image_cfg) ->
         try:
             ex = build_example(rec, vq, codec, layout, image_cfg)
         except (ValueError, OSError) as exc:
-            skipped.append(f"{rec.get('id', '?')}: {exc}")
+            skipped.append(f"{rec.id}: {exc}")
             log.warning("SFT example skipped: %s", skipped[-1])
             continue
         prompts.append(ex.prompt_ids)

@@ -1,11 +1,7 @@
 """Data preparation: HQ images (+ optional captions and tags) -> HR crops, degraded LR
 images, degradation labels and a JSONL manifest.
 
-Manifest record (paths relative to the manifest's folder):
-
-    {"id", "source", "hr_path", "lr_path", "hr_size", "hr_usm", "lr_size", "seed", "crop": [left, top, side],
-     "captions": {"x4", "x2", "x1"} | null, "tags": [...],
-     "degradation": {"labels": [5 words], "text": "...", "params": {...}}, "notes": [...]}
+The manifest's record and its reading and writing live in vlcot/manifest.py.
 
 Captions and tags for a folder come from a sidecar `<stem>.json` next to each image:
 `{"captions": {"x4": ..., "x2": ..., "x1": ...}, "tags": [...]}`. Bad files are skipped
@@ -33,6 +29,8 @@ from vlcot.degradation import degrade, label_degradation, usm_sharpen
 from vlcot.errors import BadPath, UserError, existing_folder, output_folder
 from vlcot.examples import FALLBACK_CAPTION
 from vlcot.images import IMAGE_SUFFIXES, open_image, to_rgb
+from vlcot.manifest import (Captions, DegradationRecord, ManifestRecord, heldout_manifest_path, write_jsonl,
+                            write_manifest)
 from vlcot.text_tokenizer import ANNOTATIONS
 from vlcot.trace import degradation_text
 
@@ -279,8 +277,8 @@ def prepare(candidates, out_dir: Path, image: ImageConfig, degradation: Degradat
     summary = Summary(manifest=str(manifest),
                       heldout_manifest=str(heldout_manifest_path(data)) if data.heldout_per_image else "")
     lr_hw = (image.lr_size, image.lr_size)
-    records: List[Dict[str, Any]] = []
-    heldout: List[Dict[str, Any]] = []
+    records: List[ManifestRecord] = []
+    heldout: List[ManifestRecord] = []
     skipped: List[Dict[str, str]] = []
     cands = list(candidates)
     if data.require_annotations:
@@ -303,6 +301,8 @@ def prepare(candidates, out_dir: Path, image: ImageConfig, degradation: Degradat
             notes.append(cand.annotation_error)
         summary.images_ok += 1
         ann = cand.annotation or {}
+        caps = ann.get("captions")
+        captions = Captions(caps["x4"], caps["x2"], caps["x1"]) if caps else None
         lacks = missing_annotation(ann)
         summary.missing_captions += "captions" in lacks
         summary.missing_tags += "tags" in lacks
@@ -323,21 +323,11 @@ def prepare(candidates, out_dir: Path, image: ImageConfig, degradation: Degradat
                 labels = label_degradation(params, degradation.thresholds)
                 lr_rel = Path("lr") / f"{view.id}_v{v}.png"
                 Image.fromarray(lr).save(out_dir / lr_rel)
-                (heldout if view.heldout else records).append({
-                    "id": f"{view.id}_v{v}",
-                    "source": cand.source,
-                    "hr_path": hr_rel.as_posix(),
-                    "lr_path": lr_rel.as_posix(),
-                    "hr_size": image.hr_size,
-                    "hr_usm": data.usm_hr,
-                    "lr_size": image.lr_size,
-                    "seed": seed,
-                    "crop": list(view.box),
-                    "captions": ann.get("captions"),
-                    "tags": ann.get("tags", []),
-                    "degradation": {"labels": labels, "text": degradation_text(labels), "params": params},
-                    "notes": notes,
-                })
+                (heldout if view.heldout else records).append(ManifestRecord(
+                    id=f"{view.id}_v{v}", source=cand.source, hr_path=hr_rel.as_posix(), lr_path=lr_rel.as_posix(),
+                    hr_size=image.hr_size, lr_size=image.lr_size, seed=seed,
+                    degradation=DegradationRecord(labels, degradation_text(labels), params),
+                    captions=captions, tags=list(ann.get("tags", [])), notes=notes, hr_usm=data.usm_hr, crop=view.box))
                 if view.heldout:
                     summary.heldout_samples += 1
                     continue
@@ -346,10 +336,10 @@ def prepare(candidates, out_dir: Path, image: ImageConfig, degradation: Degradat
                 summary.samples += 1
     for warning in summary.annotation_warnings():
         log.warning("prepare-data: %s", warning)
-    _write_jsonl(manifest, records)
+    write_manifest(manifest, records)
     if data.heldout_per_image:
-        _write_jsonl(Path(summary.heldout_manifest), heldout)
-    _write_jsonl(out_dir / "skipped.jsonl", skipped)
+        write_manifest(Path(summary.heldout_manifest), heldout)
+    write_jsonl(out_dir / "skipped.jsonl", skipped)
     (out_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
 
@@ -372,53 +362,6 @@ def _require_annotations(cands: List[Candidate]) -> None:
 def _reason_key(reason: str) -> str:
     """Group reasons for the summary: 'too small: 1x1 < ...' -> 'too small'."""
     return reason.split(":")[0].strip() or "unknown"
-
-
-def _write_jsonl(path: Path, rows: List[Dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
-
-
-def read_manifest(path: str | Path, what: str = "manifest") -> List[Dict[str, Any]]:
-    """Manifest rows with hr_path/lr_path made absolute. A missing file or a malformed line is
-    a UserError naming the file (and line) and `what` (the flag or key that named it): a
-    manifest is written by prepare-data, so damage should not pass."""
-    path = Path(path)
-    fix = "give a manifest.jsonl that `realsr-r1 prepare-data` wrote"
-    if not path.is_file():
-        raise BadPath(f"{what} {path} is not a file ({'a folder' if path.is_dir() else 'nothing is there'}): {fix}")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not a text file: {fix}") from None
-    rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{what} {path}:{i}: not valid JSON ({exc.msg} at column {exc.colno}): {fix}") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{what} {path}:{i}: a JSON {type(row).__name__}, not a record: {fix}")
-        for key in ("hr_path", "lr_path"):
-            if key not in row:
-                raise UserError(f"{what} {path}:{i}: record has no {key!r}: {fix}")
-            row[key] = str((path.parent / row[key]).resolve())
-        rows.append(row)
-    return rows
-
-
-def heldout_manifest_path(data: DataConfig) -> Path:
-    """`data.heldout_manifest`, else heldout.jsonl beside the manifest."""
-    if data.heldout_manifest:
-        return Path(data.heldout_manifest)
-    manifest = Path(data.manifest) if data.manifest else Path(data.output_dir) / "manifest.jsonl"
-    return manifest.parent / "heldout.jsonl"
 
 
 def refuse_imageless(folder: Path) -> None:

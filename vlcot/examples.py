@@ -8,12 +8,13 @@ its labels. The prompt holds the LR image bicubic-upsampled to `image.prompt_siz
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import List, Tuple
 
 from PIL import Image
 
 from vlcot.config import ImageConfig
 from vlcot.images import open_image
+from vlcot.manifest import ManifestRecord
 from vlcot.trace import IMAGE_STAGE_SCALE, Trace, TextCodec, build_prompt, serialise_response
 from vlcot.layout import TokenLayout
 
@@ -41,24 +42,24 @@ def _load(path: str) -> Image.Image:
     return img
 
 
-def build_example(record: Dict[str, Any], vq, codec: TextCodec, layout: TokenLayout, image: ImageConfig) -> Example:
+def build_example(record: ManifestRecord, vq, codec: TextCodec, layout: TokenLayout, image: ImageConfig) -> Example:
     """One manifest record (paths absolute, as `read_manifest` returns) -> Example."""
-    hr = _load(record["hr_path"])
-    lr = _load(record["lr_path"])
+    hr = _load(record.hr_path)
+    lr = _load(record.lr_path)
     lr_codes = vq.encode_images([lr], image.prompt_size)[0]
     grids = {stage: vq.encode_images([hr], image.hr_size // k)[0] for stage, k in IMAGE_STAGE_SCALE.items()}
-    caps = record.get("captions") or {}
+    caps = record.captions
     trace = Trace(
-        degradation=list(record["degradation"]["labels"]),
-        rough_understand=caps.get("x4") or FALLBACK_CAPTION,
-        middle_understand=caps.get("x2") or FALLBACK_CAPTION,
-        final_understand=caps.get("x1") or FALLBACK_CAPTION,
+        degradation=list(record.degradation.labels),
+        rough_understand=(caps and caps.x4) or FALLBACK_CAPTION,
+        middle_understand=(caps and caps.x2) or FALLBACK_CAPTION,
+        final_understand=(caps and caps.x1) or FALLBACK_CAPTION,
         rough_image=grids["rough_image"],
         middle_image=grids["middle_image"],
         final_image=grids["final_image"],
     )
     return Example(
-        id=record["id"],
+        id=record.id,
         prompt_ids=build_prompt(lr_codes, codec, layout),
         response_ids=serialise_response(trace, codec, layout),
         trace=trace,

@@ -20,7 +20,7 @@ from cluster.heldout_eval import majority_accuracy
 from cluster.run_state import DriverState
 from cluster.metrics import reward_metric_names
 from learner.schedule import lr_at
-from vlcot.data import read_manifest
+from vlcot.manifest import read_manifest
 from vlcot.trace import SLOTS
 
 pytestmark = pytest.mark.slow
@@ -141,9 +141,9 @@ def test_kl_reference_after_in_run_sft_is_the_sft_policy(tmp_path):
         words = held[column]["words"]
         assert 1 <= words["distinct"] <= held[column]["prompts"] and set(words["accuracy"]) == set(SLOTS)
         assert sum(words["accuracy"].values()) / 5 >= means["degradation"] - 1e-9
-    heldout_labels = [r["degradation"]["labels"] for r in read_manifest(data / "heldout.jsonl")]
+    heldout_labels = [r.degradation.labels for r in read_manifest(data / "heldout.jsonl")]
     assert held["majority_words"] == majority_accuracy(
-        [r["degradation"]["labels"] for r in read_manifest(data / "rl.jsonl")], heldout_labels)
+        [r.degradation.labels for r in read_manifest(data / "rl.jsonl")], heldout_labels)
     table = (tmp_path / "heldout.md").read_text()
     assert "| SFT (v0) | GRPO (v1) | change |" in table and "| degradation |" in table
     assert "| slot | SFT (v0) | GRPO (v1) | majority word |" in table and "| different answers |" in table

@@ -32,6 +32,7 @@ def bad(tmp_path_factory, tiny_policy, tiny_vq):
                         notimg=root / "spreadsheets", photos=root / "photos", badsidecar=root / "badsidecar",
                         bad_yaml=root / "bad.yaml", list_yaml=root / "list.yaml", llama=root / "llama",
                         badjson=root / "badjson", noweights=root / "noweights", bad_manifest=root / "bad.jsonl",
+                        badfield_manifest=root / "badfield.jsonl",
                         empty_manifest=root / "empty.jsonl", run=root / "run", full=root / "full",
                         badvq=root / "badvq", unpaired=root / "unpaired")
     b.empty.mkdir()
@@ -59,7 +60,12 @@ def bad(tmp_path_factory, tiny_policy, tiny_vq):
     b.policy, b.vq = b.run / "policy", b.run / "vq"
     b.noweights.mkdir()
     (b.noweights / "config.json").write_text((b.policy / "config.json").read_text())
-    b.bad_manifest.write_text('{"hr_path": "a.png", "lr_path": "b.png"}\n{"hr_path": \n')
+    good_row = {"id": "a_v0", "source": "a.png", "hr_path": "hr/a.png", "lr_path": "lr/a_v0.png", "hr_size": 128,
+                "hr_usm": False, "lr_size": 32, "seed": 1, "crop": [0, 0, 96], "captions": None, "tags": [],
+                "degradation": {"labels": ["none", "keep", "none", "none", "keep"], "text": "t", "params": {}},
+                "notes": []}
+    b.bad_manifest.write_text(json.dumps(good_row) + '\n{"hr_path": \n')  # row 1 a record, row 2 not JSON
+    b.badfield_manifest.write_text(json.dumps(good_row) + "\n" + json.dumps(dict(good_row, seed="1")) + "\n")
     b.empty_manifest.write_text("")
     b.badvq.mkdir()
     (b.badvq / "vq_config.json").write_text('{"codebook_size": 16, "colours": 3}')
@@ -230,6 +236,8 @@ SFT = [
     ("manifest-is-a-folder", lambda b: [f"data.sft_manifest={b.empty}"], lambda b: b.empty),
     ("manifest-bad-json", lambda b: [f"data.sft_manifest={b.bad_manifest}"], lambda b: f"{b.bad_manifest}:2"),
     ("manifest-empty", lambda b: [f"data.sft_manifest={b.empty_manifest}"], lambda b: b.empty_manifest),
+    ("manifest-bad-field", lambda b: [f"data.sft_manifest={b.badfield_manifest}"],
+     lambda b: f"{b.badfield_manifest}:2: 'seed' is a JSON string, not integer"),
     ("checkpoint-a-llama", lambda b: [f"data.sft_manifest={b.empty_manifest}", f"policy.checkpoint={b.llama}"],
      lambda b: b.llama),
     ("run-dir-is-a-file", lambda b: [f"run_dir={b.file}"], lambda b: b.file),
@@ -247,6 +255,8 @@ TRAIN = [
     ("rl-manifest-missing", lambda b: [f"data.rl_manifest={b.missing / 'm.jsonl'}"], lambda b: b.missing / "m.jsonl"),
     ("rl-manifest-bad-json", lambda b: [f"data.rl_manifest={b.bad_manifest}"], lambda b: f"{b.bad_manifest}:2"),
     ("rl-manifest-empty", lambda b: [f"data.rl_manifest={b.empty_manifest}"], lambda b: b.empty_manifest),
+    ("rl-manifest-bad-field", lambda b: [f"data.rl_manifest={b.badfield_manifest}"],
+     lambda b: f"{b.badfield_manifest}:2: 'seed'"),
     ("sft-manifest-missing", lambda b: [f"data.sft_manifest={b.missing / 's.jsonl'}"], lambda b: b.missing / "s.jsonl"),
     ("resume-without-checkpoint", lambda b: ["--resume", "trainer.sft=false"], lambda b: "checkpoints"),
     ("checkpoint-a-llama", lambda b: [f"policy.checkpoint={b.llama}"], lambda b: b.llama),
@@ -323,6 +333,8 @@ EVAL = [
      lambda b: b.missing / "m.jsonl"),
     ("manifest-empty", lambda b: ["--checkpoint", b.policy, "--data", f"x={b.empty_manifest}"],
      lambda b: b.empty_manifest),
+    ("manifest-bad-field", lambda b: ["--checkpoint", b.policy, "--data", f"x={b.badfield_manifest}"],
+     lambda b: f"{b.badfield_manifest}:2: 'seed'"),
     ("sr-missing", lambda b: ["--sr", f"other={b.missing}"], lambda b: b.missing),
     ("out-is-a-file", lambda b: ["--checkpoint", b.policy, "--data", f"x={b.photos}", "--out", b.file],
      lambda b: b.file),

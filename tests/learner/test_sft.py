@@ -10,7 +10,8 @@ from cluster.cli import main as cli_main
 from learner.config import LearnerConfig, SFTConfig
 from cluster.learner_group import LearnerGroup
 from learner.sft import build_sft_examples, run_sft
-from vlcot.data import prepare_data, read_manifest
+from vlcot.data import prepare_data
+from vlcot.manifest import read_manifest
 from vlcot.policy import load_policy
 
 pytestmark = pytest.mark.slow
@@ -20,7 +21,7 @@ def test_sft_lowers_the_loss(tiny_cfg, tiny_policy, tiny_vq, tmp_path):
     data = dataclasses.replace(tiny_cfg.data, output_dir=str(tmp_path / "data"))
     prepare_data(tiny_cfg.image, tiny_cfg.degradation, data, progress=False)
     records = read_manifest(tmp_path / "data" / "manifest.jsonl")
-    records.append(dict(records[0], id="gone", hr_path=str(tmp_path / "missing.png")))
+    records.append(dataclasses.replace(records[0], id="gone", hr_path=str(tmp_path / "missing.png")))
     prompts, responses, skipped = build_sft_examples(records, tiny_vq, tiny_policy.codec, tiny_policy.layout, tiny_cfg.image)
     assert len(prompts) == 11 * tiny_cfg.data.variants_per_image and len(skipped) == 1 and "gone" in skipped[0]
     policy_dir = tiny_policy.save(tmp_path / "policy")

@@ -8,7 +8,8 @@ import pytest
 
 from cluster.cli import main
 from vlcot.annotate import caption_nouns
-from vlcot.data import builtin_candidates, read_manifest
+from vlcot.data import builtin_candidates
+from vlcot.manifest import read_manifest
 from vlcot.tiny_annotators import WORDS, build_captioner, build_detector
 
 VOCABULARY = ["cat", "dog", "tree"]
@@ -52,7 +53,7 @@ def test_annotate_writes_sidecars_that_prepare_data_reads(models, photos, tmp_pa
         assert side["tags"] and set(side["tags"]) <= set(VOCABULARY)
     assert main(["prepare-data", "--no-progress", "--input", str(photos), "--out", str(tmp_path / "data")]) == 0
     rows = read_manifest(tmp_path / "data" / "manifest.jsonl")
-    assert len(rows) == 5 * tiny_cfg.data.variants_per_image and all(r["captions"]["x4"] and r["tags"] for r in rows)
+    assert len(rows) == 5 * tiny_cfg.data.variants_per_image and all(r.captions.x4 and r.tags for r in rows)
     summary = json.loads((tmp_path / "data" / "summary.json").read_text())
     assert (summary["missing_captions"], summary["missing_tags"]) == (0, 0)
 

@@ -6,8 +6,9 @@ from PIL import Image
 
 from cluster.cli import main as cli_main
 from vlcot.config import DataConfig, DegradationConfig, ImageConfig
-from vlcot.data import center_box, folder_candidates, prepare, read_manifest, square_crop
+from vlcot.data import center_box, folder_candidates, prepare, square_crop
 from vlcot.images import open_image, to_rgb
+from vlcot.manifest import Captions, read_manifest
 from vlcot.trace import SLOT_WORDS, SLOTS
 
 IMAGE = ImageConfig(hr_size=128, lr_size=32, prompt_size=128)
@@ -61,7 +62,7 @@ def test_bad_file_zoo(tmp_path):
     assert "too large" in skipped["huge"]
 
     rows = read_manifest(tmp_path / "out" / "manifest.jsonl")
-    ids = {r["id"] for r in rows}
+    ids = {r.id for r in rows}
     assert ids == {f"{n}_v0" for n in ("good", "good_badsidecar", "cmyk", "sixteen", "palette", "alpha", "grey")}
     assert summary.seen == 13 and summary.images_ok == 7 and summary.samples == 7
     assert sum(summary.skipped.values()) == 6  # nothing disappears: seen = ok + skipped
@@ -70,20 +71,20 @@ def test_bad_file_zoo(tmp_path):
     assert any(k.startswith("converted from I") for k in summary.converted)
     assert summary.annotation_problems["bad sidecar good_badsidecar.json"] == 1
 
-    by_id = {r["id"]: r for r in rows}
-    assert by_id["good_v0"]["captions"] == {"x4": "a", "x2": "b", "x1": "c"}
-    assert by_id["good_v0"]["tags"] == ["cat", "dog"]
-    assert by_id["grey_v0"]["captions"] is None
+    by_id = {r.id: r for r in rows}
+    assert by_id["good_v0"].captions == Captions(x4="a", x2="b", x1="c")
+    assert by_id["good_v0"].tags == ["cat", "dog"]
+    assert by_id["grey_v0"].captions is None
     for r in rows:
-        lr = Image.open(r["lr_path"])
-        hr = Image.open(r["hr_path"])
+        lr = Image.open(r.lr_path)
+        hr = Image.open(r.hr_path)
         assert lr.size == (32, 32) and lr.mode == "RGB"
         assert hr.size == (128, 128) and hr.mode == "RGB"
-        labels = r["degradation"]["labels"]
+        labels = r.degradation.labels
         assert all(w in SLOT_WORDS[s] for s, w in zip(SLOTS, labels))
     # the 50 %-transparent image was composited on white, so it is brighter than the source
-    alpha_hr = np.asarray(Image.open(by_id["alpha_v0"]["hr_path"]), dtype=float).mean()
-    good_hr = np.asarray(Image.open(by_id["good_v0"]["hr_path"]), dtype=float).mean()
+    alpha_hr = np.asarray(Image.open(by_id["alpha_v0"].hr_path), dtype=float).mean()
+    good_hr = np.asarray(Image.open(by_id["good_v0"].hr_path), dtype=float).mean()
     assert alpha_hr > good_hr + 20
 
 
@@ -105,8 +106,8 @@ def test_variants_have_distinct_seeds(tmp_path):
     data = DataConfig(output_dir=str(tmp_path / "out"), variants_per_image=3)
     prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(), data, progress=False)
     rows = read_manifest(tmp_path / "out" / "manifest.jsonl")
-    assert len(rows) == 3 and len({r["seed"] for r in rows}) == 3
-    assert len({r["hr_path"] for r in rows}) == 1
+    assert len(rows) == 3 and len({r.seed for r in rows}) == 3
+    assert len({r.hr_path for r in rows}) == 1
 
 
 def test_random_crops_and_a_heldout_set_that_never_overlaps_the_training_prompts(tmp_path):
@@ -122,19 +123,19 @@ def test_random_crops_and_a_heldout_set_that_never_overlaps_the_training_prompts
     assert (len(train), len(held)) == (2 * 4 * 2, 2 * 3) == (summary.samples, summary.heldout_samples)
     assert summary.heldout_manifest == str(tmp_path / "out" / "heldout.jsonl")
     assert sum(summary.labels[0].values()) == len(train)  # label counts describe the training prompts only
-    views = lambda rows: {(r["source"], tuple(r["crop"])) for r in rows}
+    views = lambda rows: {(r.source, tuple(r.crop)) for r in rows}
     assert len(views(train)) == 8 and len(views(held)) == 6 and not views(train) & views(held)  # one LR per held-out crop
-    assert not {r["seed"] for r in train} & {r["seed"] for r in held}
-    assert not {r["hr_path"] for r in train} & {r["hr_path"] for r in held}
-    train_lr = {np.asarray(Image.open(r["lr_path"])).tobytes() for r in train}
-    assert not train_lr & {np.asarray(Image.open(r["lr_path"])).tobytes() for r in held}
+    assert not {r.seed for r in train} & {r.seed for r in held}
+    assert not {r.hr_path for r in train} & {r.hr_path for r in held}
+    train_lr = {np.asarray(Image.open(r.lr_path)).tobytes() for r in train}
+    assert not train_lr & {np.asarray(Image.open(r.lr_path)).tobytes() for r in held}
     for r in train + held:  # every box is a square inside its image, at least the HR size
-        left, top, side = r["crop"]
-        w, h = Image.open(r["source"]).size
-        assert side >= 128 and 0 <= left <= w - side and 0 <= top <= h - side, r["crop"]
+        left, top, side = r.crop
+        w, h = Image.open(r.source).size
+        assert side >= 128 and 0 <= left <= w - side and 0 <= top <= h - side, r.crop
     r = held[0]  # the HR is exactly that box of the source, resized
-    hr = square_crop(Image.open(r["source"]).convert("RGB"), tuple(r["crop"]), 128)
-    assert np.array_equal(np.asarray(hr), np.asarray(Image.open(r["hr_path"])))
+    hr = square_crop(Image.open(r.source).convert("RGB"), tuple(r.crop), 128)
+    assert np.array_equal(np.asarray(hr), np.asarray(Image.open(r.hr_path)))
     before = (tmp_path / "out" / "heldout.jsonl").read_text()  # seeded: a rerun makes the same sets
     prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(), data, progress=False)
     assert (tmp_path / "out" / "heldout.jsonl").read_text() == before
@@ -146,7 +147,7 @@ def test_default_is_the_centre_square_and_no_heldout_set(tmp_path):
     data = DataConfig(output_dir=str(tmp_path / "out"))
     summary = prepare(folder_candidates(tmp_path / "in"), tmp_path / "out", IMAGE, DegradationConfig(), data, progress=False)
     (row,) = read_manifest(tmp_path / "out" / "manifest.jsonl")
-    assert row["id"] == "a_v0" and tuple(row["crop"]) == center_box(160, 140) == (10, 0, 140)
+    assert row.id == "a_v0" and tuple(row.crop) == center_box(160, 140) == (10, 0, 140)
     assert summary.heldout_samples == 0 and not (tmp_path / "out" / "heldout.jsonl").exists()
     # a 128-px square has one 128-px box, which training takes: its held-out crop is counted as not made
     Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(tmp_path / "in" / "small.png")
@@ -154,7 +155,7 @@ def test_default_is_the_centre_square_and_no_heldout_set(tmp_path):
                       DataConfig(output_dir=str(tmp_path / "out"), heldout_per_image=1), progress=False)
     assert (summary.samples, summary.heldout_samples, summary.heldout_missing) == (2, 1, 1)
     assert "1 crops not made" in summary.render()
-    assert [r["id"] for r in read_manifest(tmp_path / "out" / "heldout.jsonl")] == ["a_h0_v0"]
+    assert [r.id for r in read_manifest(tmp_path / "out" / "heldout.jsonl")] == ["a_h0_v0"]
 
 
 def test_cli_prepare_data_builtin(tmp_path, capsys, tiny_cfg):
@@ -162,11 +163,11 @@ def test_cli_prepare_data_builtin(tmp_path, capsys, tiny_cfg):
     out = capsys.readouterr().out
     rows = read_manifest(tmp_path / "builtin" / "manifest.jsonl")
     assert len(rows) == 11 * tiny_cfg.data.variants_per_image and "11 usable" in out
-    names = {r["id"] for r in rows}
+    names = {r.id for r in rows}
     assert {"astronaut_v0", "chelsea_v0", "retina_v0"} <= names
-    astro = next(r for r in rows if r["id"] == "astronaut_v0")
-    assert "spacesuit" in astro["tags"] and astro["captions"]["x4"]
-    assert Image.open(astro["lr_path"]).size == (tiny_cfg.image.lr_size,) * 2  # the default config's sizes
+    astro = next(r for r in rows if r.id == "astronaut_v0")
+    assert "spacesuit" in astro.tags and astro.captions.x4
+    assert Image.open(astro.lr_path).size == (tiny_cfg.image.lr_size,) * 2  # the default config's sizes
     assert "WARNING" not in out  # every built-in image is annotated
 
 
@@ -178,12 +179,6 @@ def test_cli_prepare_data_folder_and_bad_config(tmp_path, capsys):
     assert "skipped: 6" in capsys.readouterr().out
     assert cli_main(["prepare-data", "data.min_sid=3"]) == 2
     assert "data.min_sid" in capsys.readouterr().err
-
-
-def test_read_manifest_names_the_bad_line(tmp_path):
-    (tmp_path / "m.jsonl").write_text('{"hr_path": "a", "lr_path": "b"}\n{oops\n')
-    with pytest.raises(ValueError, match="m.jsonl:2"):
-        read_manifest(tmp_path / "m.jsonl")
 
 
 def unannotated_folder(folder):
@@ -240,6 +235,6 @@ def test_usm_hr_sharpens_the_target_but_degrades_from_the_plain_hr(tmp_path):
                   DataConfig(output_dir=str(tmp_path / "b"), usm_hr=True), progress=False)
     assert plain.samples == usm.samples == 1
     a, b = read_manifest(tmp_path / "a" / "manifest.jsonl")[0], read_manifest(tmp_path / "b" / "manifest.jsonl")[0]
-    assert (a["hr_usm"], b["hr_usm"]) == (False, True)
-    assert np.array_equal(np.asarray(Image.open(a["lr_path"])), np.asarray(Image.open(b["lr_path"])))
-    assert not np.array_equal(np.asarray(Image.open(a["hr_path"])), np.asarray(Image.open(b["hr_path"])))
+    assert (a.hr_usm, b.hr_usm) == (False, True)
+    assert np.array_equal(np.asarray(Image.open(a.lr_path)), np.asarray(Image.open(b.lr_path)))
+    assert not np.array_equal(np.asarray(Image.open(a.hr_path)), np.asarray(Image.open(b.hr_path)))

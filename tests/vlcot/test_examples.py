@@ -2,7 +2,8 @@ import dataclasses
 
 import numpy as np
 
-from vlcot.data import prepare_data, read_manifest
+from vlcot.data import prepare_data
+from vlcot.manifest import read_manifest
 from vlcot.examples import IGNORE_INDEX, build_example
 from vlcot.trace import parse_response
 
@@ -14,8 +15,8 @@ def test_manifest_record_to_sft_example(tiny_cfg, stage_sides, tiny_policy, tiny
     ex = build_example(record, tiny_vq, tiny_policy.codec, tiny_policy.layout, tiny_cfg.image)
     parsed = parse_response(ex.response_ids, tiny_policy.codec, tiny_policy.layout, hr_size=tiny_cfg.image.hr_size)
     assert parsed.valid, parsed.invalid_reasons()
-    assert parsed.degradation == record["degradation"]["labels"]
-    assert parsed.stages["rough_understand"].text == record["captions"]["x4"]
+    assert parsed.degradation == record.degradation.labels
+    assert parsed.stages["rough_understand"].text == record.captions.x4
     for stage in ("final_image", "rough_image"):
         assert parsed.stages[stage].codes.shape == (stage_sides[stage],) * 2
     ids, labels = ex.sft_pair()
@@ -29,5 +30,5 @@ def test_manifest_record_to_sft_example(tiny_cfg, stage_sides, tiny_policy, tiny
     assert codes.shape == (tiny_cfg.image.prompt_size // 8,) * 2
     # the final image is the HR image's own codes
     from PIL import Image
-    hr_codes = tiny_vq.encode_images([Image.open(record["hr_path"])], tiny_cfg.image.hr_size)[0]
+    hr_codes = tiny_vq.encode_images([Image.open(record.hr_path)], tiny_cfg.image.hr_size)[0]
     np.testing.assert_array_equal(parsed.stages["final_image"].codes, hr_codes)
