@@ -16,7 +16,6 @@ import importlib
 import json
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
