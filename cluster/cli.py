@@ -273,7 +273,8 @@ def _main(argv: Optional[List[str]]) -> int:
 
 
 def _eval(cfg, args, ckpts) -> int:
-    from cluster.eval_job import Column, builtin_set, load_set, run_eval_job
+    from cluster.eval_job import run_eval_job
+    from cluster.eval_inputs import Column, builtin_set, load_set
     from cluster.infer_job import named_path
     from vlcot.errors import BadPath
 

@@ -31,16 +31,14 @@ from cluster.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ens
 from cluster.metrics import step_metrics, step_line
 from cluster.reward_pool import RewardPool
 from cluster.rollout_pool import RolloutBatch, RolloutPool
+from cluster.sample_scoring import score_results
 from cluster.run_state import (CKPT_DIR, DataCursor, DriverState, latest_checkpoint, prune_checkpoints,
                                read_pending_step, write_pending_step)
 from cluster.step_data import CollectedRollout, DispatchedStep, ScoredSample, StepResult
 from cluster.tracking import open_run_tracker
 from learner.step_batch import RolloutSamples, StepBatch, learner_batch
 from learner.schedule import lr_at
-from rewards.scoring import RewardInput
-from rollout.engine import PromptError
 from vlcot.errors import BadPath
-from vlcot.trace import parse_response
 
 log = logging.getLogger(__name__)
 SFT_POLICY = "sft/hf"  # the cold-start SFT result: GRPO's starting point and its KL reference
@@ -174,8 +172,11 @@ class GRPOTrainer:
         if cfg.trainer.mode == "async" and step + 1 < cfg.trainer.steps:
             following = self._dispatch(step + 1)
         t0 = time.perf_counter()
-        samples, prompt_errors = self._parse(dispatched, collected.results)
-        self._score(dispatched, samples)
+        scored = score_results(dispatched.records, collected.results, self.records, self.codec, self.layout,
+                               cfg.image.hr_size, self.rewards, str(step))
+        for refused in scored.refused:
+            log.warning("step %d prompt %d skipped: %s", step, refused.record, refused.reason)
+        samples = scored.samples
         reward_s = time.perf_counter() - t0
         chosen = self._learner_batch(samples, version)
         info = chosen.info
@@ -184,7 +185,7 @@ class GRPOTrainer:
         synced = self.rollout.sync_weights(version + 1)  # drops or replaces workers lost since the collect
         info.update({"rollout/workers": float(collected.workers),
                      "rollout/workers_lost": float(len(collected.lost) + len(synced.lost)), **collected.guidance})
-        return StepResult(samples, prompt_errors, learn, synced.stats, info, collected.generate_s, reward_s), following
+        return StepResult(samples, len(scored.refused), learn, synced.stats, info, collected.generate_s, reward_s), following
 
     def _collected(self, dispatched: DispatchedStep, version: int) -> CollectedRollout:
         """The step's generation, collected from the rollout pool once (or read from a checkpoint)."""
@@ -198,28 +199,6 @@ class GRPOTrainer:
         """The learning rate of GRPO step `step` (1-based) under learner.schedule."""
         lc = self.cfg.learner
         return lr_at(step, lc.schedule, self.cfg.trainer.steps, lc.lr)
-
-    def _parse(self, dispatched: DispatchedStep, results: List[Any]) -> Tuple[List[ScoredSample], int]:
-        """Rollout results -> parsed samples; a prompt the engine refused is counted and logged."""
-        samples, errors = [], 0
-        for group, (record, res) in enumerate(zip(dispatched.records, results)):
-            if isinstance(res, PromptError):
-                errors += 1
-                log.warning("step %d prompt %d skipped: %s", dispatched.step, record, res.reason)
-                continue
-            for s in res:
-                parsed = parse_response(s.token_ids, self.codec, self.layout, hr_size=self.cfg.image.hr_size)
-                samples.append(ScoredSample(record, group, s, parsed))
-        return samples, errors
-
-    def _score(self, dispatched: DispatchedStep, samples: List[ScoredSample]) -> None:
-        inputs = []
-        for s in samples:
-            rec = self.records[s.record]
-            inputs.append(RewardInput(f"{dispatched.step}:{s.group}:{s.sample.sample_index}", s.parsed,
-                                      rec.degradation.labels, rec.tags, rec.hr_path))
-        for s, reward in zip(samples, self.rewards.score(inputs)):
-            s.reward = reward
 
     def _learner_batch(self, samples: List[ScoredSample], version: int) -> StepBatch:
         """The learner's batch of this step's samples (learner/step_batch.py)."""

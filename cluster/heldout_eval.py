@@ -27,10 +27,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from rewards.scoring import RewardInput
-from rollout.engine import PromptError
+from cluster.sample_scoring import score_results
 from vlcot.manifest import ManifestRecord, heldout_manifest_path, read_manifest
-from vlcot.trace import SLOTS, parse_response
+from vlcot.trace import SLOTS
 
 log = logging.getLogger(__name__)
 REPORT_JSON, REPORT_MD = "heldout.json", "heldout.md"
@@ -113,25 +112,21 @@ class HeldOutEval:
         """One greedy generation per held-out prompt (`generate(prompts, **how)`: the driver's
         rollout pool, which handles a worker lost meanwhile), scored by the reward pool."""
         results = generate(self.prompt_ids, seed=0, n=1, greedy=True)
-        inputs, refused, versions, predicted, labels = [], 0, set(), [], []
-        for rec, res in zip(self.records, results):
-            if isinstance(res, PromptError):
-                refused += 1
-                log.warning("held-out prompt %s refused: %s", rec.id, res.reason)
-                continue
-            versions.add(int(res[0].version))
-            parsed = parse_response(res[0].token_ids, self.codec, self.layout, hr_size=self.hr_size)
-            inputs.append(RewardInput(f"heldout:{rec.id}", parsed, rec.degradation.labels, rec.tags, rec.hr_path))
-            predicted.append(list(parsed.degradation))
-            labels.append(rec.degradation.labels)
-        scored = rewards.score(inputs) if inputs else []
-        means = {name: float(np.mean([r.components[name] for r in scored])) if scored else float("nan")
+        scored = score_results(range(len(self.records)), results, self.records, self.codec, self.layout, self.hr_size,
+                               rewards, "heldout")
+        for refused_prompt in scored.refused:
+            log.warning("held-out prompt %s refused: %s", self.records[refused_prompt.record].id, refused_prompt.reason)
+        versions = {int(s.sample.version) for s in scored.samples}
+        predicted = [list(s.parsed.degradation) for s in scored.samples]
+        labels = [self.records[s.record].degradation.labels for s in scored.samples]
+        got = [s.reward for s in scored.samples]
+        means = {name: float(np.mean([r.components[name] for r in got])) if got else float("nan")
                  for name in self.reward_names}
-        means["total"] = float(np.mean([r.total for r in scored])) if scored else float("nan")
+        means["total"] = float(np.mean([r.total for r in got])) if got else float("nan")
         if versions != {version}:  # a worker not holding the policy being measured would blur the columns
             log.warning("held-out check of version %d: samples came from versions %s", version, sorted(versions))
         words = DegradationWords.of(predicted, labels) if predicted else None
-        return HeldOutScore(policy, version, len(scored), refused, means, sorted(versions), words)
+        return HeldOutScore(policy, version, len(got), len(scored.refused), means, sorted(versions), words)
 
     def at_start(self, generate, rewards, policy: str, version: int) -> None:
         """The start column, written at once (a resumed run reads it back)."""

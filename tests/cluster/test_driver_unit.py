@@ -7,6 +7,7 @@ import pytest
 from cluster.config import load_config
 from cluster.driver import GRPOTrainer
 from cluster.step_data import ScoredSample
+from rewards.types import RewardResult
 from rollout.engine import Sample
 
 
@@ -45,7 +46,8 @@ def test_trace_metrics_count_each_span_from_the_parsed_trace(tiny_cfg, tiny_poli
     cut = full[:middle_start + 10]
 
     def scored(ids):
-        return ScoredSample(0, 0, Sample(0, 0, ids, [0.0] * len(ids), "stop", 0), parse_response(ids, codec, lay, hr))
+        return ScoredSample(0, 0, Sample(0, 0, ids, [0.0] * len(ids), "stop", 0), parse_response(ids, codec, lay, hr),
+                            RewardResult("s", 0.0, {}))
 
     m = trace_metrics([scored(full), scored(cut)])
     assert m["trace/response_tokens"] == (len(full) + len(cut)) / 2
