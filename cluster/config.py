@@ -4,7 +4,7 @@ overrides -> validated dataclass objects.
 An unknown key or a value of the wrong type raises `ConfigError` naming the full key, before
 anything is started. Then `validate` gathers the problems of every package (each package's
 `problems()`: vlcot/config_problems.py, rollout/, learner/, rewards/, evaluation/ config,
-cluster/tracking.py) and of the checks here that relate two roles' settings, and raises one
+cluster/tracking_config.py) and of the checks here that relate two roles' settings, and raises one
 `ConfigError` listing them all, one line per full key.
 """
 
@@ -20,7 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cluster.tracking import problems as tracking_problems
+from cluster.tracking_config import TrackingConfig, tracking_problems
 from evaluation.config import EvalConfig, InferConfig
 from evaluation.config import problems as evaluation_problems
 from learner.advantages import ADVANTAGE_ESTIMATORS
@@ -82,23 +82,6 @@ class TrainerConfig:
     # greedy rewards on the held-out prompts (data.heldout_per_image) with the policy GRPO starts
     # from and the one it ends with, side by side in <run_dir>/heldout.md (cluster/heldout_eval.py)
     heldout_eval: bool = True
-
-
-@dataclass
-class TrackingConfig:
-    """MLflow (cluster/tracking.py; docs/cluster.md "Tracking")."""
-
-    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db; a server: http://HOST:PORT
-    experiment: str = "realsr-r1"
-    run_name: str = ""
-    # a store that cannot be reached at start-up refuses the run (before any actor starts);
-    # false: a warning, and the run trains untracked
-    required: bool = True
-    buffer_s: float = 900.0  # metrics/artifacts a server could not take wait this long, then are dropped (counted)
-    buffer_values: int = 200000  # and at most this many metric values wait (the oldest are dropped first)
-    timeout_s: float = 10.0  # per request to a tracking server (one retry); MLFLOW_HTTP_REQUEST_TIMEOUT wins when set
-    system_metrics: bool = True  # CPU, memory, disk, network, GPU (with pynvml) as MLflow's log_system_metrics
-    system_metrics_every_s: float = 10.0
 
 
 @dataclass

@@ -27,7 +27,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from cluster.actor_group import ActorGroup, resource_options
-from cluster.metrics import GuidanceCounter
+from cluster.guidance import GuidanceCounter
 from cluster.weight_sync import WEIGHT_SYNCS, SyncReport, WeightSync, sync_living_workers
 from comm.nodes import node_alive
 from rollout.config import RolloutConfig
@@ -260,7 +260,7 @@ class RolloutPool:
 
     def guidance_since_last(self) -> Dict[str, float]:
         """The classifier-free-guidance counts of the generations since the last call
-        (cluster.metrics.GuidanceCounter)."""
+        (cluster/guidance.py)."""
         return self.guidance.since_last(self.throughput)
 
     def worker_versions(self) -> List[Optional[int]]:

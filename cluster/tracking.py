@@ -31,8 +31,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
-from urllib.parse import urlparse
+from typing import Any, Dict, Optional
 
 from cluster.tracking_buffer import Outbox
 from vlcot.errors import UserError
@@ -41,19 +40,6 @@ log = logging.getLogger(__name__)
 RETRY_S, RETRY_MAX_S = 5.0, 60.0  # a failed server is asked again after 5 s, 10 s, ... 60 s (or at a flush)
 SERVER_SCHEMES = ("http://", "https://", "databricks")
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-
-
-def problems(t) -> List[Tuple[str, str]]:
-    """What is wrong with a TrackingConfig, as (key, message) pairs (cluster/config.py validates)."""
-    out = []
-    if t.uri.startswith(("http://", "https://")) and not urlparse(t.uri).hostname:
-        out.append(("tracking.uri", f"{t.uri!r} names no host (e.g. http://127.0.0.1:5000)"))
-    for name, low, strict in (("buffer_s", 0, False), ("buffer_values", 0, False), ("timeout_s", 0, True),
-                              ("system_metrics_every_s", 0, True)):
-        v = getattr(t, name)
-        if v < low or (strict and v == low):
-            out.append((f"tracking.{name}", f"must be {'>' if strict else '>='} {low}, got {v}"))
-    return out
 
 
 def resolve_uri(uri: str, run_dir: str) -> str:

@@ -4,7 +4,7 @@ the workers' cumulative counters into one step's counts and warns naming the set
 import logging
 import pytest
 
-from cluster.metrics import GuidanceCounter, guidance_metrics
+from cluster.guidance import GuidanceCounter, guidance_metrics
 
 
 def counters(twins, unguided):
@@ -23,7 +23,7 @@ def test_a_steps_counts_are_the_counters_since_the_last_collect_and_a_replaced_w
 def test_each_collect_is_reported_with_a_warning_naming_the_setting_for_its_hardware(caplog, gpus, hint):
     counter = GuidanceCounter(on_gpu=gpus > 0)
     reads = iter([[counters(4, 0), counters(4, 0)], [counters(8, 0), counters(8, 5)]])
-    with caplog.at_level(logging.WARNING, logger="cluster.metrics"):
+    with caplog.at_level(logging.WARNING, logger="cluster.guidance"):
         assert counter.since_last(lambda: next(reads)) == {"rollout/cfg_twins": 8.0, "rollout/cfg_unguided_codes": 0.0}
         assert not caplog.records
         assert counter.since_last(lambda: next(reads)) == {"rollout/cfg_twins": 8.0, "rollout/cfg_unguided_codes": 5.0}
@@ -36,6 +36,6 @@ def test_unreadable_counters_are_a_warning_not_a_failed_step(caplog):
     def gone():
         raise RuntimeError("worker died")
 
-    with caplog.at_level(logging.WARNING, logger="cluster.metrics"):
+    with caplog.at_level(logging.WARNING, logger="cluster.guidance"):
         assert GuidanceCounter(on_gpu=False).since_last(gone) == {}
     assert "worker died" in caplog.text
