@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cluster.config import load_config  # noqa: E402
-from cluster.driver import GRPOTrainer  # noqa: E402
+from training.driver import GRPOTrainer  # noqa: E402
 
 
 def step_times(mode: str, steps: int, overrides) -> np.ndarray:

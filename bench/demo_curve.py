@@ -1,8 +1,8 @@
 """The embedded default main job's reward curve and wall time: runs `realsr-r1 train` on
 configs/tiny-cpu.yaml (built-in data, cold-start SFT, GRPO) and prints the total reward of the
 first vs the last 20% of GRPO steps and the run's verdict (last quarter vs first, in
-standard errors; cluster/learning_curve.py) and the held-out rewards of the SFT and GRPO
-policies (cluster/heldout_eval.py). Starts from an empty runs/bench-demo (or --run-dir).
+standard errors; training/learning_curve.py) and the held-out rewards of the SFT and GRPO
+policies (training/heldout_eval.py). Starts from an empty runs/bench-demo (or --run-dir).
 
     .venv/bin/python bench/demo_curve.py [--run-dir DIR] [key=value ...]   e.g. seed=1
 """
@@ -23,7 +23,7 @@ def main() -> None:
     if overrides[:1] == ["--run-dir"]:
         run_dir, overrides = Path(overrides[1]).resolve(), overrides[2:]
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: its own data, tokenizer and SFT
-    args = [sys.executable, "-m", "cluster.cli", "train", "--no-progress", f"run_dir={run_dir}",
+    args = [sys.executable, "-m", "app.cli", "train", "--no-progress", f"run_dir={run_dir}",
             f"data.output_dir={run_dir / 'data'}", *overrides]
     t0 = time.perf_counter()
     subprocess.run(args, cwd=ROOT, check=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cluster.config import load_config  # noqa: E402
-from cluster.eval_job import run_eval_job  # noqa: E402
-from cluster.eval_inputs import Column, builtin_set  # noqa: E402
-from cluster.infer_job import resolve_checkpoint  # noqa: E402
+from app.eval_job import run_eval_job  # noqa: E402
+from app.eval_inputs import Column, builtin_set  # noqa: E402
+from app.infer_job import resolve_checkpoint  # noqa: E402
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ REALSR_DEVICE=gpu bash scripts/install.sh
   .venv/bin/python - <<'PY'
 import time, numpy as np, ray
 from cluster.config import load_config
-from cluster.jobs import ensure_policy_dir
+from training.jobs import ensure_policy_dir
 from learner.batch import pack_grpo
 from learner.config import LearnerConfig
 from cluster.learner_group import LearnerGroup

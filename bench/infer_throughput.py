@@ -20,7 +20,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._common import astronaut, best_time  # noqa: E402
 from cluster.config import load_config  # noqa: E402
-from cluster.infer_job import resolve_checkpoint  # noqa: E402
+from app.infer_job import resolve_checkpoint  # noqa: E402
 from evaluation.infer import SuperResolver, output_names, run_infer  # noqa: E402
 
 

@@ -41,7 +41,7 @@ def train(config: str, run_dir: Path, extra: List[str]) -> Dict:
     """`realsr-r1 train` as a user runs it; peak RSS of each role's processes sampled meanwhile."""
     import psutil
 
-    cmd = [PY, "-m", "cluster.cli", "train", "--config", config, f"run_dir={run_dir}",
+    cmd = [PY, "-m", "app.cli", "train", "--config", config, f"run_dir={run_dir}",
            f"data.output_dir={run_dir / 'data'}", "--no-progress", *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -218,7 +218,7 @@ def report_infer_eval(run_dir: Path) -> None:
                           ("eval", ["eval", "--checkpoint", str(ckpt), "--data", f"one={lr},{hr}", "--out",
                                     f"{tmp}/eval", "infer.constrained=true"])):
             t0 = time.perf_counter()
-            r = subprocess.run([PY, "-m", "cluster.cli", *cmd, "--config", CONFIG, "--no-progress"], cwd=ROOT,
+            r = subprocess.run([PY, "-m", "app.cli", *cmd, "--config", CONFIG, "--no-progress"], cwd=ROOT,
                                capture_output=True, text=True)
             wrote = sorted(str(p.relative_to(tmp)) for p in Path(tmp, name).rglob("*") if p.is_file())
             print(f"{name}: exit {r.returncode} in {time.perf_counter() - t0:.0f}s; wrote {len(wrote)} files "

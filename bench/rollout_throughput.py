@@ -15,7 +15,7 @@ import ray
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cluster.config import load_config  # noqa: E402
-from cluster.jobs import ensure_policy_dir  # noqa: E402
+from training.jobs import ensure_policy_dir  # noqa: E402
 from rollout.worker import RolloutWorker  # noqa: E402
 from vlcot.policy import load_policy_meta  # noqa: E402
 from vlcot.trace import build_prompt  # noqa: E402

@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cluster.config import load_config  # noqa: E402
 from vlcot.fidelity import psnr_y  # noqa: E402
-from cluster.jobs import ensure_data, ensure_policy_dir, ensure_vq_dir, start_ray  # noqa: E402
+from training.jobs import ensure_data, ensure_policy_dir, ensure_vq_dir, start_ray  # noqa: E402
 from cluster.learner_group import LearnerGroup  # noqa: E402
 from learner.sft import build_sft_examples, run_sft  # noqa: E402
 from vlcot.manifest import read_manifest  # noqa: E402

@@ -80,7 +80,7 @@ class TrainerConfig:
     weight_sync_shm: bool = True
     actor_start_timeout_s: float = 600.0  # an actor not up by then: the error names what it asked for
     # greedy rewards on the held-out prompts (data.heldout_per_image) with the policy GRPO starts
-    # from and the one it ends with, side by side in <run_dir>/heldout.md (cluster/heldout_eval.py)
+    # from and the one it ends with, side by side in <run_dir>/heldout.md (training/heldout_eval.py)
     heldout_eval: bool = True
 
 

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 @dataclass
 class TrackingConfig:
-    """MLflow (cluster/tracking.py; docs/cluster.md "Tracking")."""
+    """MLflow (training/tracking.py; docs/cluster.md "Tracking")."""
 
     uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db; a server: http://HOST:PORT
     experiment: str = "realsr-r1"

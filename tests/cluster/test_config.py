@@ -223,7 +223,7 @@ def test_every_problem_of_a_config_is_reported_at_once():
 
 
 def test_the_cli_prints_every_problem_of_a_config_on_its_own_line(capsys):
-    from cluster.cli import main
+    from app.cli import main
 
     assert main(["show-config", *THREE_PACKAGES.values()]) == 2
     out, err = capsys.readouterr()

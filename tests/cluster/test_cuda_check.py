@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from cluster.cli import main as cli_main
+from app.cli import main as cli_main
 from cluster.config import REPO_ROOT
 from cluster.envs import cuda_verdict
 

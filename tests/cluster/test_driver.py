@@ -13,12 +13,12 @@ import pytest
 import ray
 import torch
 
-from cluster.cli import main as cli_main
+from app.cli import main as cli_main
 from cluster.config import load_config
-from cluster.driver import GRPOTrainer, latest_checkpoint
-from cluster.heldout_eval import majority_accuracy
-from cluster.run_state import DriverState
-from cluster.metrics import reward_metric_names
+from training.driver import GRPOTrainer, latest_checkpoint
+from training.heldout_eval import majority_accuracy
+from training.run_state import DriverState
+from training.metrics import reward_metric_names
 from learner.schedule import lr_at
 from vlcot.manifest import read_manifest
 from vlcot.trace import SLOTS
@@ -113,7 +113,7 @@ def test_kl_reference_after_in_run_sft_is_the_sft_policy(tmp_path):
     initial policy the learner ranks were built from (kl would be large at step 1 then).
     SFT and GRPO read their own manifests (`data.sft_manifest`, `data.rl_manifest`); the
     advantage is normalised per reward."""
-    from cluster.jobs import ensure_data
+    from training.jobs import ensure_data
 
     base = small(tmp_path, "data.heldout_per_image=1")
     lines = ensure_data(base).read_text().splitlines()
@@ -186,7 +186,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, mlflow_server, capsys):
     """Killed after a checkpoint, resumed: the same run on a real tracking server, which
     itself goes away during the first resumed step and comes back (issue 27)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    args = [sys.executable, "-m", "cluster.cli", "train", "--no-progress", f"run_dir={tmp_path}",
+    args = [sys.executable, "-m", "app.cli", "train", "--no-progress", f"run_dir={tmp_path}",
             f"data.output_dir={tmp_path / 'data'}", "trainer.steps=3", "trainer.prompts_per_step=2",
             "rollout.group_size=2", "trainer.sft=false", "trainer.checkpoint_every=1", "rollout.sampling.text_budget=64",
             "learner.schedule.name=linear", "learner.schedule.final_ratio=0.25", "learner.schedule.warmup_steps=1",
@@ -254,7 +254,7 @@ def test_async_zero3_resume_trains_the_step_in_flight_as_the_uninterrupted_run(t
     uninterrupted run trained on: the same per-step metrics and the same final weights."""
     import shutil
 
-    from cluster.run_state import CKPT_DIR, read_pending_step
+    from training.run_state import CKPT_DIR, read_pending_step
 
     args = ["trainer.mode=async", "learner.zero_stage=3", "trainer.steps=3", "trainer.checkpoint_every=1",
             "trainer.keep_checkpoints=3", "trainer.heldout_eval=false", "trainer.log_images_every=100"]

@@ -5,8 +5,8 @@ tested directly: tests/learner/test_step_batch.py.)"""
 import pytest
 
 from cluster.config import load_config
-from cluster.driver import GRPOTrainer
-from cluster.step_data import ScoredSample
+from training.driver import GRPOTrainer
+from training.step_data import ScoredSample
 from rewards.types import RewardResult
 from rollout.engine import Sample
 
@@ -21,7 +21,7 @@ def test_async_learner_recomputes_old_logprobs_without_mutating_the_config(tmp_p
 
 
 def test_sft_and_rl_manifests_default_to_the_manifest_and_a_missing_one_names_its_key(tmp_path):
-    from cluster.jobs import manifest_for
+    from training.jobs import manifest_for
 
     main, rl = tmp_path / "main.jsonl", tmp_path / "rl.jsonl"
     main.write_text("")
@@ -36,7 +36,7 @@ def test_sft_and_rl_manifests_default_to_the_manifest_and_a_missing_one_names_it
 def test_trace_metrics_count_each_span_from_the_parsed_trace(tiny_cfg, tiny_policy):
     """trace/* from a whole trace and a trace cut inside its middle image: spans counted from
     the image sizes (make_trace's rough 4x4, middle 8x8, final 16x16 codes: HR 128), 0 where malformed."""
-    from cluster.metrics import trace_metrics
+    from training.metrics import trace_metrics
     from tests.rewards.helpers import make_trace
     from vlcot.trace import parse_response, serialise_response
 

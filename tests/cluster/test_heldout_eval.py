@@ -5,7 +5,7 @@ from dataclasses import asdict
 
 import pytest
 
-from cluster.heldout_eval import DegradationWords, HeldOutScore, majority_accuracy, render, score_from, summary_line
+from training.heldout_eval import DegradationWords, HeldOutScore, majority_accuracy, render, score_from, summary_line
 
 
 def test_side_by_side_table_and_line():
@@ -29,7 +29,7 @@ def test_a_resumed_run_without_a_start_column_says_so():
 
 def test_no_heldout_file_says_how_to_make_one(tmp_path, capsys):
     from cluster.config import load_config
-    from cluster.heldout_eval import heldout_for
+    from training.heldout_eval import heldout_for
 
     for k, how in ((0, "prepare-data writes it with data.heldout_per_image > 0"),
                    (1, "the data was prepared without it: run `realsr-r1 prepare-data` again")):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.learning_curve import learning_report, moving_average, report_learning, rise_verdict
+from training.learning_curve import learning_report, moving_average, report_learning, rise_verdict
 
 
 def test_rise_and_its_standard_error_follow_the_formula():

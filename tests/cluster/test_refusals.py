@@ -3,7 +3,7 @@ that does not exist, an empty folder, a file where a folder is expected, a folde
 kind, malformed YAML or JSON, a checkpoint of another architecture), ends in one line naming
 the offending thing, exit code 2 and no traceback; a real bug still raises.
 
-The commands run in this process (`cluster.cli.main`) and must refuse at their checks: nothing
+The commands run in this process (`app.cli.main`) and must refuse at their checks: nothing
 here starts Ray, loads a model's weights or trains. Two cases run the real entry point as a
 subprocess, to prove that path prints no traceback either.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.cli import main
+from app.cli import main
 from cluster.config import REPO_ROOT
 
 
@@ -78,15 +78,15 @@ def bad(tmp_path_factory, tiny_policy, tiny_vq):
 def nothing_starts(monkeypatch):
     """Starting Ray, the trainer's actors or an eval job fails the test: a refusal comes first.
     (Ray itself may be up already, left by another test module.)"""
-    import cluster.driver
-    import cluster.eval_job
-    import cluster.jobs
+    import training.driver
+    import app.eval_job
+    import training.jobs
 
     def started(*args, **kwargs):
         raise AssertionError("work started before the bad input was refused")
 
-    for owner, name in ((cluster.jobs, "start_ray"), (cluster.driver, "start_ray"),
-                        (cluster.driver.GRPOTrainer, "_start_actors"), (cluster.eval_job, "run_eval_job")):
+    for owner, name in ((training.jobs, "start_ray"), (training.driver, "start_ray"),
+                        (training.driver.GRPOTrainer, "_start_actors"), (app.eval_job, "run_eval_job")):
         monkeypatch.setattr(owner, name, started)
 
 
@@ -374,12 +374,12 @@ def test_prepare_eval_refuses_an_out_that_is_a_file(bad, capsys):
 def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only UserError is a refusal: a plain ValueError (or anything else) from inside a command
     propagates, traceback and all."""
-    import cluster.cli
+    import app.cli
 
     def broken(cfg):
         raise ValueError("a bug, not the user's mistake")
 
-    monkeypatch.setattr(cluster.cli, "to_yaml", broken)
+    monkeypatch.setattr(app.cli, "to_yaml", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["show-config"])
 
@@ -390,7 +390,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
      lambda b: b.photos / "p0.png"),
 ], ids=["malformed-yaml", "require-annotations"])
 def test_the_entry_point_prints_one_line_and_exits_2(bad, argv, offending):
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", *map(str, argv(bad))], cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "-m", "app.cli", *map(str, argv(bad))], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr

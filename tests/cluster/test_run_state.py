@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from cluster.run_state import CKPT_DIR, DRIVER_STATE, DataCursor, DriverState, latest_checkpoint, prune_checkpoints
+from training.run_state import CKPT_DIR, DRIVER_STATE, DataCursor, DriverState, latest_checkpoint, prune_checkpoints
 
 
 def test_driver_state_round_trip_and_an_older_checkpoint(tmp_path):

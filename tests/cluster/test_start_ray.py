@@ -4,7 +4,7 @@ an SFT job had left a 2-CPU Ray up)."""
 
 import ray
 
-from cluster import jobs
+from training import jobs
 
 
 def test_private_ray_too_small_for_the_next_job_is_restarted_bigger():

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.tracking import Tracker, lost_line, open_run_tracker
-from cluster.tracking_buffer import Outbox
+from training.tracking import Tracker, lost_line, open_run_tracker
+from training.tracking_buffer import Outbox
 from tests.mlflow_server import free_port
 from vlcot.errors import UserError
 
@@ -77,7 +77,7 @@ def test_a_server_that_does_not_answer_is_refused_at_start(tmp_path, capsys, cap
     refuses before Ray starts, exit 2, one line); required=false: a warning, untracked."""
     import ray
 
-    from cluster.cli import main as cli_main
+    from app.cli import main as cli_main
 
     closed = f"http://127.0.0.1:{free_port()}"
     t0 = time.perf_counter()
@@ -166,7 +166,7 @@ def test_resume_continues_the_same_run_on_the_server(server, tmp_path, capsys):
     on into that run; a run id the store does not have is a refusal (a warning and a new run
     with required=false)."""
     from cluster.config import load_config
-    from cluster.run_state import CKPT_DIR, DriverState
+    from training.run_state import CKPT_DIR, DriverState
 
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"tracking.uri={server.url}", "tracking.experiment=resume",
                                  "tracking.system_metrics=false"])

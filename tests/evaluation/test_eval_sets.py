@@ -5,7 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from cluster.cli import main
+from app.cli import main
 from evaluation.eval_sets import pair_key, paired_set, synthetic_set
 from vlcot.config import DegradationConfig
 
@@ -87,7 +87,7 @@ def test_cli_prepare_eval_then_eval_reads_the_layout(tmp_path, capsys):
     assert main(["prepare-eval", "--paired", f"{lr_dir},{hr_dir}", "--out", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
     assert "1 pairs" in out and f"--data NAME={tmp_path / 'p' / 'lr'},{tmp_path / 'p' / 'hr'}" in out
-    from cluster.eval_inputs import load_set
+    from app.eval_inputs import load_set
 
     es = load_set(f"real={tmp_path / 'p' / 'lr'},{tmp_path / 'p' / 'hr'}")
     assert [(i.lr_path.split("/")[-1], i.hr_path.split("/")[-1]) for i in es.items] == [("Canon_001.png",) * 2]

@@ -9,7 +9,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from cluster.cli import main
+from app.cli import main
 from vlcot.fidelity import psnr_y
 from rollout.engine import Sample
 from vlcot.config import ImageConfig
@@ -202,7 +202,7 @@ def test_infer_with_the_vllm_engine_in_its_own_process(run_dir, tmp_path):
     img = tmp_path / "one.png"
     Image.fromarray(skimage.data.astronaut()).resize((40, 30)).save(img)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "infer", "--checkpoint", str(run_dir / "policy"),
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "infer", "--checkpoint", str(run_dir / "policy"),
                            "--image", str(img), "--out", str(out), "--no-progress", "infer.engine=vllm", *FAST], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(vllm engine, tile mode)" in proc.stdout

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import ray
 
-from cluster.cli import main as cli_main
+from app.cli import main as cli_main
 from learner.config import LearnerConfig, SFTConfig
 from cluster.learner_group import LearnerGroup
 from learner.sft import build_sft_examples, run_sft

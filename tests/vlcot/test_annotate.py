@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster.cli import main
+from app.cli import main
 from vlcot.annotate import caption_nouns
 from vlcot.data import builtin_candidates
 from vlcot.manifest import read_manifest

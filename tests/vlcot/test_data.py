@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.cli import main as cli_main
+from app.cli import main as cli_main
 from vlcot.config import DataConfig, DegradationConfig, ImageConfig
 from vlcot.data import center_box, folder_candidates, prepare, square_crop
 from vlcot.images import open_image, to_rgb

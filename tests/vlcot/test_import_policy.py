@@ -153,7 +153,7 @@ def test_config_checks_max_model_len_against_the_checkpoint(imported):
 
 
 def test_cli_imports_and_refuses(released, tmp_path, capsys):
-    from cluster.cli import main
+    from app.cli import main
 
     out = tmp_path / "cli-out"
     assert main(["import-policy", "--src", str(released), "--out", str(out), "--shard-mb", "8",
@@ -172,7 +172,7 @@ def test_policy_init_released_layout_goes_through_the_importer(tmp_path):
     import json
 
     from cluster.config import ConfigError, load_config
-    from cluster.jobs import build_initial_policy
+    from training.jobs import build_initial_policy
     from vlcot.conversation import CHECKPOINT_KEY
     from vlcot.policy import load_policy
 

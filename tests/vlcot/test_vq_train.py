@@ -106,7 +106,7 @@ def test_missing_or_corrupt_weights_name_the_file_and_the_config_key(tiny_cfg, t
     with pytest.raises(VQCheckpointError, match=r"vq\.checkpoint=.*has no vq_model\.safetensors"):
         vq_from_config(cfg)
     # a command says it in one line (rc 2), not with a traceback from deep inside
-    from cluster.cli import main as cli_main
+    from app.cli import main as cli_main
 
     assert cli_main(["init-policy", "--out", str(tmp_path / "out"), f"vq.checkpoint={folder}"]) == 2
     assert "has no vq_model.safetensors" in capsys.readouterr().err
@@ -118,7 +118,7 @@ def test_missing_or_corrupt_weights_name_the_file_and_the_config_key(tiny_cfg, t
 
 def test_a_run_folder_keeps_the_tokenizer_its_policy_learned(tmp_path):
     from cluster.config import load_config
-    from cluster.jobs import ensure_vq_dir
+    from training.jobs import ensure_vq_dir
 
     trained = load_config(overrides=[f"run_dir={tmp_path}"])
     out = ensure_vq_dir(trained)

@@ -142,7 +142,7 @@ def _main(argv: Optional[List[str]]) -> int:
         overrides.append("policy.checkpoint=''")  # the folder it is about to write need not exist yet
     config_path = args.config
     if args.command in ("infer", "eval"):
-        from cluster.infer_job import pick_config_path, resolve_checkpoints
+        from app.infer_job import pick_config_path, resolve_checkpoints
 
         ckpts = resolve_checkpoints(args.checkpoint if args.command == "eval" else [args.checkpoint], args.vq)
         if ckpts:
@@ -185,7 +185,7 @@ def _main(argv: Optional[List[str]]) -> int:
         print(summary.render())
         return 0 if summary.pairs else 1
     if args.command == "init-policy":
-        from cluster.jobs import build_initial_policy
+        from training.jobs import build_initial_policy
         from vlcot.vq import vq_from_config
 
         out = output_folder(args.out, "--out")
@@ -216,7 +216,7 @@ def _main(argv: Optional[List[str]]) -> int:
         print(f"use it with: policy.checkpoint={args.out} (configs/pure-7b.yaml)")
         return 0
     if args.command == "sft":
-        from cluster.jobs import run_sft_job
+        from training.jobs import run_sft_job
 
         output_folder(cfg.run_dir, "run_dir")
         if args.out:
@@ -227,8 +227,8 @@ def _main(argv: Optional[List[str]]) -> int:
               f"checkpoint {result['checkpoint']}")
         return 0
     if args.command == "train":
-        from cluster.driver import GRPOTrainer
-        from cluster.tracking import lost_line
+        from training.driver import GRPOTrainer
+        from training.tracking import lost_line
 
         output_folder(cfg.run_dir, "run_dir")
         summary = GRPOTrainer(cfg, resume=args.resume, progress=not args.no_progress).run()
@@ -239,7 +239,7 @@ def _main(argv: Optional[List[str]]) -> int:
               + lost_line(summary.get("tracking")))
         return 0
     if args.command == "submit":
-        from cluster.submit import build_submit_command, run_submit, runtime_env_arg
+        from app.submit import build_submit_command, run_submit, runtime_env_arg
 
         extra = runtime_env_arg(args.runtime_env_json) if args.runtime_env_json else None
         cmd = build_submit_command(cfg, args.config, list(args.overrides), args.address, args.resume, args.python,
@@ -247,7 +247,7 @@ def _main(argv: Optional[List[str]]) -> int:
         print(" ".join(cmd))
         return 0 if args.dry_run else run_submit(cmd)
     if args.command == "infer":
-        from cluster.infer_job import run_infer_job, summary_line
+        from app.infer_job import run_infer_job, summary_line
 
         summary = run_infer_job(cfg, next(iter(ckpts.values())), args.image,
                                 args.out or str(Path(cfg.run_dir) / "infer"), progress=not args.no_progress)
@@ -273,9 +273,9 @@ def _main(argv: Optional[List[str]]) -> int:
 
 
 def _eval(cfg, args, ckpts) -> int:
-    from cluster.eval_job import run_eval_job
-    from cluster.eval_inputs import Column, builtin_set, load_set
-    from cluster.infer_job import named_path
+    from app.eval_job import run_eval_job
+    from app.eval_inputs import Column, builtin_set, load_set
+    from app.infer_job import named_path
     from vlcot.errors import BadPath
 
     if not ckpts and not args.sr:

@@ -20,7 +20,7 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-from cluster.step_data import StepResult
+from training.step_data import StepResult
 
 LEARNER_KEYS = ("kl", "entropy", "clip_fraction", "grad_norm", "lr", "tokens/text", "tokens/image", "ratio_mean",
                 "is_weight_mean", "loss/policy")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from cluster.run_state import CKPT_DIR, latest_checkpoint
+from training.run_state import CKPT_DIR, latest_checkpoint
 from vlcot.config import policy_folder_problem, vq_folder_problem
 from vlcot.errors import BadPath, UserError, output_folder
 

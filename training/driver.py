@@ -23,19 +23,19 @@ import numpy as np
 
 from cluster.config import Config, flatten, to_yaml
 from cluster.envs import runtime_env_for_iqa
-from cluster.grid import log_sample_grid
-from cluster.heldout_eval import heldout_for
-from cluster.learning_curve import report_learning
-from cluster.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, training_records,
+from training.grid import log_sample_grid
+from training.heldout_eval import heldout_for
+from training.learning_curve import report_learning
+from training.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, training_records,
                           required_cpus, start_ray)
-from cluster.metrics import step_metrics, step_line
+from training.metrics import step_metrics, step_line
 from cluster.reward_pool import RewardPool
 from cluster.rollout_pool import RolloutBatch, RolloutPool
-from cluster.sample_scoring import score_results
-from cluster.run_state import (CKPT_DIR, DataCursor, DriverState, latest_checkpoint, prune_checkpoints,
+from training.sample_scoring import score_results
+from training.run_state import (CKPT_DIR, DataCursor, DriverState, latest_checkpoint, prune_checkpoints,
                                read_pending_step, write_pending_step)
-from cluster.step_data import CollectedRollout, DispatchedStep, ScoredSample, StepResult
-from cluster.tracking import open_run_tracker
+from training.step_data import CollectedRollout, DispatchedStep, ScoredSample, StepResult
+from training.tracking import open_run_tracker
 from learner.step_batch import RolloutSamples, StepBatch, learner_batch
 from learner.schedule import lr_at
 from vlcot.errors import BadPath

@@ -57,7 +57,7 @@ class ScoredSample:
     group: int  # the prompt's position in the step; a prompt's G samples share it
     sample: Sample  # token ids, rollout log-probs, finish reason, policy version
     parsed: ParsedTrace
-    reward: RewardResult  # the reward pool's score (cluster/sample_scoring.py makes it whole)
+    reward: RewardResult  # the reward pool's score (training/sample_scoring.py makes it whole)
 
 
 @dataclass

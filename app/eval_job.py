@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from cluster.eval_inputs import Column, EvalItem, EvalSet
+from app.eval_inputs import Column, EvalItem, EvalSet
 from evaluation.cot import COT_HIGHER_BETTER, COT_LABELS, COT_METRICS, grade
 from evaluation.metrics import METRICS, MetricShard, MetricStatus
 from evaluation.table import NOT_APPLICABLE, UNAVAILABLE, Block, Row, markdown, to_csv
@@ -128,7 +128,7 @@ def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkp
     """`checkpoints`: column name -> ResolvedCheckpoint for the checkpoint columns."""
     from tqdm import tqdm
 
-    from cluster.jobs import start_ray
+    from training.jobs import start_ray
 
     ev = cfg.eval
     out = Path(ev.out_dir or Path(cfg.run_dir) / "eval")
@@ -286,7 +286,7 @@ def _write_per_image(path: Path, sets, columns, per_image, records, metrics: Seq
 
 
 def _grids(cfg, sets, columns, sr, out: Path) -> List[Path]:
-    from cluster.grid import comparison_row
+    from training.grid import comparison_row
     from vlcot.images import open_image
 
     written = []
@@ -309,7 +309,7 @@ def _grids(cfg, sets, columns, sr, out: Path) -> List[Path]:
 
 
 def _track(cfg, summary: Dict[str, Any], out: Path, grids: List[Path]) -> None:
-    from cluster.tracking import Tracker
+    from training.tracking import Tracker
 
     tr = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name or "eval", cfg.run_dir)
     try:

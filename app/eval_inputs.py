@@ -1,4 +1,4 @@
-"""The test sets and table columns of `realsr-r1 eval` (cluster/eval_job.py): a set from a
+"""The test sets and table columns of `realsr-r1 eval` (app/eval_job.py): a set from a
 manifest or from LR (and HR) folders, or the built-in one; a column from a checkpoint, another
 method's outputs or bicubic."""
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from cluster.infer_job import named_path
-from cluster.jobs import ensure_data
+from app.infer_job import named_path
+from training.jobs import ensure_data
 from evaluation.infer import list_inputs, output_names, require_images
 from vlcot.errors import BadPath, existing_folder
 from vlcot.manifest import read_manifest

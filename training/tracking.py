@@ -11,7 +11,7 @@ URI: `tracking.uri`, else MLFLOW_TRACKING_URI, else a sqlite store in the run di
   GPU job must not run untracked by accident. `tracking.required=false` makes it a warning and
   the run trains without tracking.
 - During the run: a failed request never ends the run. Metric values and artifacts wait in an
-  `Outbox` (cluster/tracking_buffer.py) and are sent, in order and with their own timestamps,
+  `Outbox` (training/tracking_buffer.py) and are sent, in order and with their own timestamps,
   once the server answers again; what waited longer than `tracking.buffer_s` (or beyond
   `tracking.buffer_values`) is dropped and counted in the run's summary. Each request to a
   server gets `tracking.timeout_s` and one retry (MLflow's own default retries for minutes),
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from cluster.tracking_buffer import Outbox
+from training.tracking_buffer import Outbox
 from vlcot.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ def lost_line(report: Optional[Dict[str, Any]]) -> str:
 def open_run_tracker(cfg, run_dir: Path, resume: bool) -> Tracker:
     """The training run's tracker, opened before any actor starts (a required server that does
     not answer refuses the run here); on --resume, the run of the newest checkpoint."""
-    from cluster.run_state import CKPT_DIR, DriverState, latest_checkpoint
+    from training.run_state import CKPT_DIR, DriverState, latest_checkpoint
 
     t = cfg.tracking
     ckpt = latest_checkpoint(str(run_dir)) if resume else None

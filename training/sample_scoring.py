@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Sequence
 
-from cluster.step_data import ScoredSample
+from training.step_data import ScoredSample
 from rewards.types import RewardInput
 from rollout.engine import PromptError, Result
 from vlcot.manifest import ManifestRecord

@@ -2,7 +2,7 @@
 
 The job's working directory is this repository without environments, run outputs and VCS
 data (the upload stays small). The entrypoint runs under the cluster's interpreter:
-`python -m cluster.cli` as found on the head node's PATH, or `--python PATH` (never this
+`python -m app.cli` as found on the head node's PATH, or `--python PATH` (never this
 machine's interpreter path, which other machines need not have). `run_dir` and
 `data.output_dir` are made absolute (on a cluster, point them at a filesystem the nodes
 share); the IQA interpreter is whatever `envs.iqa_python` says on the cluster ("auto": the
@@ -71,7 +71,7 @@ def build_submit_command(cfg: Config, config_path: Optional[str], overrides: Lis
                          resume: bool = False, python: str = "python",
                          runtime_env: Optional[Dict[str, Any]] = None) -> List[str]:
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    entry = [python, "-m", "cluster.cli", "train", "--no-progress"]
+    entry = [python, "-m", "app.cli", "train", "--no-progress"]
     if resume:
         entry.append("--resume")
     if config_path:
