@@ -29,7 +29,7 @@ def run(cluster, run_dir: Path, workers: int, args) -> dict:
            f"rollout.group_size={args.group}", f"rollout.num_workers={workers}", "learner.num_workers=1",
            "learner.sft.steps=4", "rollout.resources.rollout_slot=1", "rollout.sampling.text_budget=64",
            "trainer.log_images_every=1000", "trainer.checkpoint_every=1000"]
-    proc = app.submit(cmd, 1200)
+    proc = cluster.submit(cmd, 1200)
     out, _ = proc.communicate(timeout=1200)
     if proc.returncode:
         sys.exit(f"the job with {workers} rollout workers failed:\n{out[-4000:]}")

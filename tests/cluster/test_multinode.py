@@ -57,7 +57,7 @@ def run_job(cluster, args, log_file, on_line=None, timeout_s=900):
     """Run the job, passing each output line to `on_line`; a job still running after
     `timeout_s` (printing or silent) is killed with its process group and fails the test."""
     args = [cluster.dashboard if a is None else a for a in args]
-    proc = app.submit(args, timeout_s, start_new_session=True)
+    proc = cluster.submit(args, timeout_s, start_new_session=True)
     lines: "queue.Queue[Optional[str]]" = queue.Queue()
 
     def read():  # a thread: the main loop waits on the queue with the deadline, never on a read
