@@ -111,6 +111,8 @@ class RolloutPool:
     def sync_weights(self, version: int) -> SyncReport:
         """Every living worker holds the learner's weights, stamped `version` (dead workers are
         dropped or replaced first, and again if one goes away during the sync)."""
+        if self.weight_sync is None:
+            raise RuntimeError("the rollout pool has no weight sync: call connect_weights(learner, cfg) first")
         return sync_living_workers(self.weight_sync, self, version)
 
     def disconnect_weights(self) -> None:
