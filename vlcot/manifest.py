@@ -130,6 +130,7 @@ class RecordError(ValueError):
 
 
 _MISSING = object()
+JSON_KINDS = {dict: "object", list: "list", str: "string", bool: "true/false", type(None): "null"}  # Python type -> JSON name
 
 
 def _is_int(v: Any) -> bool:
@@ -147,8 +148,7 @@ def _get(obj: Dict[str, Any], key: str, kind, prefix: str = "", default: Any = _
     kinds = kind if isinstance(kind, tuple) else (kind,)
     ok = _is_int(value) if kinds == (int,) else isinstance(value, kinds)
     if not ok:
-        want = " or ".join("null" if k is type(None) else {dict: "object", list: "list", str: "string", int: "integer",
-                                                            bool: "true/false"}[k] for k in kinds)
+        want = " or ".join("integer" if k is int else JSON_KINDS[k] for k in kinds)
         raise RecordError(prefix + key, f"is a JSON {_json_kind(value)}, not {want}")
     return value
 
@@ -161,8 +161,7 @@ def _strings(values: List[Any], name: str) -> List[str]:
 
 
 def _json_kind(value: Any) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "true/false", type(None): "null"}.get(
-        type(value), "number")
+    return JSON_KINDS.get(type(value), "number")
 
 
 def read_manifest(path: str | Path, what: str = "manifest") -> List[ManifestRecord]:
