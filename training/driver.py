@@ -220,7 +220,8 @@ class GRPOTrainer:
         out = self.run_dir / CKPT_DIR / f"step_{step:06d}"
         self.learner.save(str(out), {"driver_step": step})
         if pending is not None:
-            write_pending_step(out, pending.step, pending.records, self._collected(pending, version).to_json())
+            self._collected(pending, version)
+            write_pending_step(out, pending)
         DriverState(step, version, self.cursor.state(), self.tracker.run_id, self.reward_history,
                     self.component_history, self._schedule_record()).write(out)
         prune_checkpoints(self.run_dir, self.cfg.trainer.keep_checkpoints)
@@ -244,11 +245,7 @@ class GRPOTrainer:
             log.warning("the learning-rate schedule differs from the checkpoint's (%s, now %s): steps after %d "
                         "follow the new one", state.lr_schedule, now, state.step)
         print(f"resumed from {ckpt}: step {state.step}, policy version {state.version}")
-        pending = read_pending_step(ckpt)
-        if pending is not None:
-            pending = DispatchedStep(pending["step"], pending["records"],
-                                     collected=CollectedRollout.from_json(pending["collected"]))
-        return state.step, state.version, pending
+        return state.step, state.version, read_pending_step(ckpt)
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:

@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from training.step_data import CollectedRollout, DispatchedStep
+
 CKPT_DIR = "checkpoints"
 DRIVER_STATE = "driver_state.json"
 PENDING_STEP = "pending_step.json"  # async mode: the next step's generation, collected at the checkpoint
@@ -98,16 +100,21 @@ class DriverState:
                    list(d.get("reward_history", [])), dict(d.get("component_history", {})), d.get("lr_schedule"))
 
 
-def write_pending_step(checkpoint: Path, step: int, records: List[int], collected: Dict[str, Any]) -> None:
-    """The next step's generation (async mode), written before the driver state that makes the
-    checkpoint count (`latest_checkpoint`)."""
-    (Path(checkpoint) / PENDING_STEP).write_text(json.dumps({"step": step, "records": records, "collected": collected}))
+def write_pending_step(checkpoint: Path, pending: DispatchedStep) -> None:
+    """The next step's collected generation (async mode), written before the driver state that
+    makes the checkpoint count (`latest_checkpoint`)."""
+    doc = {"step": pending.step, "records": list(pending.records), "collected": pending.collected.to_json()}
+    (Path(checkpoint) / PENDING_STEP).write_text(json.dumps(doc))
 
 
-def read_pending_step(checkpoint: Path) -> Optional[Dict[str, Any]]:
-    """{step, records, collected} as written, or None (sync mode, or the run's last step)."""
+def read_pending_step(checkpoint: Path) -> Optional[DispatchedStep]:
+    """The step written by `write_pending_step`, already collected; None in sync mode or after
+    the run's last step."""
     path = Path(checkpoint) / PENDING_STEP
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    return DispatchedStep(int(doc["step"]), list(doc["records"]), collected=CollectedRollout.from_json(doc["collected"]))
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

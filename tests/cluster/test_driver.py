@@ -261,8 +261,8 @@ def test_async_zero3_resume_trains_the_step_in_flight_as_the_uninterrupted_run(t
     straight = GRPOTrainer(small(tmp_path / "straight", *args), progress=False).run()
     assert straight["steps"] == 3 and straight["learner_version"] == 3
     pending = read_pending_step(tmp_path / "straight" / CKPT_DIR / "step_000001")
-    assert pending["step"] == 1 and len(pending["records"]) == 2
-    assert {x["version"] for r in pending["collected"]["results"] for x in r["samples"]} == {0}  # one version behind
+    assert pending.step == 1 and len(pending.records) == 2
+    assert {s.version for r in pending.collected.results for s in r} == {0}  # one version behind
     assert read_pending_step(tmp_path / "straight" / CKPT_DIR / "step_000003") is None  # nothing follows the last step
     # the run as if killed after step 1: its folder with only the first checkpoint
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed", ignore=shutil.ignore_patterns("step_000002", "step_000003"))
