@@ -1,14 +1,15 @@
 """The learner group: N `LearnerActor` ranks (learner/actor.py) in one `ActorGroup`.
 
-It shards each batch over the ranks (sample i goes to rank i % N, so every rank gets the same
-count), runs the step on all of them and returns rank 0's metrics (already reduced over
+It shards each batch over the ranks, every rank the same count: a GRPO batch under the
+shared-prompt pass by the plan of learner/packing.py (a prompt's samples in one pack on one rank),
+any other batch sample i to rank i % N. It runs the step on all of them and returns rank 0's metrics (already reduced over
 ranks). Every other call runs a `LearnerEngine` method on all ranks (ZeRO-3 gathers and
 DeepSpeed checkpoints are collective).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import ray
@@ -17,6 +18,7 @@ from cluster.actor_group import ActorGroup, resource_options
 from comm.nodes import rank_environments
 from learner.actor import LearnerActor
 from learner.config import LearnerConfig
+from learner.packing import plan_packs
 
 
 class LearnerGroup:
@@ -36,6 +38,7 @@ class LearnerGroup:
         port = ray.get(self.group.actors[0].open_port.remote())
         self.environments = rank_environments(self.places, port)
         self.info = self.group.run("setup", shards=self.environments)
+        self.shared_prompt = bool(self.info[0]["shared_prompt"])  # resolved by the engines
 
     @property
     def world(self) -> int:
@@ -45,28 +48,40 @@ class LearnerGroup:
     def actors(self) -> List[Any]:
         return self.group.actors
 
-    def shard(self, batch: Dict[str, np.ndarray]) -> List[Dict[str, np.ndarray]]:
+    def split(self, batch: Dict[str, np.ndarray], packed: bool = False) -> Tuple[List[np.ndarray], List[Dict[str, np.ndarray]]]:
+        """Each rank's rows of `batch` and its shard. `packed` (a GRPO batch): under the shared-prompt
+        pass the rows follow the pack plan and each shard says which pack each row is in (`pack`)."""
         n = len(batch["input_ids"])
         if n % self.world:
             raise ValueError(f"batch of {n} samples does not split over {self.world} learner ranks")
-        return [{k: np.ascontiguousarray(v[r::self.world]) for k, v in batch.items()} for r in range(self.world)]
+        if not (packed and self.shared_prompt):
+            ranks = [np.arange(r, n, self.world) for r in range(self.world)]
+            return ranks, [{k: np.ascontiguousarray(v[rows]) for k, v in batch.items()} for rows in ranks]
+        plans = plan_packs(batch["input_ids"], batch["attention_mask"], batch["prompt_len"], self.world,
+                           self.cfg.pack_max_tokens)
+        shards = [dict({k: np.ascontiguousarray(v[p.rows]) for k, v in batch.items()}, pack=p.pack) for p in plans]
+        return [p.rows for p in plans], shards
+
+    def shard(self, batch: Dict[str, np.ndarray], packed: bool = False) -> List[Dict[str, np.ndarray]]:
+        return self.split(batch, packed)[1]
 
     def _on_all(self, method: str, *args) -> List[Any]:
         """`LearnerEngine.method(*args)` on every rank; their results in rank order."""
         return self.group.run("call", method, *args)
 
     def grpo_step(self, batch: Dict[str, np.ndarray]) -> Dict[str, float]:
-        return self.group.run("call", "grpo_step", shards=self.shard(batch))[0]
+        return self.group.run("call", "grpo_step", shards=self.shard(batch, packed=True))[0]
 
     def sft_step(self, batch: Dict[str, np.ndarray]) -> Dict[str, float]:
         return self.group.run("call", "sft_step", shards=self.shard(batch))[0]
 
     def logprobs(self, batch: Dict[str, np.ndarray]) -> np.ndarray:
         """The learner's log-probs of every target of `batch` [n, L-1], rows in batch order."""
-        parts = self.group.run("call", "logprobs", shards=self.shard(batch))
+        ranks, shards = self.split(batch, packed=True)
+        parts = self.group.run("call", "logprobs", shards=shards)
         out = np.zeros(batch["loss_mask"].shape, dtype=np.float32)
-        for r, part in enumerate(parts):
-            out[r::self.world] = part
+        for rows, part in zip(ranks, parts):
+            out[rows] = part
         return out
 
     def set_lr(self, lr: float) -> None:

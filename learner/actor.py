@@ -52,7 +52,7 @@ class LearnerActor:
 
         self.engine = LearnerEngine(self.cfg, self.policy_dir)
         return {"rank": self.rank, "device": str(self.engine.device), "dtype": str(self.engine.dtype),
-                "node_ip": self.place.ip, "local_rank": env.local_rank, "master": f"{env.master_addr}:{env.master_port}"}
+                "node_ip": self.place.ip, "shared_prompt": self.engine.shared_prompt, "local_rank": env.local_rank, "master": f"{env.master_addr}:{env.master_port}"}
 
     def call(self, method: str, *args) -> Any:
         """Run a `LearnerEngine` method on this rank (grpo_step, sft_step, set_lr, param_digest,

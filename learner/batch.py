@@ -13,7 +13,8 @@ import numpy as np
 
 def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int = 0,
          image_token_ids: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
-    """-> input_ids, attention_mask [N, L]; loss_mask, is_image [N, L-1] (loss on response tokens).
+    """-> input_ids, attention_mask [N, L]; loss_mask, is_image [N, L-1] (loss on response tokens);
+    prompt_len [N] (which the shared-prompt pass packs by: learner/packing.py).
 
     `image_token_ids`: ids counted as image tokens (pass `TokenLayout.image_span_ids()`:
     codes and the span's structure tokens)."""
@@ -35,7 +36,8 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
     is_image = np.zeros((n, L - 1), dtype=np.float32)
     if image_token_ids is not None:
         is_image = np.isin(ids[:, 1:], image_token_ids).astype(np.float32)
-    return {"input_ids": ids, "attention_mask": am, "loss_mask": lm, "is_image": is_image}
+    prompt_len = np.asarray([len(p) for p in prompts], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": am, "loss_mask": lm, "is_image": is_image, "prompt_len": prompt_len}
 
 
 def pack_grpo(prompts, responses, advantages, rollout_logps=None, pad_id: int = 0,

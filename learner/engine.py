@@ -24,8 +24,11 @@ import torch
 
 from comm.nodes import role_device
 from learner.config import LearnerConfig
+from learner.deepspeed_config import deepspeed_config
 from learner.grpo import AGGREGATIONS, POLICY_LOSSES, aggregate, kl_penalty, token_type_weights, truncated_is_weights
 from learner.logprobs import sequence_logprobs, use_chunked_head
+from learner.packing import pack_micro_batches, plan_packs
+from learner.shared_prompt import build_pack, pack_logprobs, resolve_shared_prompt
 from learner.zero3 import ZeroTrace, begin_forward
 from vlcot.policy import load_policy
 from vlcot.shards import write_policy_folder
@@ -63,12 +66,17 @@ class LearnerEngine:
         policy = load_policy(self.policy_dir, dtype=self.dtype)  # never an fp32 copy of a bf16 model
         self.layout = policy.layout
         model = policy.model
+        model.set_attn_implementation(cfg.attn_implementation)
+        # GRPO micro-batches are shared-prompt packs (learner/shared_prompt.py); refused here if asked
+        # for on a backend that takes no block mask
+        self.shared_prompt = resolve_shared_prompt(cfg.shared_prompt, model.config._attn_implementation)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         use_chunked_head(model)  # the chunked log-probs are one lm_head call per pass (ZeRO-3 gathers it once)
         model.train()
+        conf = deepspeed_config(cfg, self.world, self.dtype, self.on_gpu, with_optimizer=True)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                               config=self._ds_config(with_optimizer=True))
+                                               config=conf)
         self.device = self.engine.device
         self.trace = ZeroTrace.of(self.engine)  # ZeRO-3: the parameter trace that prefetching follows
         self.ref = None
@@ -87,46 +95,20 @@ class LearnerEngine:
         if not (g.kl_coef > 0 or g.kl_monitor):
             return False
         ref = load_policy(hf_dir, dtype=self.dtype).model.eval()
+        ref.set_attn_implementation(self.cfg.attn_implementation)
         for p in ref.parameters():
             p.requires_grad_(False)
         use_chunked_head(ref)
         self.ref, self.ref_trace = None, None  # drop the old copy before building the new one
         if self.cfg.zero_stage == 3:
-            self.ref, *_ = deepspeed.initialize(model=ref, config=self._ds_config(with_optimizer=False))
+            conf = deepspeed_config(self.cfg, self.world, self.dtype, self.on_gpu, with_optimizer=False)
+            self.ref, *_ = deepspeed.initialize(model=ref, config=conf)
             self.ref_trace = ZeroTrace.of(self.ref)
         else:
             self.ref = ref.to(self.device, self.dtype)
         return True
 
     # ---- configuration -----------------------------------------------------------------------
-    def _ds_config(self, with_optimizer: bool) -> Dict[str, Any]:
-        c = self.cfg
-        # overlap: gradient reduction and ZeRO-3 gathers on their own CUDA streams (auto: GPU only)
-        want = str(c.overlap_comm).lower()  # a yaml true arrives as "True"
-        overlap = want == "true" or (want == "auto" and self.on_gpu)
-        conf: Dict[str, Any] = {
-            "train_micro_batch_size_per_gpu": c.micro_batch_size,
-            "gradient_accumulation_steps": 1,  # accumulation is driven by set_gradient_accumulation_boundary
-            "train_batch_size": c.micro_batch_size * self.world,
-            "gradient_clipping": c.grad_clip,
-            "zero_optimization": {"stage": c.zero_stage, "overlap_comm": overlap, "contiguous_gradients": True},
-            "bf16": {"enabled": self.dtype == torch.bfloat16},
-            # gradients summed over micro-batches (and reduced) in fp32 unless bf16 is asked for
-            "data_types": {"grad_accum_dtype": "bf16" if c.grad_accum_dtype == "bf16" else "fp32"},
-            "steps_per_print": 1 << 30,
-            "wall_clock_breakdown": False,
-        }
-        if c.zero_stage == 3:
-            conf["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False,
-                                              "stage3_param_persistence_threshold": 0})
-        if with_optimizer and c.optimizer == "sgd":  # DeepSpeed builds torch.optim.SGD by name
-            conf["optimizer"] = {"type": "SGD", "params": {"lr": c.lr, "weight_decay": c.weight_decay}}
-            conf["zero_allow_untested_optimizer"] = True  # plain SGD keeps no state for ZeRO to shard
-        elif with_optimizer:
-            conf["optimizer"] = {"type": "AdamW", "params": {"lr": c.lr, "betas": list(c.betas), "eps": 1e-8,
-                                                             "weight_decay": c.weight_decay, "torch_adam": True}}
-        return conf
-
     def zero3_trace(self) -> Optional[str]:
         """The ZeRO-3 parameter trace's state: COMPLETE once the first pass is over (prefetch on),
         RECORD before; None below stage 3."""
@@ -166,7 +148,11 @@ class LearnerEngine:
         starts = [int(np.argmax(row > 0)) for row in lm if row.any()]
         return mb, (min(starts) if starts else 0)
 
-    def _micro_batches(self, idx: np.ndarray) -> List[np.ndarray]:
+    def _micro_batches(self, idx: np.ndarray, batch: Optional[Dict[str, np.ndarray]] = None) -> List[np.ndarray]:
+        """`idx` in micro-batches: its packs when `batch` is packed (`_with_packs`), else runs of
+        micro_batch_size."""
+        if batch is not None and "pack" in batch:
+            return pack_micro_batches(batch["pack"], idx)
         m = self.cfg.micro_batch_size
         return [idx[i:i + m] for i in range(0, len(idx), m)]
 
@@ -176,7 +162,30 @@ class LearnerEngine:
         if trace is not None:
             trace.end_pass()
 
+    def _with_packs(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """A GRPO batch with its packs marked (`pack` [n]) when the shared-prompt pass is on: the
+        learner group's plan when it sent one, else this rank's own."""
+        if not self.shared_prompt or "pack" in batch:
+            return batch
+        plan = plan_packs(batch["input_ids"], batch["attention_mask"], batch["prompt_len"], 1, self.cfg.pack_max_tokens)[0]
+        pack = np.empty(len(plan.rows), dtype=np.int64)
+        pack[plan.rows] = plan.pack
+        return dict(batch, pack=pack)
+
+    @staticmethod
+    def _forward_tokens(batch: Dict[str, np.ndarray]) -> float:
+        """Tokens the policy reads for `batch` in one pass: a pack reads its prompt once."""
+        tokens = float(batch["attention_mask"].sum())
+        if "pack" in batch:
+            firsts = np.unique(batch["pack"], return_index=True)[1]
+            tokens -= float(batch["prompt_len"].sum() - batch["prompt_len"][firsts].sum())
+        return tokens
+
     def _logp(self, model, mb: Dict[str, np.ndarray], start: int, with_entropy: bool):
+        if "pack" in mb:  # one prompt and its responses in one sequence
+            pack = build_pack(mb["input_ids"], mb["attention_mask"], mb["prompt_len"], start, self.device)
+            shape = (len(mb["input_ids"]), mb["loss_mask"].shape[1] - start)
+            return pack_logprobs(model, pack, shape, self.cfg.logprob_chunk, 1.0, with_entropy)
         ids = self._tensor(mb["input_ids"], torch.long)
         am = self._tensor(mb["attention_mask"], torch.long)
         return sequence_logprobs(model, ids, am, start, self.cfg.logprob_chunk, 1.0, with_entropy)
@@ -190,8 +199,9 @@ class LearnerEngine:
     @torch.no_grad()
     def _old_logprobs(self, batch: Dict[str, np.ndarray]) -> np.ndarray:
         out = np.zeros(batch["loss_mask"].shape, dtype=np.float32)
+        batch = self._with_packs(batch)
         self.engine.module.eval()
-        for idx in self._micro_batches(np.arange(len(batch["input_ids"]))):
+        for idx in self._micro_batches(np.arange(len(batch["input_ids"])), batch):
             mb, start = self._trim(batch, idx)
             lp, _ = self._logp(self.engine.module, mb, start, False)
             self._end_pass(self.trace)
@@ -207,7 +217,9 @@ class LearnerEngine:
         """
         g = self.cfg.grpo
         t0 = time.perf_counter()
-        n = len(batch["input_ids"])
+        batch = self._with_packs(batch)
+        n = len(batch["input_ids"])  # minibatches take whole packs, or single samples
+        units = self._micro_batches(np.arange(n), batch) if "pack" in batch else [np.array([i]) for i in range(n)]
         norm_tokens = g.norm_tokens or batch["loss_mask"].shape[1]
         recompute = g.recompute_old_logp == "always" or (
             g.recompute_old_logp == "auto" and (g.ppo_epochs > 1 or g.minibatches > 1))
@@ -217,14 +229,16 @@ class LearnerEngine:
                 "is_weight": 0.0}
         grad_norms, rng = [], np.random.default_rng(self.cfg.seed + 7919 * self.step_count + self.rank)
         for epoch in range(g.ppo_epochs):
-            order = rng.permutation(n) if g.ppo_epochs > 1 or g.minibatches > 1 else np.arange(n)
-            for mini in np.array_split(order, g.minibatches):
+            order = rng.permutation(len(units)) if g.ppo_epochs > 1 or g.minibatches > 1 else np.arange(len(units))
+            for part in np.array_split(order, g.minibatches):  # whole packs to a minibatch
+                mini = np.concatenate([units[k] for k in part]) if len(part) else np.zeros(0, dtype=np.int64)
                 grad_norms.append(self._grpo_minibatch(batch, mini, norm_tokens, sums))
                 self.step_count += 1
         tot = dict(zip(sums, self._allreduce(list(sums.values()))))
         ntok = max(tot["tokens"], 1.0)
         counts = self._allreduce([float((batch["loss_mask"] * batch["is_image"]).sum()),
-                                  float((batch["loss_mask"] * (1 - batch["is_image"])).sum())])
+                                  float((batch["loss_mask"] * (1 - batch["is_image"])).sum()),
+                                  self._forward_tokens(batch) * g.ppo_epochs])
         out = {
             "loss/policy": tot["pg_loss"] / (g.ppo_epochs * g.minibatches),
             "entropy": tot["entropy"] / ntok,
@@ -235,6 +249,7 @@ class LearnerEngine:
             "lr": self.current_lr(),
             "tokens/image": counts[0],
             "tokens/text": counts[1],
+            "tokens/learner_forward": counts[2],  # read by the policy's training passes (all ranks)
             "timing/learn_s": time.perf_counter() - t0,
             "optimizer_steps": float(len(grad_norms)),
         }
@@ -248,7 +263,7 @@ class LearnerEngine:
         w = np.where(img, g.image_token_weight, g.text_token_weight) * lm
         denom = self._allreduce([AGGREGATIONS.get(g.loss_agg).local_denominator(lm, w, norm_tokens)])[0]
         loss_fn = POLICY_LOSSES.get(g.policy_loss)
-        micro = self._micro_batches(idx)
+        micro = self._micro_batches(idx, batch)
         for k, midx in enumerate(micro):
             self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             begin_forward(self.engine)  # the engine's own forward is bypassed: its bookkeeping is not

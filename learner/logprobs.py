@@ -118,8 +118,13 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     (+ entropy), position j scoring token start + 1 + j.
     """
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out[0][:, start:-1, :]
-    targets = input_ids[:, start + 1:]
-    if isinstance(model.lm_head, ChunkedLMHead):  # one module call for every chunk (use_chunked_head)
+    return score_hidden(model, out[0][:, start:-1, :], input_ids[:, start + 1:], chunk, temperature, with_entropy)
+
+
+def score_hidden(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024, temperature: float = 1.0,
+                 with_entropy: bool = False):
+    """`selected_logprobs` of `targets` [B, T] from the base model's `hidden` [B, T, H] through
+    `model.lm_head`: one module call for every chunk when it is a `ChunkedLMHead`."""
+    if isinstance(model.lm_head, ChunkedLMHead):
         return model.lm_head(hidden, targets, chunk, temperature, with_entropy)
     return selected_logprobs(hidden, model.lm_head, targets, chunk, temperature, with_entropy)
