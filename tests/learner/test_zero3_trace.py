@@ -11,7 +11,6 @@ lengths checks the cross-rank trace comparison DeepSpeed makes while recording.
 """
 
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -143,16 +142,15 @@ def test_a_zero3_reference_policy_gets_its_own_complete_trace(zero3, policy_dir)
 
 
 def test_the_deepspeed_config_accumulates_in_fp32_and_overlaps_only_on_gpu(zero3):
-    from learner.engine import LearnerEngine
+    from learner.deepspeed_config import deepspeed_config
 
-    conf = zero3._ds_config(with_optimizer=True)  # this CPU rank (fp32)
+    conf = deepspeed_config(zero3.cfg, zero3.world, zero3.dtype, zero3.on_gpu, with_optimizer=True)  # this CPU rank (fp32)
     assert conf["data_types"] == {"grad_accum_dtype": "fp32"} and conf["zero_optimization"]["overlap_comm"] is False
     assert zero3.engine.get_data_types() == (torch.float32, torch.float32)
 
     def gpu_conf(**kw):  # what a bf16 GPU rank of 3 would build
-        rank = SimpleNamespace(cfg=LearnerConfig(num_gpus=1, zero_stage=3, **kw), world=3, dtype=torch.bfloat16,
-                               on_gpu=True)
-        return LearnerEngine._ds_config(rank, with_optimizer=True)
+        return deepspeed_config(LearnerConfig(num_gpus=1, zero_stage=3, **kw), 3, torch.bfloat16, True,
+                                with_optimizer=True)
 
     c = gpu_conf()
     assert c["bf16"] == {"enabled": True} and c["data_types"] == {"grad_accum_dtype": "fp32"}
