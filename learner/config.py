@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 from learner.advantages import ADVANTAGE_ESTIMATORS, NORMALISE_MODES
 from learner.grpo import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from learner.schedule import ScheduleConfig
-from learner.shared_prompt import PACK_MASKS, SHARED_PROMPT_MODES
+from learner.shared_prompt import SHARED_PROMPT_MODES
 
 
 @dataclass
@@ -71,14 +71,12 @@ class LearnerConfig:
     micro_batch_size: int = 2  # samples per forward/backward on one rank
     gradient_checkpointing: bool = False
     # GRPO: the G responses of a prompt in one pass after one copy of the prompt (learner/shared_prompt.py).
-    # auto = on where the attention backend takes the block mask; on = refuse a backend that cannot; off.
-    # Under it a micro-batch is one pack (a prompt and its responses; micro_batch_size applies to SFT and
-    # to shared_prompt off), and the learner group keeps a prompt's samples on one rank.
+    # auto = on where the policy's attention is SDPA or eager (the pack attention reproduces them);
+    # on = refuse any other at start-up; off. Under it a micro-batch is one pack (a prompt and its
+    # responses; micro_batch_size applies to SFT and to shared_prompt off), and the learner group
+    # keeps a prompt's samples on one rank.
     shared_prompt: str = "auto"
     pack_max_tokens: int = 0  # most tokens in one pack (prompt + responses); 0 = a whole group per pack
-    # the policy's attention backend in the learner: sdpa (dense boolean pack mask), eager, or
-    # flex_attention (block mask: long packs on GPUs; no backward on CPU); transformers' names
-    attn_implementation: str = "sdpa"
     logprob_chunk: int = 1024  # positions per lm_head chunk in the memory-safe log-probs
     log_entropy: bool = True
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
@@ -111,9 +109,6 @@ def problems(cfg: LearnerConfig, prefix: str = "learner") -> List[Tuple[str, str
         out.append((f"{prefix}.grpo.normalise", f"{g.normalise!r} not in {list(NORMALISE_MODES)}"))
     if cfg.shared_prompt not in SHARED_PROMPT_MODES:
         out.append((f"{prefix}.shared_prompt", f"{cfg.shared_prompt!r} not in {list(SHARED_PROMPT_MODES)}"))
-    elif cfg.shared_prompt == "on" and cfg.attn_implementation not in PACK_MASKS:
-        out.append((f"{prefix}.shared_prompt", f"on needs an attention backend that takes a block mask "
-                                               f"({sorted(PACK_MASKS)}); attn_implementation is {cfg.attn_implementation!r}"))
     if cfg.pack_max_tokens < 0:
         out.append((f"{prefix}.pack_max_tokens", "must be >= 0 (0 = a whole group per pack)"))
     if g.recompute_old_logp not in ("auto", "always", "never"):

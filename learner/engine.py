@@ -28,7 +28,7 @@ from learner.deepspeed_config import deepspeed_config
 from learner.grpo import AGGREGATIONS, POLICY_LOSSES, aggregate, kl_penalty, token_type_weights, truncated_is_weights
 from learner.logprobs import sequence_logprobs, use_chunked_head
 from learner.packing import pack_micro_batches, plan_packs
-from learner.shared_prompt import build_pack, pack_logprobs, resolve_shared_prompt
+from learner.shared_prompt import build_pack, pack_logprobs, resolve_shared_prompt, use_pack_attention
 from learner.zero3 import ZeroTrace, begin_forward
 from vlcot.policy import load_policy
 from vlcot.shards import write_policy_folder
@@ -66,10 +66,11 @@ class LearnerEngine:
         policy = load_policy(self.policy_dir, dtype=self.dtype)  # never an fp32 copy of a bf16 model
         self.layout = policy.layout
         model = policy.model
-        model.set_attn_implementation(cfg.attn_implementation)
-        # GRPO micro-batches are shared-prompt packs (learner/shared_prompt.py); refused here if asked
-        # for on a backend that takes no block mask
+        # GRPO micro-batches are shared-prompt packs (learner/shared_prompt.py); `on` is refused here
+        # for an attention backend the pack attention does not reproduce
         self.shared_prompt = resolve_shared_prompt(cfg.shared_prompt, model.config._attn_implementation)
+        if self.shared_prompt:
+            use_pack_attention(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         use_chunked_head(model)  # the chunked log-probs are one lm_head call per pass (ZeRO-3 gathers it once)
@@ -95,7 +96,8 @@ class LearnerEngine:
         if not (g.kl_coef > 0 or g.kl_monitor):
             return False
         ref = load_policy(hf_dir, dtype=self.dtype).model.eval()
-        ref.set_attn_implementation(self.cfg.attn_implementation)
+        if self.shared_prompt:
+            use_pack_attention(ref)
         for p in ref.parameters():
             p.requires_grad_(False)
         use_chunked_head(ref)

@@ -1,48 +1,87 @@
 """The shared-prompt pass: the responses to one prompt read that prompt once.
 
-At paper shape a prompt is ~4.2k tokens (the LR image's 64x64 codes and the instruction) and a
-response ~5.8k; GRPO samples G responses per prompt, so separate passes read each prompt G
+At paper shape a prompt is ~4.4k tokens (the LR image's 64x64 codes and the instruction) and a
+response ~5.6k; GRPO samples G responses per prompt, so separate passes read each prompt G
 times. Here one sequence holds the prompt once, then every response (a *pack*,
-learner/packing.py). The attention mask lets each response token see the prompt and its own
-earlier tokens, never another response; each response's position ids continue from the
-prompt's end, as in its own sequence. A response token's hidden state therefore equals the one
-of its separate pass, and so do its log-prob, its entropy and (summed over the pack's
-responses) its gradients. The first response token of every response is predicted from the
-prompt's last hidden state, which the pack computes once and all responses share.
+learner/packing.py). Each response's position ids continue from the prompt's end, as in its own
+sequence. The policy's projections, MLPs and norms see every token once; attention runs per
+response: torch SDPA, causal, over the prompt's and that response's queries, keys and values —
+the very call of the response's separate pass — and keeps the response's outputs (the prompt's
+own outputs come from the first call). A response therefore never sees another, each of its
+tokens has its separate pass's hidden state, log-prob and entropy, and the gradients are the sum
+of the separate passes'. No [S, S] mask exists: SDPA's causal kernels need none (the flash kernel
+on GPUs), so a pack's attention memory is one response's separate pass.
 
-Backends (`learner.attn_implementation`): `sdpa` and `eager` take a dense boolean [S, S] mask
-(S = the pack's length: ~100 MB at 10k tokens, so cap packs with `learner.pack_max_tokens` on GPUs
-running SDPA); `flex_attention` takes a FlexAttention BlockMask, whose memory is one entry per
-128x128 block (the backend for long packs on GPUs; FlexAttention has no CPU backward).
-Flash-attention kernels take no such mask: `shared_prompt: auto` turns the pass off there and
-`on` is refused.
+The attention is registered with transformers as `PACK_ATTENTION` and installed on the learner's
+policy (`use_pack_attention`); calls without a pack are plain SDPA, so SFT and `shared_prompt: off`
+run exactly as before.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from learner.logprobs import score_hidden
 
-# attention backends that run a pack, and the mask each is given
-PACK_MASKS = {"sdpa": "dense", "eager": "dense", "flex_attention": "block"}
+PACK_ATTENTION = "realsr_shared_prompt_sdpa"
 SHARED_PROMPT_MODES = ("auto", "on", "off")
+PACKABLE = ("sdpa", "eager")  # attention backends the pack attention stands in for (both are causal softmax attention)
 
 
 def resolve_shared_prompt(mode: str, attn_implementation: str) -> bool:
-    """Whether the learner runs shared-prompt packs: `auto` where the backend takes the mask."""
+    """Whether the learner runs shared-prompt packs: `auto` wherever the policy's attention is one
+    the pack attention reproduces (SDPA or eager); `on` refuses any other."""
     if mode not in SHARED_PROMPT_MODES:
         raise ValueError(f"learner.shared_prompt: {mode!r} not in {list(SHARED_PROMPT_MODES)}")
-    supported = attn_implementation in PACK_MASKS
+    supported = attn_implementation in PACKABLE or attn_implementation == PACK_ATTENTION
     if mode == "on" and not supported:
-        raise ValueError(f"learner.shared_prompt=on: the policy's attention backend {attn_implementation!r} takes "
-                         f"no block mask; use learner.attn_implementation in {sorted(PACK_MASKS)}, or shared_prompt "
-                         f"auto/off")
+        raise ValueError(f"learner.shared_prompt=on: the policy's attention backend {attn_implementation!r} is not "
+                         f"one the shared-prompt pass reproduces ({list(PACKABLE)}); use shared_prompt auto or off")
     return mode != "off" and supported
+
+
+@dataclass
+class PackSpans:
+    """Where a pack's prompt ends and each response lies in the sequence (handed to every attention layer)."""
+
+    prompt: int
+    responses: List[Tuple[int, int]]  # [start, end) of each response
+
+
+def pack_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None,
+                   pack_spans: Optional[PackSpans] = None, **kwargs):
+    """transformers attention function: SDPA per response over [prompt | response] when a pack is
+    running, else transformers' own SDPA attention. q [1, H, S, D], k/v [1, H_kv, S, D] -> [1, S, H, D]."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if pack_spans is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if key.shape[1] != query.shape[1]:
+        key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+    p = pack_spans.prompt
+    pieces = []
+    for k, (s, e) in enumerate(pack_spans.responses or [(p, p)]):
+        out = F.scaled_dot_product_attention(
+            torch.cat([query[:, :, :p], query[:, :, s:e]], 2), torch.cat([key[:, :, :p], key[:, :, s:e]], 2),
+            torch.cat([value[:, :, :p], value[:, :, s:e]], 2), dropout_p=dropout, is_causal=True, scale=scaling)
+        pieces.append(out if k == 0 else out[:, :, p:])  # the prompt's outputs once
+    return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
+
+
+def use_pack_attention(model) -> None:
+    """Register the pack attention with transformers (its mask is SDPA's) and install it on `model`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACK_ATTENTION, pack_attention)
+    AttentionMaskInterface.register(PACK_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(PACK_ATTENTION)
 
 
 @dataclass
@@ -51,7 +90,7 @@ class PromptPack:
 
     input_ids: torch.Tensor  # [S]
     position_ids: torch.Tensor  # [S]
-    segment: torch.Tensor  # [S]: 0 on the prompt, k + 1 on the k-th response
+    spans: PackSpans
     source: torch.Tensor  # [M]: the pack position whose hidden state predicts each response token
     targets: torch.Tensor  # [M]: the response tokens
     rows: torch.Tensor  # [M]: each target's row ...
@@ -71,14 +110,14 @@ def build_pack(input_ids: np.ndarray, attention_mask: np.ndarray, prompt_len: np
         raise ValueError("a shared-prompt pack holds rows with different prompts (learner/packing.py plans packs "
                          "by identical prompt tokens)")
     lengths = attention_mask.sum(1).astype(np.int64)
-    ids, pos, seg = [input_ids[0, :p]], [np.arange(p)], [np.zeros(p, np.int64)]
+    ids, pos, spans = [input_ids[0, :p]], [np.arange(p)], []
     source, targets, rows, cols = [], [], [], []
     offset = p
     for i, length in enumerate(lengths):
         r = int(length) - p
         ids.append(input_ids[i, p:length])
         pos.append(np.arange(p, p + r))
-        seg.append(np.full(r, i + 1, np.int64))
+        spans.append((offset, offset + r))
         source.append(np.concatenate([[p - 1], np.arange(offset, offset + r - 1)]) if r else np.zeros(0, np.int64))
         targets.append(input_ids[i, p:length])
         rows.append(np.full(r, i, np.int64))
@@ -88,38 +127,20 @@ def build_pack(input_ids: np.ndarray, attention_mask: np.ndarray, prompt_len: np
     def t(parts):
         return torch.as_tensor(np.concatenate(parts).astype(np.int64), device=device)
 
-    return PromptPack(t(ids), t(pos), t(seg), t(source), t(targets), t(rows), t(cols))
-
-
-def dense_mask(segment: torch.Tensor) -> torch.Tensor:
-    """[1, 1, S, S] bool: causal, and a response sees the prompt and itself only."""
-    q, k = segment[:, None], segment[None, :]
-    causal = torch.ones(len(segment), len(segment), dtype=torch.bool, device=segment.device).tril()
-    return (causal & ((k == 0) | (k == q)))[None, None]
-
-
-def block_mask(segment: torch.Tensor):
-    """The same mask as a FlexAttention BlockMask (memory per 128x128 block, not per entry)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def allowed(b, h, q, kv):
-        return (kv <= q) & ((segment[kv] == 0) | (segment[kv] == segment[q]))
-
-    s = len(segment)
-    return create_block_mask(allowed, 1, None, s, s, device=str(segment.device))
+    return PromptPack(t(ids), t(pos), PackSpans(p, spans), t(source), t(targets), t(rows), t(cols))
 
 
 def pack_logprobs(model, pack: PromptPack, shape: Tuple[int, int], chunk: int = 1024, temperature: float = 1.0,
                   with_entropy: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-probs (and entropy) of the pack's response tokens laid out as the separate passes
-    lay them out: [b, T] (`shape`), 0 where no response token is scored."""
-    backend = model.config._attn_implementation
-    kind = PACK_MASKS.get(backend)
-    if kind is None:
-        raise ValueError(f"attention backend {backend!r} cannot run a shared-prompt pack (learner/shared_prompt.py)")
-    mask = dense_mask(pack.segment) if kind == "dense" else block_mask(pack.segment)
-    out = model.model(input_ids=pack.input_ids[None], attention_mask=mask, position_ids=pack.position_ids[None],
-                      use_cache=False)
+    lay them out: [b, T] (`shape`), 0 where no response token is scored. `model` runs the pack
+    attention (`use_pack_attention`)."""
+    if model.config._attn_implementation != PACK_ATTENTION:
+        raise ValueError(f"a shared-prompt pack needs the pack attention installed (use_pack_attention); the policy "
+                         f"runs {model.config._attn_implementation!r}")
+    ones = torch.ones(1, pack.length, dtype=torch.long, device=pack.input_ids.device)  # no padding: no mask is built
+    out = model.model(input_ids=pack.input_ids[None], attention_mask=ones, position_ids=pack.position_ids[None],
+                      use_cache=False, pack_spans=pack.spans)
     hidden = out[0][0].index_select(0, pack.source)[None]
     logp, ent = score_hidden(model, hidden, pack.targets[None], chunk, temperature, with_entropy)
     where = (pack.rows, pack.cols)

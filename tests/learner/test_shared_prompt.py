@@ -14,7 +14,7 @@ from learner.config import LearnerConfig, problems
 from learner.grpo import AGGREGATIONS, POLICY_LOSSES, token_type_weights
 from learner.logprobs import sequence_logprobs, use_chunked_head
 from learner.packing import plan_packs, prompt_groups
-from learner.shared_prompt import block_mask, build_pack, dense_mask, pack_logprobs, resolve_shared_prompt
+from learner.shared_prompt import PACK_ATTENTION, build_pack, pack_logprobs, resolve_shared_prompt, use_pack_attention
 
 
 def grouped_batch(layout, groups=2, g=3, seed=0):
@@ -57,9 +57,12 @@ def _packed(model, batch, chunk, with_entropy=True):
 
 @pytest.fixture(scope="module")
 def fp32_policy(tiny_policy):
+    """The tiny policy in fp32 with the pack attention installed (plain SDPA when no pack runs)."""
     model = copy.deepcopy(tiny_policy.model).float().train()
     for p in model.parameters():
         p.requires_grad_(True)
+    use_pack_attention(model)
+    assert model.config._attn_implementation == PACK_ATTENTION
     return model
 
 
@@ -111,24 +114,14 @@ def test_pack_gradients_equal_the_separate_passes_for_every_aggregation(fp32_pol
     assert worst < 1e-5 * max(scale, 1.0), (worst, scale)
 
 
-def test_block_mask_lets_flex_attention_attend_as_the_dense_mask(tiny_policy):
-    """FlexAttention's BlockMask (the GPU backend for long packs) attends as the dense mask
-    does: FlexAttention (eager; its compiled CPU kernels and its backward are not available
-    here) equals SDPA with the dense mask on a pack's segments, across 128-token blocks."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    batch = grouped_batch(tiny_policy.layout, groups=1, g=4, seed=2)
-    pack = build_pack(batch["input_ids"], batch["attention_mask"], batch["prompt_len"], 0, torch.device("cpu"))
-    segment = torch.cat([pack.segment, torch.repeat_interleave(torch.arange(5, 8), 100)])  # three more, 100 each
-    s = len(segment)
-    assert s > 256
-    q, k, v = (torch.randn(1, 2, s, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(segment))
-    got = flex_attention(q, k, v, block_mask=block_mask(segment))
-    assert torch.allclose(got, want, atol=1e-5, rtol=0), float((got - want).abs().max())
-    # a response's first token sees the prompt and itself: not the response before it
-    first = int((segment == 2).nonzero()[0])
-    assert dense_mask(segment)[0, 0, first].sum() == int((segment == 0).sum()) + 1
+def test_a_pack_needs_the_pack_attention(tiny_policy):
+    """A pack run through plain SDPA would let every response see the others: refused."""
+    model = copy.deepcopy(tiny_policy.model).float()
+    batch = grouped_batch(tiny_policy.layout)
+    pack = build_pack(batch["input_ids"][:3], batch["attention_mask"][:3], batch["prompt_len"][:3], 0,
+                      torch.device("cpu"))
+    with pytest.raises(ValueError, match="pack attention"):
+        pack_logprobs(model, pack, (3, batch["loss_mask"].shape[1]))
 
 
 def test_a_pack_of_different_prompts_is_refused(tiny_policy):
@@ -174,10 +167,9 @@ def test_plan_caps_pack_tokens_and_refuses_a_batch_the_ranks_cannot_share(tiny_p
 
 
 def test_shared_prompt_modes_resolve_by_attention_backend():
-    assert resolve_shared_prompt("auto", "sdpa") and resolve_shared_prompt("on", "flex_attention")
+    assert resolve_shared_prompt("auto", "sdpa") and resolve_shared_prompt("on", "eager")
     assert not resolve_shared_prompt("auto", "flash_attention_2") and not resolve_shared_prompt("off", "sdpa")
     with pytest.raises(ValueError, match="flash_attention_2"):
         resolve_shared_prompt("on", "flash_attention_2")
-    found = dict(problems(LearnerConfig(shared_prompt="on", attn_implementation="flash_attention_2", pack_max_tokens=-1)))
-    assert "flash_attention_2" in found["learner.shared_prompt"] and "learner.pack_max_tokens" in found
-    assert "learner.shared_prompt" in dict(problems(LearnerConfig(shared_prompt="sometimes")))
+    found = dict(problems(LearnerConfig(shared_prompt="sometimes", pack_max_tokens=-1)))
+    assert "sometimes" in found["learner.shared_prompt"] and "learner.pack_max_tokens" in found
