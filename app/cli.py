@@ -256,12 +256,12 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.command == "eval":
         return _eval(cfg, args, ckpts)
     if args.command == "check-env":
-        from cluster.envs import cuda_report, iqa_python, probe_environment
+        from cluster.interpreters import cuda_report, iqa_python, probe_environment
 
         gpu_roles = cfg.learner.num_gpus > 0 or cfg.rollout.gpus_per_worker > 0 or cfg.rewards.num_gpus > 0
         report = {"main": probe_environment(), "iqa_python": iqa_python(cfg.envs), "cuda": cuda_report(gpu_roles)}
         if args.ray:
-            from cluster.ray_envs import probe_iqa_env_in_ray
+            from cluster.interpreter_probe import probe_iqa_env_in_ray
 
             report["iqa"] = probe_iqa_env_in_ray(cfg.envs)
         print(json.dumps(report, indent=2))

@@ -46,7 +46,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "tiny-cpu.yaml"
 class EnvConfig:
     """Python environments of the roles (Ray runtime_env `py_executable`).
 
-    iqa_python: interpreter for roles that need pyiqa (reward and eval actors). "auto" =
+    iqa_python: interpreter for roles that need pyiqa (reward and eval workers). "auto" =
     `<repo>/.venv-iqa/bin/python` when it exists (CPU install: two environments), else the
     driver's own interpreter (GPU install: one environment). Or an absolute path.
     """

@@ -22,13 +22,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from cluster.config import Config, flatten, to_yaml
-from cluster.envs import runtime_env_for_iqa
-from training.grid import log_sample_grid
+from cluster.interpreters import runtime_env_for_iqa
+from training.contact_sheets import log_sample_sheet
 from training.heldout_eval import heldout_for
 from training.learning_curve import report_learning
 from training.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, training_records,
                           required_cpus, start_ray)
-from training.metrics import step_metrics, step_line
+from training.step_metrics import step_metrics, step_line
 from cluster.reward_pool import RewardPool
 from cluster.rollout_pool import RolloutBatch, RolloutPool
 from training.sample_scoring import score_results
@@ -118,15 +118,15 @@ class GRPOTrainer:
         nodes = self.actor_nodes()
         print(f"actors up in {time.perf_counter() - t0:.0f}s: {cfg.learner.num_workers} learner ranks "
               f"(ZeRO-{cfg.learner.zero_stage}) on {nodes['learner']}, {cfg.rollout.num_workers} {cfg.rollout.engine} "
-              f"rollout workers on {nodes['rollout']}, {cfg.rewards.num_workers} reward actors on {nodes['rewards']}; "
-              f"rendezvous {self.learner.info[0]['master']}"
+              f"rollout workers on {nodes['rollout']}, {cfg.rewards.num_workers} reward workers on {nodes['rewards']}; "
+              f"rendezvous {self.learner.setup_reports[0]['master']}"
               + (f"; placement groups of {len(self.placement)} bundles" if self.placement else ""))
 
     def actor_nodes(self) -> Dict[str, List[str]]:
         """The node address of every actor, by role, in rank/slot order."""
         return {"learner": [p.ip for p in self.learner.places],
-                "rollout": [r["node_ip"] for r in self.rollout.group.info],
-                "rewards": [r["node_ip"] for r in self.rewards.group.info]}
+                "rollout": [r["node_ip"] for r in self.rollout.group.ready_reports],
+                "rewards": [r["node_ip"] for r in self.rewards.group.ready_reports]}
 
     def _sft(self) -> None:
         cfg = self.cfg
@@ -183,8 +183,8 @@ class GRPOTrainer:
         self.learner.set_lr(self.lr_at(step + 1))
         learn = self.learner.grpo_step(chosen.arrays)
         synced = self.rollout.sync_weights(version + 1)  # drops or replaces workers lost since the collect
-        info.update({"rollout/workers": float(collected.workers),
-                     "rollout/workers_lost": float(len(collected.lost) + len(synced.lost)), **collected.guidance})
+        info.update({"rollout/workers": float(collected.worker_count),
+                     "rollout/workers_lost": float(len(collected.lost_nodes) + len(synced.lost_nodes)), **collected.guidance})
         return StepResult(samples, len(scored.refused), learn, synced.stats, info, collected.generate_s, reward_s), following
 
     def _collected(self, dispatched: DispatchedStep, version: int) -> CollectedRollout:
@@ -192,7 +192,7 @@ class GRPOTrainer:
         if dispatched.collected is None:
             results, generate_s = self._collect(dispatched.rollout, version)
             dispatched.collected = CollectedRollout(results, generate_s, self.last_guidance,
-                                                    dispatched.rollout.workers, list(dispatched.rollout.lost))
+                                                    dispatched.rollout.worker_count, list(dispatched.rollout.lost_nodes))
         return dispatched.collected
 
     def lr_at(self, step: int) -> float:
@@ -301,7 +301,7 @@ class GRPOTrainer:
         return summary
 
     def _record(self, step: int, version: int, result: StepResult, pending: Optional[DispatchedStep]) -> None:
-        """Metrics (MLflow and the console line), sample grid and checkpoint (with the `pending`
+        """Metrics (MLflow and the console line), sample contact sheet and checkpoint (with the `pending`
         next step of async mode) after a step."""
         from tqdm import tqdm
 
@@ -316,8 +316,8 @@ class GRPOTrainer:
         tqdm.write(step_line(step, cfg.trainer.steps, m))
         if step % cfg.trainer.log_images_every == 0 and result.samples:
             first = result.samples[0]
-            log_sample_grid(self.run_dir / "grids" / f"step_{step:06d}.png", first.parsed, self.records[first.record],
-                            self.vq, self.tracker)
+            log_sample_sheet(self.run_dir / "grids" / f"step_{step:06d}.png", first.parsed, self.records[first.record],
+                             self.vq, self.tracker)
         if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps:
             self._save(step, version, pending)
 
@@ -328,7 +328,7 @@ class GRPOTrainer:
         added = self.rollout.grow(version)
         if added:
             print(f"rollout pool: {before} -> {before + added} workers (new on "
-                  f"{[r['node_ip'] for r in self.rollout.group.info[before:]]})")
+                  f"{[r['node_ip'] for r in self.rollout.group.ready_reports[before:]]})")
 
     def _emit(self, event: str, step: int) -> None:
         for cb in self.callbacks:
@@ -339,7 +339,7 @@ class GRPOTrainer:
         (each must equal the learner's; None for a worker that cannot be reached now)."""
         return {"actor_nodes": self.actor_nodes(), "learner_version": version,
                 "rollout_versions": self.rollout.worker_versions(),
-                "rollout_workers_lost": self.rollout.lost, "rl_manifest": str(self.manifest),
+                "rollout_workers_lost": self.rollout.lost_count, "rl_manifest": str(self.manifest),
                 "rl_records": len(self.records), "sft_examples": self.sft_examples}
 
     def _collect(self, batch: RolloutBatch, version: int) -> Tuple[List[Any], float]:

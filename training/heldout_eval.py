@@ -2,7 +2,7 @@
 
 Greedy generations on prompts no training step sees (`data.heldout_per_image` crops with
 their own degradation draws, written by prepare-data to heldout.jsonl), scored by the run's
-own reward actors: once with the policy GRPO starts from (the cold-start SFT result) and
+own reward workers: once with the policy GRPO starts from (the cold-start SFT result) and
 once with the policy it ends with. Greedy, because sampling noise would swamp the
 difference between two checkpoints of a small policy. The two columns go side by side into
 `<run_dir>/heldout.md` and `heldout.json`, the summary and MLflow (`heldout/start/*`,

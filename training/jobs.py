@@ -132,7 +132,7 @@ def ensure_vq_dir(cfg: Config) -> Path:
 
 
 def required_cpus(cfg: Config) -> int:
-    """Logical CPUs the configured actors ask for (learner ranks, rollout workers, reward actors)."""
+    """Logical CPUs the configured actors ask for (learner ranks, rollout workers, reward workers)."""
     import math
 
     return math.ceil(cfg.learner.num_workers * cfg.learner.num_cpus + cfg.rollout.num_workers * cfg.rollout.cpus_per_worker

@@ -22,14 +22,16 @@ class CollectedRollout:
     results: List[Result]  # per prompt, in prompt order: its samples, or the engine's refusal
     generate_s: float  # dispatch to results
     guidance: Dict[str, float]  # the generation's classifier-free-guidance counters
-    workers: int  # rollout workers it was dispatched to
-    lost: List[str] = field(default_factory=list)  # nodes of workers dropped while it ran
+    worker_count: int  # rollout workers it was dispatched to
+    lost_nodes: List[str] = field(default_factory=list)  # nodes of workers dropped while it ran
 
     def to_json(self) -> Dict[str, Any]:
+        """The checkpoint's form (its keys "workers" and "lost" are the on-disk names of
+        `worker_count` and `lost_nodes`, kept so earlier checkpoints resume)."""
         results = [{"error": asdict(r)} if isinstance(r, PromptError) else {"samples": [asdict(x) for x in r]}
                    for r in self.results]
         return {"results": results, "generate_s": self.generate_s, "guidance": self.guidance,
-                "workers": self.workers, "lost": self.lost}
+                "workers": self.worker_count, "lost": self.lost_nodes}
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "CollectedRollout":
