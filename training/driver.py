@@ -34,7 +34,7 @@ from cluster.rollout_pool import RolloutBatch, RolloutPool
 from training.sample_scoring import score_results
 from training.run_state import (CKPT_DIR, DataCursor, DriverState, latest_checkpoint, prune_checkpoints,
                                read_pending_step, write_pending_step)
-from training.step_data import CollectedRollout, DispatchedStep, ScoredSample, StepResult
+from training.step_data import CollectedRollout, DispatchedStep, ScoredSample, StepOutcome, StepResult
 from training.tracking import open_run_tracker
 from learner.step_batch import RolloutSamples, StepBatch, learner_batch
 from learner.schedule import lr_at
@@ -158,14 +158,17 @@ class GRPOTrainer:
 
     # ---- one step: dispatch -> collect -> parse -> score -> advantages -> learn -> sync ----------
     def _dispatch(self, step: int) -> DispatchedStep:
+        """Step `step`'s prompts (the next ones of the data cursor) out to the rollout pool."""
         records = self.cursor.take(self.cfg.trainer.prompts_per_step)
         batch = self.rollout.submit([self.prompt_ids[i] for i in records], seed=self.cfg.rollout.seed + 1000 * step)
         return DispatchedStep(step, records, batch)
 
-    def _step(self, dispatched: DispatchedStep, version: int) -> Tuple[StepResult, Optional[DispatchedStep]]:
-        """One GRPO step from its dispatched generation; in async mode the next step's generation
-        is dispatched as soon as this one's results are in, so it overlaps scoring and learning."""
-        cfg, step = self.cfg, dispatched.step
+    def _step(self, step: int, pending: Optional[DispatchedStep], version: int) -> StepOutcome:
+        """GRPO step `step`, the one place that dispatches: its own prompts unless they are
+        `pending` (already out, or collected into a checkpoint), and in async mode the next
+        step's as soon as this one's generation is in, so that one overlaps scoring and learning."""
+        cfg = self.cfg
+        dispatched = pending if pending is not None else self._dispatch(step)
         self._emit("dispatched", step + 1)
         collected = self._collected(dispatched, version)
         following = None
@@ -185,14 +188,13 @@ class GRPOTrainer:
         synced = self.rollout.sync_weights(version + 1)  # drops or replaces workers lost since the collect
         info.update({"rollout/workers": float(collected.worker_count),
                      "rollout/workers_lost": float(len(collected.lost_nodes) + len(synced.lost_nodes)), **collected.guidance})
-        return StepResult(samples, len(scored.refused), learn, synced.stats, info, collected.generate_s, reward_s), following
+        result = StepResult(samples, len(scored.refused), learn, synced.stats, info, collected.generate_s, reward_s)
+        return StepOutcome(result, following)
 
     def _collected(self, dispatched: DispatchedStep, version: int) -> CollectedRollout:
         """The step's generation, collected from the rollout pool once (or read from a checkpoint)."""
         if dispatched.collected is None:
-            results, generate_s = self._collect(dispatched.rollout, version)
-            dispatched.collected = CollectedRollout(results, generate_s, self.last_guidance,
-                                                    dispatched.rollout.worker_count, list(dispatched.rollout.lost_nodes))
+            dispatched.collected = self._collect(dispatched.rollout, version)
         return dispatched.collected
 
     def lr_at(self, step: int) -> float:
@@ -275,18 +277,15 @@ class GRPOTrainer:
                 self.heldout.at_start(functools.partial(self._generate_now, version=version), self.rewards,
                                       "SFT" if self.sft_ran else "initial", version)
             bar = tqdm(total=cfg.trainer.steps, initial=start, desc="grpo", disable=not self.progress)
-            if pending is None and start < cfg.trainer.steps:
-                pending = self._dispatch(start)
             for step in range(start, cfg.trainer.steps):
-                result, pending = self._step(pending, version)
+                outcome = self._step(step, pending, version)
+                pending = outcome.following
                 version += 1
-                self._record(step + 1, version, result, pending)
+                self._record(step + 1, version, outcome.result, pending)
                 bar.update(1)
                 self._emit("step_end", step + 1)
                 if cfg.rollout.autoscale and step + 1 < cfg.trainer.steps:
                     self._grow(version)
-                if pending is None and step + 1 < cfg.trainer.steps:
-                    pending = self._dispatch(step + 1)
             bar.close()
             self.final_state = self._final_state(version)
             self.heldout_report = self._heldout_end(version)
@@ -342,18 +341,18 @@ class GRPOTrainer:
                 "rollout_workers_lost": self.rollout.lost_count, "rl_manifest": str(self.manifest),
                 "rl_records": len(self.records), "sft_examples": self.sft_examples}
 
-    def _collect(self, batch: RolloutBatch, version: int) -> Tuple[List[Any], float]:
-        """A dispatched generation's results and its seconds from dispatch to results. A worker
-        lost meanwhile is replaced and brought to `version`, or dropped (autoscale) and the
-        weight group formed again without it."""
+    def _collect(self, batch: RolloutBatch, version: int) -> CollectedRollout:
+        """A dispatched generation, collected: its results, its seconds from dispatch to results,
+        its guidance counters and the workers it ran on. A worker lost meanwhile is replaced and
+        brought to `version`, or dropped (autoscale) and the weight group formed again without it."""
         results = self.rollout.collect(batch, version)
         generate_s = time.perf_counter() - batch.started
-        self.last_guidance = self.rollout.guidance_since_last()  # the workers are idle until the next dispatch
-        return results, generate_s
+        guidance = self.rollout.guidance_since_last()  # the workers are idle until the next dispatch
+        return CollectedRollout(results, generate_s, guidance, batch.worker_count, list(batch.lost_nodes))
 
     def _generate_now(self, prompts: List[List[int]], version: int, **how) -> List[Any]:
         """Generate on the rollout pool and wait (the held-out check)."""
-        return self._collect(self.rollout.submit(prompts, **how), version)[0]
+        return self._collect(self.rollout.submit(prompts, **how), version).results
 
     def _heldout_end(self, version: int) -> Optional[Dict[str, Any]]:
         """The held-out check of the final policy; a failure is reported, not raised: the

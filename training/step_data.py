@@ -52,6 +52,16 @@ class DispatchedStep:
 
 
 @dataclass
+class StepOutcome:
+    """What one pass of the driver's step hands back: the step's result and the step that
+    follows it if that one is already out to the rollout pool (async mode: dispatched as soon
+    as this step's generation was collected; None in sync mode and after the last step)."""
+
+    result: "StepResult"
+    following: Optional[DispatchedStep] = None
+
+
+@dataclass
 class ScoredSample:
     """One generated sample of a step: where it came from, what the policy wrote, how it scored."""
 

@@ -159,7 +159,7 @@ def cfg_rewards():
     return list(load_config().rewards.weights)
 
 
-def test_killed_rollout_worker_and_reward_actor_do_not_lose_samples(tmp_path):
+def test_killed_rollout_worker_and_reward_worker_do_not_lose_samples(tmp_path):
     killed = {}
 
     def chaos(event, step, trainer):
