@@ -23,17 +23,21 @@ import numpy as np
 from PIL import Image
 
 from app.eval_inputs import Column, EvalItem, EvalSet
+from cluster.interpreters import runtime_env_for_iqa
 from evaluation.cot import COT_HIGHER_BETTER, COT_LABELS, COT_METRICS, grade
-from evaluation.image_metrics import METRICS, MetricShard, MetricStatus
+from evaluation.image_metrics import METRICS, MetricShard, MetricStatus, MetricSuite, score_pairs
+from evaluation.infer import SuperResolver, run_infer
 from evaluation.table import NOT_APPLICABLE, UNAVAILABLE, Block, Row, markdown, to_csv
+from training.contact_sheets import comparison_row
+from training.jobs import start_ray
+from training.tracking import Tracker
+from vlcot.images import open_image
 
 log = logging.getLogger(__name__)
 
 
 # ---- generation ------------------------------------------------------------------------------
 def _bicubic(item: EvalItem, scale: float, out: Path) -> Optional[str]:
-    from vlcot.images import open_image
-
     img, _, _ = open_image(item.lr_path)
     if img is None:
         return None
@@ -52,14 +56,13 @@ def _generate(cfg, ckpt, sets: Sequence[EvalSet], outs: Sequence[Path]) -> List[
     """Checkpoint column: infer on every LR image of every set (outputs under the set's
     folder in `outs`). One engine per actor for the whole column, shared by the sets; each
     set's images are sharded over the eval.num_workers actors."""
-    from evaluation.workers import InferWorker, shards
-    from evaluation.infer import SuperResolver, run_infer
+    from evaluation.workers import InferWorker, shards  # local: Ray, only for eval.num_workers >= 1
 
     jobs = [([Path(i.lr_path) for i in es.items], [i.id for i in es.items], out) for es, out in zip(sets, outs)]
     if cfg.eval.num_workers == 0:
         resolver = SuperResolver(cfg, ckpt.policy_dir, ckpt.vq_dir)
         return [run_infer(resolver, files, names, out, progress=False) for files, names, out in jobs]
-    import ray
+    import ray  # local, as the two below: Ray only for eval.num_workers >= 1
 
     from cluster.actor_group import ActorGroup
 
@@ -84,8 +87,7 @@ def _score(cfg, pairs: List[Tuple[str, Optional[str]]], groups: List[Tuple[List[
     """Every (SR, HR) pair of every column, sharded over metric workers in the IQA environment,
     and the set-level metrics (FID) of each (SR paths, HR paths) group, spread over the same
     actors."""
-    from evaluation.workers import MetricWorker, shards
-    from evaluation.image_metrics import MetricSuite, score_pairs
+    from evaluation.workers import MetricWorker, shards  # local: Ray, only for eval.num_workers >= 1
 
     ev = cfg.eval
     if not pairs:
@@ -94,10 +96,9 @@ def _score(cfg, pairs: List[Tuple[str, Optional[str]]], groups: List[Tuple[List[
     if ev.num_workers == 0:
         suite = MetricSuite(ev.metrics, ev.weights_dir, ev.crop_border)
         return score_pairs(suite, pairs), [suite.score_set(sr, hr) for sr, hr in groups]
-    import ray
+    import ray  # local, as the one below: Ray only for eval.num_workers >= 1
 
     from cluster.actor_group import ActorGroup
-    from cluster.interpreters import runtime_env_for_iqa
 
     parts = shards(len(pairs), ev.num_workers)
     group = ActorGroup("eval metric", MetricWorker, len(parts),
@@ -127,8 +128,6 @@ def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkp
                  progress: bool = True) -> Dict[str, Any]:
     """`checkpoints`: column name -> ResolvedCheckpoint for the checkpoint columns."""
     from tqdm import tqdm
-
-    from training.jobs import start_ray
 
     ev = cfg.eval
     out = Path(ev.out_dir or Path(cfg.run_dir) / "eval")
@@ -286,9 +285,6 @@ def _write_per_image(path: Path, sets, columns, per_image, records, metrics: Seq
 
 
 def _comparison_sheets(cfg, sets, columns, sr, out: Path) -> List[Path]:
-    from training.contact_sheets import comparison_row
-    from vlcot.images import open_image
-
     written = []
     for es in sets:
         for j, item in enumerate(es.items[: cfg.eval.grid_images]):
@@ -309,8 +305,6 @@ def _comparison_sheets(cfg, sets, columns, sr, out: Path) -> List[Path]:
 
 
 def _track(cfg, summary: Dict[str, Any], out: Path, sheets: List[Path]) -> None:
-    from training.tracking import Tracker
-
     tr = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name or "eval", cfg.run_dir)
     try:
         tr.params({"eval.columns": ",".join(summary["columns"]), "eval.sets": ",".join(summary["sets"]),

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from cluster.config import REPO_ROOT, EnvConfig
+from comm.nodes import driver_version
 
 IQA_VENV = REPO_ROOT / ".venv-iqa"
 
@@ -144,8 +145,6 @@ def probe_cuda() -> CudaCheck:
     import warnings
 
     import torch
-
-    from comm.nodes import driver_version
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

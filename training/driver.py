@@ -23,21 +23,23 @@ import numpy as np
 
 from cluster.config import Config, flatten, to_yaml
 from cluster.interpreters import runtime_env_for_iqa
-from training.contact_sheets import log_sample_sheet
-from training.heldout_eval import heldout_for
-from training.learning_curve import report_learning
-from training.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, training_records,
-                          required_cpus, start_ray)
-from training.step_metrics import step_metrics, step_line
+from cluster.learner_group import LearnerGroup
+from cluster.placement import RunPlacement, wanted
 from cluster.reward_pool import RewardPool
 from cluster.rollout_pool import RolloutBatch, RolloutPool
-from training.sample_scoring import score_results
+from learner.schedule import lr_at
+from learner.step_batch import RolloutSamples, StepBatch, learner_batch
+from training.contact_sheets import log_sample_sheet
+from training.heldout_eval import heldout_for
+from training.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, training_records,
+                          required_cpus, start_ray)
+from training.learning_curve import report_learning
 from training.run_state import (CKPT_DIR, DataCursor, DriverState, latest_checkpoint, prune_checkpoints,
                                read_pending_step, write_pending_step)
+from training.sample_scoring import score_results
 from training.step_data import CollectedRollout, DispatchedStep, ScoredSample, StepOutcome, StepResult
+from training.step_metrics import step_metrics, step_line
 from training.tracking import open_run_tracker
-from learner.step_batch import RolloutSamples, StepBatch, learner_batch
-from learner.schedule import lr_at
 from vlcot.errors import BadPath
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ class GRPOTrainer:
         self.sft_manifest, self.sft_records = read.get("sft", (None, []))
 
     def _prepare(self) -> None:
-        from vlcot.policy import load_policy_meta
+        from vlcot.policy import load_policy_meta  # local: transformers and diffusers, loaded once the run starts
         from vlcot.vq import VQTokenizer
 
         cfg = self.cfg
@@ -99,11 +101,7 @@ class GRPOTrainer:
                                    [r.degradation.labels for r in self.records])
 
     def _start_actors(self) -> None:
-        from cluster.learner_group import LearnerGroup
-
         cfg = self.cfg
-        from cluster.placement import RunPlacement, wanted
-
         start_ray(required_cpus(cfg))
         t0, wait_s = time.perf_counter(), cfg.trainer.actor_start_timeout_s
         self.placement = RunPlacement(cfg, wait_s) if wanted(cfg) else None

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from training.jobs import encode_prompts
 from training.sample_scoring import score_results
 from vlcot.manifest import ManifestRecord, heldout_manifest_path, read_manifest
 from vlcot.trace import SLOTS
@@ -80,8 +81,6 @@ def heldout_for(cfg, run_dir: Path, vq, codec, layout,
                 training_labels: Sequence[Sequence[str]] = ()) -> Optional["HeldOutEval"]:
     """The run's held-out prompts (`trainer.heldout_eval`), or None with a line saying why not.
     `training_labels` (the GRPO prompts' degradation words) give the majority-word baseline."""
-    from training.jobs import encode_prompts
-
     if not cfg.trainer.heldout_eval:
         return None
     path = heldout_manifest_path(cfg.data)
