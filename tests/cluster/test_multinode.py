@@ -50,7 +50,7 @@ def submit_args(run_dir: Path, steps: int, resume: bool = False):
             "rollout.autoscale=true", "rollout.max_workers=2", "trainer.checkpoint_every=1",
             "trainer.weight_sync_timeout_s=180", "trainer.actor_start_timeout_s=300",
             "rollout.sampling.text_budget=64", "trainer.log_images_every=100",
-            "data.heldout_per_image=0"]  # the held-out check is tested in tests/cluster/test_driver.py
+            "data.heldout_per_image=0"]  # the held-out check is tested in tests/training/test_driver.py
 
 
 def run_job(cluster, args, log_file, on_line=None, timeout_s=900):
