@@ -29,8 +29,18 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from app.eval_inputs import Column, builtin_set, load_set
+from app.eval_job import run_eval_job
+from app.infer_job import named_path, pick_config_path, resolve_checkpoints, run_infer_job, summary_line
+from app.submit import build_submit_command, run_submit, runtime_env_arg
 from cluster.config import load_config, to_yaml
-from vlcot.errors import UserError, existing_folder, output_folder
+from cluster.interpreters import cuda_report, iqa_python, probe_environment
+from evaluation.eval_sets import paired_set, synthetic_set
+from training.jobs import build_initial_policy, run_sft_job
+from training.tracking import lost_line
+from vlcot.annotate import annotate_folder
+from vlcot.data import prepare_data
+from vlcot.errors import BadPath, UserError, existing_folder, output_folder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,8 +152,6 @@ def _main(argv: Optional[List[str]]) -> int:
         overrides.append("policy.checkpoint=''")  # the folder it is about to write need not exist yet
     config_path = args.config
     if args.command in ("infer", "eval"):
-        from app.infer_job import pick_config_path, resolve_checkpoints
-
         ckpts = resolve_checkpoints(args.checkpoint if args.command == "eval" else [args.checkpoint], args.vq)
         if ckpts:
             config_path = pick_config_path(args.config, next(iter(ckpts.values())))
@@ -153,21 +161,15 @@ def _main(argv: Optional[List[str]]) -> int:
         print(to_yaml(cfg))
         return 0
     if args.command == "prepare-data":
-        from vlcot.data import prepare_data
-
         summary = prepare_data(cfg.image, cfg.degradation, cfg.data, progress=not args.no_progress)
         print(summary.render())
         return 0 if summary.samples else 1
     if args.command == "annotate":
-        from vlcot.annotate import annotate_folder
-
         summary = annotate_folder(Path(args.input), cfg.annotate, cfg.image, cfg.data, cfg.degradation,
                                   overwrite=args.overwrite, progress=not args.no_progress)
         print(summary.render())
         return 0 if not summary.failed else 1
     if args.command == "prepare-eval":
-        from evaluation.eval_sets import paired_set, synthetic_set
-
         if bool(args.paired) == bool(args.synthetic) or (args.paired and "," not in args.paired):
             raise UserError("give exactly one of --paired LR_DIR,HR_DIR or --synthetic HR_DIR"
                             + (f" (--paired {args.paired} names one folder)" if args.paired and not args.synthetic
@@ -185,13 +187,12 @@ def _main(argv: Optional[List[str]]) -> int:
         print(summary.render())
         return 0 if summary.pairs else 1
     if args.command == "init-policy":
-        from training.jobs import build_initial_policy
-        from vlcot.vq import vq_from_config
+        from vlcot.vq import vq_from_config  # local: the VQ model loads diffusers (seconds), only here
 
         out = output_folder(args.out, "--out")
         vq = vq_from_config(cfg.vq)  # both loaded (or refused) before either is written
         if cfg.policy.checkpoint:  # a copy of the configured checkpoint, as the actors load it
-            from vlcot.policy import load_policy
+            from vlcot.policy import load_policy  # local: transformers, only for a configured checkpoint
 
             load_policy(cfg.policy.checkpoint, cfg.policy, cfg.image, cfg.vq).save(out / "policy")
             print(f"policy -> {out / 'policy'}  (from {cfg.policy.checkpoint})")
@@ -201,13 +202,13 @@ def _main(argv: Optional[List[str]]) -> int:
         print(f"vq     -> {out / 'vq'}")
         return 0
     if args.command == "train-vq":
-        from vlcot.vq_train import train_vq
+        from vlcot.vq_train import train_vq  # local: diffusers and transformers, only to train the VQ
 
         output_folder(args.out, "--out", empty=True)  # checked before the minutes of training
         print(train_vq(cfg.vq, cfg.vq_train, args.out).render())
         return 0
     if args.command == "import-policy":
-        from vlcot.importer import import_policy
+        from vlcot.importer import import_policy  # local: transformers, only to import a released policy
 
         report = import_policy(args.src, args.out, codebook_size=cfg.vq.codebook_size,  # ImportRefused: one line
                                max_grid=cfg.policy.special_tokens.max_grid, patch_px=cfg.image.patch_px,
@@ -216,8 +217,6 @@ def _main(argv: Optional[List[str]]) -> int:
         print(f"use it with: policy.checkpoint={args.out} (configs/pure-7b.yaml)")
         return 0
     if args.command == "sft":
-        from training.jobs import run_sft_job
-
         output_folder(cfg.run_dir, "run_dir")
         if args.out:
             output_folder(args.out, "--out")
@@ -227,8 +226,7 @@ def _main(argv: Optional[List[str]]) -> int:
               f"checkpoint {result['checkpoint']}")
         return 0
     if args.command == "train":
-        from training.driver import GRPOTrainer
-        from training.tracking import lost_line
+        from training.driver import GRPOTrainer  # local: Ray and the role actors, only to train
 
         output_folder(cfg.run_dir, "run_dir")
         summary = GRPOTrainer(cfg, resume=args.resume, progress=not args.no_progress).run()
@@ -239,16 +237,12 @@ def _main(argv: Optional[List[str]]) -> int:
               + lost_line(summary.get("tracking")))
         return 0
     if args.command == "submit":
-        from app.submit import build_submit_command, run_submit, runtime_env_arg
-
         extra = runtime_env_arg(args.runtime_env_json) if args.runtime_env_json else None
         cmd = build_submit_command(cfg, args.config, list(args.overrides), args.address, args.resume, args.python,
                                    extra)
         print(" ".join(cmd))
         return 0 if args.dry_run else run_submit(cmd)
     if args.command == "infer":
-        from app.infer_job import run_infer_job, summary_line
-
         summary = run_infer_job(cfg, next(iter(ckpts.values())), args.image,
                                 args.out or str(Path(cfg.run_dir) / "infer"), progress=not args.no_progress)
         print(summary_line(summary))
@@ -256,12 +250,10 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.command == "eval":
         return _eval(cfg, args, ckpts)
     if args.command == "check-env":
-        from cluster.envs import cuda_report, iqa_python, probe_environment
-
         gpu_roles = cfg.learner.num_gpus > 0 or cfg.rollout.gpus_per_worker > 0 or cfg.rewards.num_gpus > 0
         report = {"main": probe_environment(), "iqa_python": iqa_python(cfg.envs), "cuda": cuda_report(gpu_roles)}
         if args.ray:
-            from cluster.ray_envs import probe_iqa_env_in_ray
+            from cluster.interpreter_probe import probe_iqa_env_in_ray  # local: Ray, only with --ray
 
             report["iqa"] = probe_iqa_env_in_ray(cfg.envs)
         print(json.dumps(report, indent=2))
@@ -273,11 +265,6 @@ def _main(argv: Optional[List[str]]) -> int:
 
 
 def _eval(cfg, args, ckpts) -> int:
-    from app.eval_job import run_eval_job
-    from app.eval_inputs import Column, builtin_set, load_set
-    from app.infer_job import named_path
-    from vlcot.errors import BadPath
-
     if not ckpts and not args.sr:
         raise UserError("give at least one --checkpoint DIR or --sr NAME=DIR to score")
     columns = [Column(n, "checkpoint") for n in ckpts]

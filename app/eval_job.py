@@ -23,17 +23,21 @@ import numpy as np
 from PIL import Image
 
 from app.eval_inputs import Column, EvalItem, EvalSet
+from cluster.interpreters import runtime_env_for_iqa
 from evaluation.cot import COT_HIGHER_BETTER, COT_LABELS, COT_METRICS, grade
-from evaluation.metrics import METRICS, MetricShard, MetricStatus
+from evaluation.image_metrics import METRICS, MetricShard, MetricStatus, MetricSuite, score_pairs
+from evaluation.infer import SuperResolver, run_infer
 from evaluation.table import NOT_APPLICABLE, UNAVAILABLE, Block, Row, markdown, to_csv
+from training.contact_sheets import comparison_row
+from training.jobs import start_ray
+from training.tracking import Tracker
+from vlcot.images import open_image
 
 log = logging.getLogger(__name__)
 
 
 # ---- generation ------------------------------------------------------------------------------
 def _bicubic(item: EvalItem, scale: float, out: Path) -> Optional[str]:
-    from vlcot.images import open_image
-
     img, _, _ = open_image(item.lr_path)
     if img is None:
         return None
@@ -52,14 +56,13 @@ def _generate(cfg, ckpt, sets: Sequence[EvalSet], outs: Sequence[Path]) -> List[
     """Checkpoint column: infer on every LR image of every set (outputs under the set's
     folder in `outs`). One engine per actor for the whole column, shared by the sets; each
     set's images are sharded over the eval.num_workers actors."""
-    from evaluation.actors import InferWorker, shards
-    from evaluation.infer import SuperResolver, run_infer
+    from evaluation.workers import InferWorker, shards  # local: Ray, only for eval.num_workers >= 1
 
     jobs = [([Path(i.lr_path) for i in es.items], [i.id for i in es.items], out) for es, out in zip(sets, outs)]
     if cfg.eval.num_workers == 0:
         resolver = SuperResolver(cfg, ckpt.policy_dir, ckpt.vq_dir)
         return [run_infer(resolver, files, names, out, progress=False) for files, names, out in jobs]
-    import ray
+    import ray  # local, as the two below: Ray only for eval.num_workers >= 1
 
     from cluster.actor_group import ActorGroup
 
@@ -72,7 +75,7 @@ def _generate(cfg, ckpt, sets: Sequence[EvalSet], outs: Sequence[Path]) -> List[
         for files, names, out in jobs:
             parts = shards(len(files), len(group))  # a small set may leave actors idle
             refs = [a.run.remote([str(files[i]) for i in p], [names[i] for i in p], str(out))
-                    for a, p in zip(group.actors, parts)]
+                    for a, p in zip(group.workers, parts)]
             results.append([r for chunk in ray.get(refs) for r in chunk])
         return results
     finally:
@@ -81,11 +84,10 @@ def _generate(cfg, ckpt, sets: Sequence[EvalSet], outs: Sequence[Path]) -> List[
 
 def _score(cfg, pairs: List[Tuple[str, Optional[str]]], groups: List[Tuple[List[str], List[str]]]
            ) -> Tuple[MetricShard, List[Dict[str, Optional[float]]]]:
-    """Every (SR, HR) pair of every column, sharded over metric actors in the IQA environment,
+    """Every (SR, HR) pair of every column, sharded over metric workers in the IQA environment,
     and the set-level metrics (FID) of each (SR paths, HR paths) group, spread over the same
     actors."""
-    from evaluation.actors import MetricWorker, shards
-    from evaluation.metrics import MetricSuite, score_pairs
+    from evaluation.workers import MetricWorker, shards  # local: Ray, only for eval.num_workers >= 1
 
     ev = cfg.eval
     if not pairs:
@@ -94,10 +96,9 @@ def _score(cfg, pairs: List[Tuple[str, Optional[str]]], groups: List[Tuple[List[
     if ev.num_workers == 0:
         suite = MetricSuite(ev.metrics, ev.weights_dir, ev.crop_border)
         return score_pairs(suite, pairs), [suite.score_set(sr, hr) for sr, hr in groups]
-    import ray
+    import ray  # local, as the one below: Ray only for eval.num_workers >= 1
 
     from cluster.actor_group import ActorGroup
-    from cluster.envs import runtime_env_for_iqa
 
     parts = shards(len(pairs), ev.num_workers)
     group = ActorGroup("eval metric", MetricWorker, len(parts),
@@ -108,7 +109,7 @@ def _score(cfg, pairs: List[Tuple[str, Optional[str]]], groups: List[Tuple[List[
         set_values: List[Dict[str, Optional[float]]] = [{} for _ in groups]
         if groups:
             group_parts = shards(len(groups), len(group))
-            refs = [a.score_sets.remote([groups[i] for i in p]) for a, p in zip(group.actors, group_parts)]
+            refs = [a.score_sets.remote([groups[i] for i in p]) for a, p in zip(group.workers, group_parts)]
             for p, vals in zip(group_parts, ray.get(refs)):
                 for i, v in zip(p, vals):
                     set_values[i] = v
@@ -128,8 +129,6 @@ def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkp
     """`checkpoints`: column name -> ResolvedCheckpoint for the checkpoint columns."""
     from tqdm import tqdm
 
-    from training.jobs import start_ray
-
     ev = cfg.eval
     out = Path(ev.out_dir or Path(cfg.run_dir) / "eval")
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +137,7 @@ def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkp
 
         if importlib.util.find_spec("pyiqa") is None:
             raise RuntimeError("eval.num_workers=0 scores in this process, which has no pyiqa; on CPU installs "
-                               "use eval.num_workers>=1 (metric actors run in the IQA environment)")
+                               "use eval.num_workers>=1 (metric workers run in the IQA environment)")
     else:
         start_ray(ev.num_workers * 2)
     scale = cfg.image.hr_size / cfg.image.lr_size
@@ -191,7 +190,7 @@ def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkp
     (out / "table.csv").write_text(to_csv(blocks))
     _write_per_image(out / "per_image.csv", sets, columns, per_image, records,
                      [m for m in ev.metrics if not METRICS[m].set_level])
-    grids = _grids(cfg, sets, columns, sr, out / "grids")
+    sheets = _comparison_sheets(cfg, sets, columns, sr, out / "grids")
     images = sum(len(es.items) for es in sets)
     summary = {"out_dir": str(out), "sets": {es.name: {"images": len(es.items), "paired": es.paired,
                                                         "skipped": es.skipped} for es in sets},
@@ -203,7 +202,7 @@ def run_eval_job(cfg, sets: Sequence[EvalSet], columns: Sequence[Column], checkp
                                                        else float(b.cells[(r.key, c)]))
                          for b in blocks for r in b.rows for c in b.columns}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    _track(cfg, summary, out, grids)
+    _track(cfg, summary, out, sheets)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))  # now with the MLflow run
     return summary
 
@@ -285,10 +284,7 @@ def _write_per_image(path: Path, sets, columns, per_image, records, metrics: Seq
                                 *["" if cot.get(k) is None else cot[k] for k in COT_METRICS]])
 
 
-def _grids(cfg, sets, columns, sr, out: Path) -> List[Path]:
-    from training.grid import comparison_row
-    from vlcot.images import open_image
-
+def _comparison_sheets(cfg, sets, columns, sr, out: Path) -> List[Path]:
     written = []
     for es in sets:
         for j, item in enumerate(es.items[: cfg.eval.grid_images]):
@@ -308,9 +304,7 @@ def _grids(cfg, sets, columns, sr, out: Path) -> List[Path]:
     return written
 
 
-def _track(cfg, summary: Dict[str, Any], out: Path, grids: List[Path]) -> None:
-    from training.tracking import Tracker
-
+def _track(cfg, summary: Dict[str, Any], out: Path, sheets: List[Path]) -> None:
     tr = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name or "eval", cfg.run_dir)
     try:
         tr.params({"eval.columns": ",".join(summary["columns"]), "eval.sets": ",".join(summary["sets"]),
@@ -320,7 +314,7 @@ def _track(cfg, summary: Dict[str, Any], out: Path, grids: List[Path]) -> None:
         tr.metrics({"eval/generate_s": summary["generate_s"], "eval/metrics_s": summary["metrics_s"]}, step=0)
         for name in ("table.md", "table.csv", "per_image.csv", "summary.json"):
             tr.artifact(str(out / name))
-        for g in grids:
+        for g in sheets:
             tr.artifact(str(g), "grids")
     finally:
         tr.close()

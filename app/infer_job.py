@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from evaluation.infer import SuperResolver, output_names, require_images, run_infer, write_skipped
 from training.run_state import CKPT_DIR, latest_checkpoint
 from vlcot.config import policy_folder_problem, vq_folder_problem
 from vlcot.errors import BadPath, UserError, output_folder
@@ -65,8 +66,6 @@ def resolve_checkpoint(path: str | Path, vq: str | Path | None = None) -> Resolv
 
 
 def run_infer_job(cfg, ckpt: ResolvedCheckpoint, image: str, out_dir: str, progress: bool = True) -> Dict[str, Any]:
-    from evaluation.infer import SuperResolver, output_names, require_images, run_infer, write_skipped
-
     files, skipped_names = require_images(image, "--image")  # refused here, before the model loads
     output_folder(out_dir, "--out")
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """`realsr-r1 eval` throughput with 1 vs 2 Ray actors per stage, same set, same run.
 
-Generation actors run the policy over the LR images; metric actors (IQA environment) score
+Generation workers run the policy over the LR images; metric workers (IQA environment) score
 them. On this 2-core machine two actors share the cores, so expect well under 2x; on a
 cluster each actor gets its own GPU/cores and the ratio approaches the actor count.
 

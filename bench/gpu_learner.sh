@@ -20,7 +20,7 @@ cfg = load_config(overrides=["run_dir=/tmp/gpu-learner"])
 pdir = ensure_policy_dir(cfg)
 ray.init(address="local", include_dashboard=False, log_to_driver=False)
 lc = LearnerConfig(num_workers=1, num_gpus=1, zero_stage=3, lr=1e-4, micro_batch_size=4)
-t = time.time(); g = LearnerGroup(lc, str(pdir)); print("setup", round(time.time() - t, 1), g.info)
+t = time.time(); g = LearnerGroup(lc, str(pdir)); print("setup", round(time.time() - t, 1), g.setup_reports)
 rng = np.random.default_rng(0)
 prompts = [list(rng.integers(3, 600, 300)) for _ in range(8)]
 resp = [list(rng.integers(3, 17000, 600)) for _ in range(8)]

@@ -260,7 +260,7 @@ def stage_vq(ctx: dict) -> dict:
     dt = (time.perf_counter() - t0) / rounds
     rec.update(batch=shape.vq_batch, decoded_shape=list(out.shape), seconds_per_batch=round(dt, 4),
                images_per_s=shape.vq_batch / dt, pixel_range=[float(out.min()), float(out.max())])
-    if ctx.get("codes") is not None:  # the drawn image, decoded as the reward actor does it (codes on the CPU)
+    if ctx.get("codes") is not None:  # the drawn image, decoded as the reward worker does it (codes on the CPU)
         try:
             img = vq.decode(torch.as_tensor(ctx["codes"])[None])
             _sync(device)

@@ -1,7 +1,7 @@
 """GRPO step time with one rollout node against two, on a real multi-node Ray cluster of
 network namespaces on this machine (tests/multinode.py; needs root).
 
-Nodes: the head (driver, learner rank 0, reward actor) and two rollout nodes. The same job runs
+Nodes: the head (driver, learner rank 0, reward worker) and two rollout nodes. The same job runs
 twice through `realsr-r1 submit`: with one rollout worker (on one rollout node), then with two
 (one per rollout node, SPREAD). Reported from each run's MLflow metrics: median step time
 (generate + reward + learn + sync) and generation time over the steps after the first, and the

@@ -33,7 +33,7 @@ CONFIG = "configs/paper-shape-cpu.yaml"
 # the 7B headers' arithmetic (configs/pure-7b.yaml, pure-7b-published.yaml): what the rehearsal must show
 HEADER = {"prompt": 4338, "rough_image": 276, "middle_image": 1060, "final_image": 4164, "text": 512,
           "response": 6012}
-ROLES = {"learner": "ray::LearnerActor", "rollout": "ray::RolloutWorker", "reward": "ray::RewardActor"}
+ROLES = {"learner": "ray::LearnerWorker", "rollout": "ray::RolloutWorker", "reward": "ray::RewardWorker"}
 PARTS = ("generate", "reward", "learn", "sync")
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._common import best_time, report  # noqa: E402
 from cluster.config import load_config  # noqa: E402
-from cluster.envs import iqa_python  # noqa: E402
+from cluster.interpreters import iqa_python  # noqa: E402
 from vlcot.fidelity import psnr_y  # noqa: E402
 from vlcot.data import center_square  # noqa: E402
 from vlcot.images import open_image  # noqa: E402

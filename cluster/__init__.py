@@ -1,3 +1,3 @@
 """The Ray runtime and the config root: the run's Config and its validation (config.py), the
-interpreters of each role (envs.py, ray_envs.py), actor groups and their placement, the learner
+Python interpreter of each role (interpreters.py, interpreter_probe.py), actor groups and their placement, the learner
 group, the rollout pool (with its weight sync and guidance counters) and the reward pool."""

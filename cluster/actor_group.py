@@ -1,4 +1,4 @@
-"""One abstraction for the actors of a role (learner ranks, rollout workers, reward actors).
+"""One abstraction for the actors of a role (learner ranks, rollout workers, reward workers).
 
 `ActorGroup` starts N actors of one class with the role's resources and optional placement,
 waits for them with a timeout that names what they asked for and what the cluster has free,
@@ -37,11 +37,11 @@ class ActorGroup:
         self.options, self.placement = dict(options), placement
         self.ready_method, self.ready_timeout_s = ready, ready_timeout_s
         self.restarts = 0
-        self.actors: List[Any] = [self._start(slot) for slot in range(count)]
-        self.info = self._wait_ready(list(range(count)))
+        self.workers: List[Any] = [self._start(slot) for slot in range(count)]
+        self.ready_reports = self._wait_ready(list(range(count)))
 
     def __len__(self) -> int:
-        return len(self.actors)
+        return len(self.workers)
 
     def _start(self, slot: int, placed: bool = True):
         extra = self.placement(slot) if self.placement and placed else {}
@@ -50,7 +50,7 @@ class ActorGroup:
     def _wait_ready(self, slots: List[int], stop_all: bool = True) -> List[Any]:
         """The ready reports of the actors in `slots`. On failure every actor of the group is
         stopped (`stop_all`, at start-up) or only those in `slots` (a replacement or growth)."""
-        refs = [getattr(self.actors[s], self.ready_method).remote() for s in slots]
+        refs = [getattr(self.workers[s], self.ready_method).remote() for s in slots]
         try:
             return ray.get(refs, timeout=self.ready_timeout_s)
         except GetTimeoutError:
@@ -76,37 +76,37 @@ class ActorGroup:
     def replace(self, slot: int) -> Any:
         """Stop the actor in `slot` (if it still runs), start a new one there and wait for it."""
         self._kill(slot)
-        self.actors[slot] = self._start(slot)
+        self.workers[slot] = self._start(slot)
         self.restarts += 1
-        self.info[slot] = self._wait_ready([slot], stop_all=False)[0]
-        return self.info[slot]
+        self.ready_reports[slot] = self._wait_ready([slot], stop_all=False)[0]
+        return self.ready_reports[slot]
 
     def grow(self, count: int) -> List[Any]:
         """Start `count` more actors (outside any placement group: they take what the cluster
         has free) and return their ready reports."""
-        first = len(self.actors)
-        self.actors += [self._start(slot, placed=False) for slot in range(first, first + count)]
-        self.info += [None] * count
+        first = len(self.workers)
+        self.workers += [self._start(slot, placed=False) for slot in range(first, first + count)]
+        self.ready_reports += [None] * count
         reports = self._wait_ready(list(range(first, first + count)), stop_all=False)
-        self.info[first:] = reports
+        self.ready_reports[first:] = reports
         return reports
 
     def remove(self, slots: Sequence[int]) -> None:
         """Stop the actors in `slots` and drop them; later actors move down to fill the gaps."""
         for slot in sorted(set(slots), reverse=True):
             self._kill(slot)
-            del self.actors[slot]
-            if slot < len(self.info):
-                del self.info[slot]
+            del self.workers[slot]
+            if slot < len(self.ready_reports):
+                del self.ready_reports[slot]
 
     def call(self, method: str, *args, shards: Optional[Sequence[Any]] = None) -> List[Any]:
         """Object refs of `method(*args)` on every actor, or of `method(*args, shards[i])` on
         actor i when `shards` is given (one per actor)."""
         if shards is not None:
-            if len(shards) != len(self.actors):
-                raise ValueError(f"{len(shards)} shards for {len(self.actors)} {self.role} actors")
-            return [getattr(a, method).remote(*args, s) for a, s in zip(self.actors, shards)]
-        return [getattr(a, method).remote(*args) for a in self.actors]
+            if len(shards) != len(self.workers):
+                raise ValueError(f"{len(shards)} shards for {len(self.workers)} {self.role} actors")
+            return [getattr(a, method).remote(*args, s) for a, s in zip(self.workers, shards)]
+        return [getattr(a, method).remote(*args) for a in self.workers]
 
     def run(self, method: str, *args, shards: Optional[Sequence[Any]] = None) -> List[Any]:
         """`call` and wait for every result."""
@@ -114,12 +114,12 @@ class ActorGroup:
 
     def _kill(self, slot: int) -> None:
         try:
-            ray.kill(self.actors[slot])
+            ray.kill(self.workers[slot])
         except Exception as exc:  # already gone is fine; say so rather than hide it
             log.info("%s actor %d could not be killed (%s: %s): it is already gone", self.role, slot,
                      type(exc).__name__, exc)
 
     def shutdown(self) -> None:
-        for slot in range(len(self.actors)):
+        for slot in range(len(self.workers)):
             self._kill(slot)
-        self.actors = []
+        self.workers = []

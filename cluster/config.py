@@ -29,6 +29,7 @@ from learner.config import problems as learner_problems
 from learner.schedule import problems as schedule_problems
 from rewards.config import RewardsConfig
 from rewards.config import problems as reward_problems
+from rollout import kv_budget as kb
 from rollout.config import RolloutConfig
 from rollout.config import problems as rollout_problems
 from vlcot.config import (AnnotateConfig, DataConfig, DegradationConfig, ImageConfig, PolicyConfig, VQConfig,
@@ -46,7 +47,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "tiny-cpu.yaml"
 class EnvConfig:
     """Python environments of the roles (Ray runtime_env `py_executable`).
 
-    iqa_python: interpreter for roles that need pyiqa (reward and eval actors). "auto" =
+    iqa_python: interpreter for roles that need pyiqa (reward and eval workers). "auto" =
     `<repo>/.venv-iqa/bin/python` when it exists (CPU install: two environments), else the
     driver's own interpreter (GPU install: one environment). Or an absolute path.
     """
@@ -276,7 +277,7 @@ def _cross_role_problems(cfg: Config) -> List[Tuple[str, str]]:
 
 def _trainer_problems(t: TrainerConfig, envs: EnvConfig) -> List[Tuple[str, str]]:
     """The driver loop's own settings (`trainer`) and the roles' interpreters (`envs`)."""
-    from cluster.weight_sync import WEIGHT_SYNCS
+    from cluster.weight_sync import WEIGHT_SYNCS  # local: Ray; a config is read and checked without it
 
     out = [(f"trainer.{key}", f"{getattr(t, key)!r} not in {list(allowed)}") for key, allowed in (
         ("prompt_order", ("shuffle", "spread")), ("mode", ("sync", "async")),
@@ -311,8 +312,6 @@ def rollout_kv_estimate(cfg: Config):
     named (its config.json states no sizes), else the configured tiny model; capacity from
     rollout.kv_cache_blocks, else the GPU share (gpu_memory_utilization of an assumed card), else
     the CPU backend's kv_cache_gb. None for the HF engine (no paged cache)."""
-    from rollout import kv_budget as kb
-
     r, pol = cfg.rollout, cfg.policy
     if r.engine != "vllm":
         return None
@@ -354,9 +353,7 @@ def rollout_kv_estimate(cfg: Config):
 def _warn_kv_budget(cfg: Config) -> None:
     found = rollout_kv_estimate(cfg)
     if found is not None and not found[0].fits:
-        from rollout.kv_budget import worker_kv_warning
-
-        warnings.warn(worker_kv_warning(*found), KVBudgetWarning, stacklevel=3)
+        warnings.warn(kb.worker_kv_warning(*found), KVBudgetWarning, stacklevel=3)
 
 
 def validate(cfg: Config) -> None:

@@ -1,4 +1,4 @@
-"""The learner group: N `LearnerActor` ranks (learner/actor.py) in one `ActorGroup`.
+"""The learner group: N `LearnerWorker` ranks (learner/worker.py) in one `ActorGroup`.
 
 It shards each batch over the ranks, every rank the same count: a GRPO batch under the
 shared-prompt pass by the plan of learner/packing.py (a prompt's samples in one pack on one rank),
@@ -16,7 +16,7 @@ import ray
 
 from cluster.actor_group import ActorGroup, resource_options
 from comm.nodes import rank_environments
-from learner.actor import LearnerActor
+from learner.worker import LearnerWorker
 from learner.config import LearnerConfig
 from learner.packing import plan_packs
 
@@ -26,27 +26,27 @@ class LearnerGroup:
                  placement: Optional[Callable[[int], Dict[str, Any]]] = None, ready_timeout_s: float = 600.0):
         """`placement(rank)` may add Ray scheduling options (a placement-group bundle). The ranks
         report where they landed, rank 0 opens a port on its node, and every rank starts its
-        engine with its torchrun environment (`self.environments`); `self.info` holds each
+        engine with its torchrun environment (`self.environments`); `self.setup_reports` holds each
         rank's setup report (rank, device, dtype, node address, local rank, rendezvous)."""
         self.cfg = cfg
         options = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, **resource_options(cfg.resources))
         if runtime_env:
             options["runtime_env"] = runtime_env
-        self.group = ActorGroup("learner", LearnerActor, cfg.num_workers, lambda rank: (cfg, policy_dir, rank),
+        self.group = ActorGroup("learner", LearnerWorker, cfg.num_workers, lambda rank: (cfg, policy_dir, rank),
                                 options, placement, ready="where", ready_timeout_s=ready_timeout_s)
-        self.places = self.group.info
-        port = ray.get(self.group.actors[0].open_port.remote())
+        self.places = self.group.ready_reports
+        port = ray.get(self.group.workers[0].open_port.remote())
         self.environments = rank_environments(self.places, port)
-        self.info = self.group.run("setup", shards=self.environments)
-        self.shared_prompt = bool(self.info[0]["shared_prompt"])  # resolved by the engines
+        self.setup_reports = self.group.run("setup", shards=self.environments)
+        self.shared_prompt = bool(self.setup_reports[0]["shared_prompt"])  # resolved by the engines
 
     @property
     def world(self) -> int:
         return len(self.group)
 
     @property
-    def actors(self) -> List[Any]:
-        return self.group.actors
+    def workers(self) -> List[Any]:
+        return self.group.workers
 
     def split(self, batch: Dict[str, np.ndarray], packed: bool = False) -> Tuple[List[np.ndarray], List[Dict[str, np.ndarray]]]:
         """Each rank's rows of `batch` and its shard. `packed` (a GRPO batch): under the shared-prompt
@@ -95,15 +95,15 @@ class LearnerGroup:
 
     def open_port(self) -> int:
         """A port free on rank 0's node right now (for a group rank 0 hosts)."""
-        return ray.get(self.actors[0].open_port.remote())
+        return ray.get(self.workers[0].open_port.remote())
 
     def join_weight_group(self, make_transport: Optional[Callable[..., Any]], shm_folder: Optional[str] = None) -> List[Any]:
         """Returns the object refs (do not wait: the receivers must join concurrently)."""
         return [a.join_weight_group.remote(make_transport if r == 0 else None, shm_folder if r == 0 else None)
-                for r, a in enumerate(self.actors)]
+                for r, a in enumerate(self.workers)]
 
     def leave_weight_group(self) -> None:
-        ray.get(self.actors[0].leave_weight_group.remote())
+        ray.get(self.workers[0].leave_weight_group.remote())
 
     def broadcast_async(self, version: int) -> List[Any]:
         return self.group.call("broadcast", version)

@@ -4,7 +4,7 @@ On GPU clusters this reserves every actor's GPUs/CPUs up front (no half-started 
 for a GPU that another job took). Each role has a group of its own with its own strategy:
 learner ranks PACK (as few nodes as possible: DeepSpeed's collectives stay on NVLink where
 they can), rollout workers SPREAD (one per node where possible: a lost node takes few of
-them), reward actors PACK. Used when `trainer.placement` is "enabled", or "auto" and any role
+them), reward workers PACK. Used when `trainer.placement` is "enabled", or "auto" and any role
 asks for GPUs. A role's custom `resources` go into its bundles.
 """
 

@@ -1,4 +1,4 @@
-"""The reward pool: `RewardActor`s (rewards/actor.py) in one `ActorGroup`, fed in chunks.
+"""The reward pool: `RewardWorker`s (rewards/worker.py) in one `ActorGroup`, fed in chunks.
 
 `RewardPool` splits a batch into chunks of `batch_size`, sends them round-robin to
 `num_workers` actors (each with `num_cpus`/`num_gpus` from config, in the IQA environment's
@@ -17,7 +17,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from cluster.actor_group import ActorGroup, resource_options
-from rewards.actor import RewardActor
+from rewards.worker import RewardWorker
 from rewards.config import RewardsConfig
 from rewards.types import RewardInput, RewardResult
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RewardBatch:
-    """Chunks out to the reward actors, results not yet collected."""
+    """Chunks out to the reward workers, results not yet collected."""
 
     chunks: List[List[RewardInput]]
     refs: List[Tuple[int, Any]]  # (actor slot, in-flight object ref) per chunk
@@ -42,14 +42,14 @@ class RewardPool:
         self.cfg = cfg
         self.timeout_s = timeout_s
         self.retries = 0
-        self.group = ActorGroup("reward", RewardActor, cfg.num_workers, lambda slot: (cfg, vq_dir),
+        self.group = ActorGroup("reward", RewardWorker, cfg.num_workers, lambda slot: (cfg, vq_dir),
                                 dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, runtime_env=runtime_env or {},
                                      **resource_options(cfg.resources)),
                                 placement, ready_timeout_s=ready_timeout_s or timeout_s)
 
     @property
-    def actors(self) -> List[Any]:
-        return self.group.actors
+    def workers(self) -> List[Any]:
+        return self.group.workers
 
     @property
     def restarts(self) -> int:
@@ -61,8 +61,8 @@ class RewardPool:
         chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
         refs = []
         for k, chunk in enumerate(chunks):
-            slot = k % len(self.actors)
-            refs.append((slot, self.actors[slot].score.remote(chunk, return_images)))
+            slot = k % len(self.workers)
+            refs.append((slot, self.workers[slot].score.remote(chunk, return_images)))
         return RewardBatch(chunks, refs, return_images)
 
     def collect(self, batch: RewardBatch) -> List[RewardResult]:
@@ -80,10 +80,10 @@ class RewardPool:
                         ) from exc
                     attempt += 1
                     self.retries += 1
-                    log.warning("reward actor %d failed (%s); restarting it and retrying %d samples",
+                    log.warning("reward worker %d failed (%s); restarting it and retrying %d samples",
                                 slot, type(exc).__name__, len(chunk))
                     self.group.replace(slot)
-                    ref = self.actors[slot].score.remote(chunk, batch.return_images)
+                    ref = self.workers[slot].score.remote(chunk, batch.return_images)
         return out
 
     def score(self, batch: List[RewardInput], return_images: bool = False) -> List[RewardResult]:
@@ -91,7 +91,7 @@ class RewardPool:
 
     def score_images(self, images: List[Any], refs: Optional[List[Any]] = None) -> List[Any]:
         """IQA scores of plain images on the first actor (evaluation, benchmarks)."""
-        return ray.get(self.actors[0].score_images.remote(images, refs), timeout=self.timeout_s)
+        return ray.get(self.workers[0].score_images.remote(images, refs), timeout=self.timeout_s)
 
     def shutdown(self) -> None:
         self.group.shutdown()

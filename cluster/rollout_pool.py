@@ -45,12 +45,12 @@ class RolloutBatch:
     assignment: Dict[int, List[int]]  # worker index -> positions of its prompts
     calls: Dict[int, Any]  # worker index -> in-flight object ref
     started: float  # perf_counter at dispatch
-    lost: List[str] = field(default_factory=list)  # nodes of the workers dropped while collecting it
+    lost_nodes: List[str] = field(default_factory=list)  # nodes of the workers dropped while collecting it
     n: Optional[int] = None  # samples per prompt (None: rollout.group_size)
     greedy: bool = False
 
     @property
-    def workers(self) -> int:
+    def worker_count(self) -> int:
         """Workers the batch was dispatched to."""
         return len(self.calls)
 
@@ -67,11 +67,11 @@ class PendingCall:
 class PoolChange:
     """What `check_workers` did: nodes of the workers it dropped, slots it refilled."""
 
-    lost: List[str]
+    lost_nodes: List[str]
     replaced: List[int]
 
     def __bool__(self) -> bool:
-        return bool(self.lost or self.replaced)
+        return bool(self.lost_nodes or self.replaced)
 
 
 def worker_seed(seed: int, worker: int) -> int:
@@ -84,7 +84,7 @@ class RolloutPool:
                  placement: Optional[Callable[[int], Dict[str, Any]]] = None, ready_timeout_s: float = 600.0):
         self.cfg = cfg
         self.max_restarts = max_restarts
-        self.lost = 0  # workers dropped (autoscale)
+        self.lost_count = 0  # workers dropped (autoscale)
         self.weight_sync: Optional[WeightSync] = None  # connect_weights
         self.guidance = GuidanceCounter(on_gpu=cfg.gpus_per_worker > 0)
         options = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_concurrency=1,
@@ -95,7 +95,7 @@ class RolloutPool:
 
     @property
     def workers(self) -> List[Any]:
-        return self.group.actors
+        return self.group.workers
 
     @property
     def restarts(self) -> int:
@@ -149,7 +149,7 @@ class RolloutPool:
         """Results per prompt (list of samples or PromptError), in prompt order. A dead worker
         is replaced and brought to weights `version` (the pool's weight sync; without one it
         keeps the initial policy), or, with autoscale, dropped (its node is recorded in
-        `batch.lost`, the weight group formed again); either way its prompts are dispatched
+        `batch.lost_nodes`, the weight group formed again); either way its prompts are dispatched
         again, with the seed they had."""
         results: List[Any] = [None] * len(batch.prompts)
         pending = [PendingCall(w, batch.assignment[w], worker_seed(batch.seed, w), ref) for w, ref in batch.calls.items()]
@@ -173,15 +173,15 @@ class RolloutPool:
         """The dead worker's prompts, sent again: to its replacement, or (autoscale) to the living
         worker with the fewest prompts in flight."""
         w = call.worker
-        report = self.group.info[w] or {}
+        report = self.group.ready_reports[w] or {}
         node, node_id = report.get("node_ip", "?"), report.get("node_id")
         gone = node_id is not None and not node_alive(node_id)
         where = f"rollout worker {w} on node {node}" + (" (the node is gone)" if gone else "")
         if self.cfg.autoscale:
             if w not in dead:
                 dead.append(w)
-                batch.lost.append(node)
-                self.lost += 1
+                batch.lost_nodes.append(node)
+                self.lost_count += 1
             alive = [i for i in range(len(self.workers)) if i not in dead]
             if not alive:
                 raise RuntimeError(f"{where} died and no rollout worker is left: {exc}") from exc
@@ -209,16 +209,16 @@ class RolloutPool:
                 ray.get(ref)
             except RayActorError:
                 dead.append(w)
-        lost = [(self.group.info[w] or {}).get("node_ip", "?") for w in dead]
+        nodes = [(self.group.ready_reports[w] or {}).get("node_ip", "?") for w in dead]
         if dead and self.cfg.autoscale:
-            log.warning("rollout workers %s on %s are gone: dropping them, %d left", dead, lost,
+            log.warning("rollout workers %s on %s are gone: dropping them, %d left", dead, nodes,
                         len(self.workers) - len(dead))
             if len(dead) == len(self.workers):
-                raise RuntimeError(f"every rollout worker is gone (nodes {lost})")
+                raise RuntimeError(f"every rollout worker is gone (nodes {nodes})")
             self.group.remove(dead)
-            self.lost += len(dead)
-            return PoolChange(lost, [])
-        for w, node in zip(dead, lost):
+            self.lost_count += len(dead)
+            return PoolChange(nodes, [])
+        for w, node in zip(dead, nodes):
             log.warning("rollout worker %d on node %s is gone: replacing it", w, node)
             self._replace(w, f"rollout worker {w} on node {node}")
         return PoolChange([], dead)

@@ -46,9 +46,9 @@ WEIGHT_SYNCS: Registry[type] = Registry("weight sync")
 
 
 class WeightSync(ABC):
-    def __init__(self, learner, workers, cfg):
-        """`learner`: the LearnerGroup; `workers`: the rollout pool's ActorGroup; `cfg`: the run's Config."""
-        self.learner, self.workers, self.cfg = learner, workers, cfg
+    def __init__(self, learner, rollout, cfg):
+        """`learner`: the LearnerGroup; `rollout`: the rollout pool's ActorGroup; `cfg`: the run's Config."""
+        self.learner, self.rollout, self.cfg = learner, rollout, cfg
 
     def connect(self) -> None:
         """Prepare the transport (called once after the actors are up)."""
@@ -69,8 +69,8 @@ class WeightSync(ABC):
 
 @WEIGHT_SYNCS.register("network")
 class NetworkSync(WeightSync):
-    def __init__(self, learner, workers, cfg):
-        super().__init__(learner, workers, cfg)
+    def __init__(self, learner, rollout, cfg):
+        super().__init__(learner, rollout, cfg)
         self.folder = str(shm_dir(f"{os.getpid()}-{uuid.uuid4().hex[:8]}"))
         self.local: List[int] = []  # worker slots that read the shared-memory file
         self.remote: List[int] = []  # worker slots in the network group
@@ -82,8 +82,8 @@ class NetworkSync(WeightSync):
         backend = "nccl" if self.cfg.rollout.gpus_per_worker > 0 else "gloo"
         lead = self.learner.places[0]
         same_node = self.cfg.trainer.weight_sync_shm and backend == "gloo"
-        self.local = [i for i, r in enumerate(self.workers.info) if same_node and r["node_id"] == lead.node_id]
-        self.remote = [i for i in range(len(self.workers)) if i not in self.local]
+        self.local = [i for i, r in enumerate(self.rollout.ready_reports) if same_node and r["node_id"] == lead.node_id]
+        self.remote = [i for i in range(len(self.rollout)) if i not in self.local]
         make, refs = None, []
         if self.remote:
             port, world, timeout = self.learner.open_port(), len(self.remote) + 1, self.cfg.trainer.weight_sync_timeout_s
@@ -92,14 +92,14 @@ class NetworkSync(WeightSync):
                 return functools.partial(WeightTransport, lead.ip, port, rank, world, backend, timeout)
 
             make = member(0)
-            refs = [self.workers.actors[w].join_weight_group.remote(member(k + 1)) for k, w in enumerate(self.remote)]
+            refs = [self.rollout.workers[w].join_weight_group.remote(member(k + 1)) for k, w in enumerate(self.remote)]
         ray.get(self.learner.join_weight_group(make, self.folder if self.local else None) + refs)
 
     def sync(self, version: int) -> Dict[str, float]:
         t0 = time.perf_counter()
-        receives = [self.workers.actors[w].receive_weights.remote() for w in self.remote]
+        receives = [self.rollout.workers[w].receive_weights.remote() for w in self.remote]
         stats = dict(ray.get(self.learner.broadcast_async(version))[0])
-        reads = [self.workers.actors[w].read_shared_weights.remote(self.folder, version) for w in self.local]
+        reads = [self.rollout.workers[w].read_shared_weights.remote(self.folder, version) for w in self.local]
         ray.get(receives + reads)
         stats.update({"timing/sync_s": time.perf_counter() - t0, "sync/network_workers": float(len(self.remote)),
                       "sync/shm_workers": float(len(self.local))})
@@ -119,8 +119,8 @@ class NetworkSync(WeightSync):
 
 @WEIGHT_SYNCS.register("filesystem")
 class FilesystemSync(WeightSync):
-    def __init__(self, learner, workers, cfg):
-        super().__init__(learner, workers, cfg)
+    def __init__(self, learner, rollout, cfg):
+        super().__init__(learner, rollout, cfg)
         root = Path(cfg.trainer.weight_sync_dir or Path(cfg.run_dir) / "weight_sync")
         self.folder = root / "policy"
         self.version = None  # the version the folder holds
@@ -130,7 +130,7 @@ class FilesystemSync(WeightSync):
         self.learner.save_policy(str(self.folder))
         self.version = version
         written = time.perf_counter()
-        ray.get(self.workers.call("update_weights_from_path", str(self.folder), version))
+        ray.get(self.rollout.call("update_weights_from_path", str(self.folder), version))
         nbytes = sum(f.stat().st_size for f in self.folder.glob("*.safetensors"))
         seconds = time.perf_counter() - t0
         return {"sync/seconds": seconds, "sync/bytes": float(nbytes), "sync/gb_per_s": nbytes / 1e9 / max(seconds, 1e-9),
@@ -140,7 +140,7 @@ class FilesystemSync(WeightSync):
         """New workers reload from the folder (dropped ones need nothing: there is no group)."""
         if self.version is None:  # nothing synced yet: the new workers already hold the initial policy
             return
-        ray.get([self.workers.actors[slot].update_weights_from_path.remote(str(self.folder), self.version)
+        ray.get([self.rollout.workers[slot].update_weights_from_path.remote(str(self.folder), self.version)
                  for slot in added])
 
 
@@ -149,7 +149,7 @@ class SyncReport:
     """One weight sync: the transport's statistics and the nodes of the workers dropped on the way."""
 
     stats: Dict[str, float]
-    lost: List[str] = field(default_factory=list)
+    lost_nodes: List[str] = field(default_factory=list)
 
 
 def sync_living_workers(weight_sync: WeightSync, pool: Any, version: int) -> SyncReport:
@@ -163,19 +163,19 @@ def sync_living_workers(weight_sync: WeightSync, pool: Any, version: int) -> Syn
     with every worker still answering is not a lost worker and is raised as it is. Each
     retry needs a worker fewer or a replacement from the restart budget, so this ends.
     """
-    lost: List[str] = []
+    lost_nodes: List[str] = []
     change = pool.check_workers()
     while True:
         if change:
-            lost += change.lost
+            lost_nodes += change.lost_nodes
             weight_sync.workers_changed([], version)
         try:
-            return SyncReport(weight_sync.sync(version), lost)
+            return SyncReport(weight_sync.sync(version), lost_nodes)
         except Exception as exc:
             change = pool.check_workers()
             if not change:
                 raise
             log.warning("the weight sync to version %d failed (%s: %s) as rollout workers went away (lost on %s, "
                         "replaced in slots %s): syncing again over the workers that are left", version,
-                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", change.lost or "-",
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", change.lost_nodes or "-",
                         change.replaced or "-")

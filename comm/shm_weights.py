@@ -77,7 +77,7 @@ def shm_dir(tag: str) -> Path:
 
 def remove_orphans(root: Path = SHM_ROOT) -> List[Path]:
     """Delete the weight folders under `root` whose writer process no longer runs (a writer
-    killed before it could clean up, e.g. a learner actor of a run that was killed); /dev/shm is
+    killed before it could clean up, e.g. a learner worker of a run that was killed); /dev/shm is
     memory, so a stale copy of the weights would hold RAM until reboot. Returns what was removed."""
     import shutil
 

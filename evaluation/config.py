@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
-from evaluation.metrics import METRICS
+from evaluation.image_metrics import METRICS
 
 INFER_MODES = ("tile", "resize")
 INFER_ENGINES = ("hf", "vllm")
@@ -47,7 +47,7 @@ class EvalConfig:
     metrics: List[str] = field(default_factory=lambda: [
         "psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "maniqa_pipal", "clipiqa", "topiq_nr",
         "topiq_nr_spaq", "fid"])
-    weights_dir: str = ""  # local metric weights (see evaluation/metrics.py for file names)
+    weights_dir: str = ""  # local metric weights (see evaluation/image_metrics.py for file names)
     crop_border: int = 0  # pixels cropped from each side before PSNR/SSIM (pyiqa's default 0)
     num_workers: int = 1  # Ray actors per stage (generation, metrics); 0 = everything in this process
     num_cpus: float = 1.0  # per actor

@@ -1,4 +1,4 @@
-"""Typed defaults for the four rewards, their weights and the reward actors.
+"""Typed defaults for the four rewards, their weights and the reward workers.
 
 Plain dataclasses; `cluster/config.py` merges yaml/CLI over them and calls `problems()`.
 """

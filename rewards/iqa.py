@@ -3,7 +3,7 @@
 Each metric's raw value is mapped to [0, 1] by its `MetricSpec` (best/worst), the mapped
 scores are aggregated (weighted mean, weighted geometric mean or min), and an optional
 full-reference fidelity term against the HR image joins the aggregate with its own weight.
-Needs pyiqa: runs inside the reward actor (the IQA environment on CPU machines).
+Needs pyiqa: runs inside the reward worker (the IQA environment on CPU machines).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Built-in (registered in `REWARDS` as factories over the actor's `RewardResources
   scores the batch with the IQA metrics.
 
 A user's own reward: `rewards.plugins: {name: "package.module:function"}` or
-`{name: "path/to/file.py:function"}`, loaded inside each reward actor (so it runs in the IQA
+`{name: "path/to/file.py:function"}`, loaded inside each reward worker (so it runs in the IQA
 environment, beside the built-ins) and weighted like any other.
 """
 
@@ -47,7 +47,7 @@ class RewardOutput:
 
 @dataclass
 class RewardResources:
-    """What built-in rewards may need, built once per reward actor."""
+    """What built-in rewards may need, built once per reward worker."""
 
     cfg: RewardsConfig
     vq: Any = None  # vlcot.vq.VQTokenizer
@@ -92,7 +92,7 @@ def _understanding(res: RewardResources) -> RewardFn:
 
 class GenerationReward:
     """IQA of the decoded final image. Where image tokens become pixels: here, once per sample,
-    in the reward actor (rollout workers ship VQ codes, 16 KB for a 512-px image, not pixels)."""
+    in the reward worker (rollout workers ship VQ codes, 16 KB for a 512-px image, not pixels)."""
 
     def __init__(self, res: RewardResources):
         self.res = res
@@ -150,7 +150,7 @@ def _split_spec(spec: str) -> Tuple[str, str]:
 
 def spec_problem(spec: str) -> Optional[str]:
     """Why a plug-in spec cannot work, checked without importing it (config validation runs in
-    the driver's environment; the function is imported in the reward actors)."""
+    the driver's environment; the function is imported in the reward workers)."""
     try:
         target, _ = _split_spec(spec)
     except ValueError as exc:

@@ -4,7 +4,7 @@ weighted total, and non-finite bookkeeping.
 Where image tokens become pixels: in the `generation` reward, once per sample, in the reward
 actor. Rollout workers ship parsed traces (VQ codes: a 512-px final image is 4,096 int codes,
 16 KB as int32) instead of pixels (768 KB), the VQ decoder runs next to the IQA networks (on
-the reward actor's GPU on clusters, off the rollout GPUs that bound RL throughput), and the
+the reward worker's GPU on clusters, off the rollout GPUs that bound RL throughput), and the
 decoded images come back only when asked for (`return_images`, for logging grids).
 """
 

@@ -55,9 +55,9 @@ if [ "$DEVICE" = gpu ]; then
   # Every run, not only after an install (a driver can change under an installed environment):
   # torch's CUDA build against this node's driver, and whether torch sees the GPUs. A CUDA 13
   # wheel on a driver older than R580 only warns in torch.cuda.is_available(); stop here instead.
-  .venv/bin/python -m cluster.envs --gpu >/dev/null \
+  .venv/bin/python -m cluster.interpreters --gpu >/dev/null \
     || { echo "[install] this node's torch cannot use its GPUs (the line above says why; details:" \
-              ".venv/bin/python -m cluster.envs --gpu)" >&2; exit 1; }
+              ".venv/bin/python -m cluster.interpreters --gpu)" >&2; exit 1; }
   log "ready: .venv ($(.venv/bin/python -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda, torch.cuda.device_count(), "GPU(s)")'))"
   exit 0
 fi

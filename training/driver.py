@@ -22,22 +22,24 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from cluster.config import Config, flatten, to_yaml
-from cluster.envs import runtime_env_for_iqa
-from training.grid import log_sample_grid
-from training.heldout_eval import heldout_for
-from training.learning_curve import report_learning
-from training.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, training_records,
-                          required_cpus, start_ray)
-from training.metrics import step_metrics, step_line
+from cluster.interpreters import runtime_env_for_iqa
+from cluster.learner_group import LearnerGroup
+from cluster.placement import RunPlacement, wanted
 from cluster.reward_pool import RewardPool
 from cluster.rollout_pool import RolloutBatch, RolloutPool
-from training.sample_scoring import score_results
+from learner.schedule import lr_at
+from learner.step_batch import RolloutSamples, StepBatch, learner_batch
+from training.contact_sheets import log_sample_sheet
+from training.heldout_eval import heldout_for
+from training.jobs import (cold_start_sft, encode_prompts, ensure_policy_dir, ensure_vq_dir, training_records,
+                          required_cpus, start_ray)
+from training.learning_curve import report_learning
 from training.run_state import (CKPT_DIR, DataCursor, DriverState, latest_checkpoint, prune_checkpoints,
                                read_pending_step, write_pending_step)
-from training.step_data import CollectedRollout, DispatchedStep, ScoredSample, StepResult
+from training.sample_scoring import score_results
+from training.step_data import CollectedRollout, DispatchedStep, ScoredSample, StepOutcome, StepResult
+from training.step_metrics import step_metrics, step_line
 from training.tracking import open_run_tracker
-from learner.step_batch import RolloutSamples, StepBatch, learner_batch
-from learner.schedule import lr_at
 from vlcot.errors import BadPath
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ class GRPOTrainer:
         self.sft_manifest, self.sft_records = read.get("sft", (None, []))
 
     def _prepare(self) -> None:
-        from vlcot.policy import load_policy_meta
+        from vlcot.policy import load_policy_meta  # local: transformers and diffusers, loaded once the run starts
         from vlcot.vq import VQTokenizer
 
         cfg = self.cfg
@@ -99,11 +101,7 @@ class GRPOTrainer:
                                    [r.degradation.labels for r in self.records])
 
     def _start_actors(self) -> None:
-        from cluster.learner_group import LearnerGroup
-
         cfg = self.cfg
-        from cluster.placement import RunPlacement, wanted
-
         start_ray(required_cpus(cfg))
         t0, wait_s = time.perf_counter(), cfg.trainer.actor_start_timeout_s
         self.placement = RunPlacement(cfg, wait_s) if wanted(cfg) else None
@@ -118,15 +116,15 @@ class GRPOTrainer:
         nodes = self.actor_nodes()
         print(f"actors up in {time.perf_counter() - t0:.0f}s: {cfg.learner.num_workers} learner ranks "
               f"(ZeRO-{cfg.learner.zero_stage}) on {nodes['learner']}, {cfg.rollout.num_workers} {cfg.rollout.engine} "
-              f"rollout workers on {nodes['rollout']}, {cfg.rewards.num_workers} reward actors on {nodes['rewards']}; "
-              f"rendezvous {self.learner.info[0]['master']}"
+              f"rollout workers on {nodes['rollout']}, {cfg.rewards.num_workers} reward workers on {nodes['rewards']}; "
+              f"rendezvous {self.learner.setup_reports[0]['master']}"
               + (f"; placement groups of {len(self.placement)} bundles" if self.placement else ""))
 
     def actor_nodes(self) -> Dict[str, List[str]]:
         """The node address of every actor, by role, in rank/slot order."""
         return {"learner": [p.ip for p in self.learner.places],
-                "rollout": [r["node_ip"] for r in self.rollout.group.info],
-                "rewards": [r["node_ip"] for r in self.rewards.group.info]}
+                "rollout": [r["node_ip"] for r in self.rollout.group.ready_reports],
+                "rewards": [r["node_ip"] for r in self.rewards.group.ready_reports]}
 
     def _sft(self) -> None:
         cfg = self.cfg
@@ -158,14 +156,17 @@ class GRPOTrainer:
 
     # ---- one step: dispatch -> collect -> parse -> score -> advantages -> learn -> sync ----------
     def _dispatch(self, step: int) -> DispatchedStep:
+        """Step `step`'s prompts (the next ones of the data cursor) out to the rollout pool."""
         records = self.cursor.take(self.cfg.trainer.prompts_per_step)
         batch = self.rollout.submit([self.prompt_ids[i] for i in records], seed=self.cfg.rollout.seed + 1000 * step)
         return DispatchedStep(step, records, batch)
 
-    def _step(self, dispatched: DispatchedStep, version: int) -> Tuple[StepResult, Optional[DispatchedStep]]:
-        """One GRPO step from its dispatched generation; in async mode the next step's generation
-        is dispatched as soon as this one's results are in, so it overlaps scoring and learning."""
-        cfg, step = self.cfg, dispatched.step
+    def _step(self, step: int, pending: Optional[DispatchedStep], version: int) -> StepOutcome:
+        """GRPO step `step`, the one place that dispatches: its own prompts unless they are
+        `pending` (already out, or collected into a checkpoint), and in async mode the next
+        step's as soon as this one's generation is in, so that one overlaps scoring and learning."""
+        cfg = self.cfg
+        dispatched = pending if pending is not None else self._dispatch(step)
         self._emit("dispatched", step + 1)
         collected = self._collected(dispatched, version)
         following = None
@@ -183,16 +184,15 @@ class GRPOTrainer:
         self.learner.set_lr(self.lr_at(step + 1))
         learn = self.learner.grpo_step(chosen.arrays)
         synced = self.rollout.sync_weights(version + 1)  # drops or replaces workers lost since the collect
-        info.update({"rollout/workers": float(collected.workers),
-                     "rollout/workers_lost": float(len(collected.lost) + len(synced.lost)), **collected.guidance})
-        return StepResult(samples, len(scored.refused), learn, synced.stats, info, collected.generate_s, reward_s), following
+        info.update({"rollout/workers": float(collected.worker_count),
+                     "rollout/workers_lost": float(len(collected.lost_nodes) + len(synced.lost_nodes)), **collected.guidance})
+        result = StepResult(samples, len(scored.refused), learn, synced.stats, info, collected.generate_s, reward_s)
+        return StepOutcome(result, following)
 
     def _collected(self, dispatched: DispatchedStep, version: int) -> CollectedRollout:
         """The step's generation, collected from the rollout pool once (or read from a checkpoint)."""
         if dispatched.collected is None:
-            results, generate_s = self._collect(dispatched.rollout, version)
-            dispatched.collected = CollectedRollout(results, generate_s, self.last_guidance,
-                                                    dispatched.rollout.workers, list(dispatched.rollout.lost))
+            dispatched.collected = self._collect(dispatched.rollout, version)
         return dispatched.collected
 
     def lr_at(self, step: int) -> float:
@@ -275,18 +275,15 @@ class GRPOTrainer:
                 self.heldout.at_start(functools.partial(self._generate_now, version=version), self.rewards,
                                       "SFT" if self.sft_ran else "initial", version)
             bar = tqdm(total=cfg.trainer.steps, initial=start, desc="grpo", disable=not self.progress)
-            if pending is None and start < cfg.trainer.steps:
-                pending = self._dispatch(start)
             for step in range(start, cfg.trainer.steps):
-                result, pending = self._step(pending, version)
+                outcome = self._step(step, pending, version)
+                pending = outcome.following
                 version += 1
-                self._record(step + 1, version, result, pending)
+                self._record(step + 1, version, outcome.result, pending)
                 bar.update(1)
                 self._emit("step_end", step + 1)
                 if cfg.rollout.autoscale and step + 1 < cfg.trainer.steps:
                     self._grow(version)
-                if pending is None and step + 1 < cfg.trainer.steps:
-                    pending = self._dispatch(step + 1)
             bar.close()
             self.final_state = self._final_state(version)
             self.heldout_report = self._heldout_end(version)
@@ -301,7 +298,7 @@ class GRPOTrainer:
         return summary
 
     def _record(self, step: int, version: int, result: StepResult, pending: Optional[DispatchedStep]) -> None:
-        """Metrics (MLflow and the console line), sample grid and checkpoint (with the `pending`
+        """Metrics (MLflow and the console line), sample contact sheet and checkpoint (with the `pending`
         next step of async mode) after a step."""
         from tqdm import tqdm
 
@@ -316,8 +313,8 @@ class GRPOTrainer:
         tqdm.write(step_line(step, cfg.trainer.steps, m))
         if step % cfg.trainer.log_images_every == 0 and result.samples:
             first = result.samples[0]
-            log_sample_grid(self.run_dir / "grids" / f"step_{step:06d}.png", first.parsed, self.records[first.record],
-                            self.vq, self.tracker)
+            log_sample_sheet(self.run_dir / "grids" / f"step_{step:06d}.png", first.parsed, self.records[first.record],
+                             self.vq, self.tracker)
         if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps:
             self._save(step, version, pending)
 
@@ -328,7 +325,7 @@ class GRPOTrainer:
         added = self.rollout.grow(version)
         if added:
             print(f"rollout pool: {before} -> {before + added} workers (new on "
-                  f"{[r['node_ip'] for r in self.rollout.group.info[before:]]})")
+                  f"{[r['node_ip'] for r in self.rollout.group.ready_reports[before:]]})")
 
     def _emit(self, event: str, step: int) -> None:
         for cb in self.callbacks:
@@ -339,21 +336,21 @@ class GRPOTrainer:
         (each must equal the learner's; None for a worker that cannot be reached now)."""
         return {"actor_nodes": self.actor_nodes(), "learner_version": version,
                 "rollout_versions": self.rollout.worker_versions(),
-                "rollout_workers_lost": self.rollout.lost, "rl_manifest": str(self.manifest),
+                "rollout_workers_lost": self.rollout.lost_count, "rl_manifest": str(self.manifest),
                 "rl_records": len(self.records), "sft_examples": self.sft_examples}
 
-    def _collect(self, batch: RolloutBatch, version: int) -> Tuple[List[Any], float]:
-        """A dispatched generation's results and its seconds from dispatch to results. A worker
-        lost meanwhile is replaced and brought to `version`, or dropped (autoscale) and the
-        weight group formed again without it."""
+    def _collect(self, batch: RolloutBatch, version: int) -> CollectedRollout:
+        """A dispatched generation, collected: its results, its seconds from dispatch to results,
+        its guidance counters and the workers it ran on. A worker lost meanwhile is replaced and
+        brought to `version`, or dropped (autoscale) and the weight group formed again without it."""
         results = self.rollout.collect(batch, version)
         generate_s = time.perf_counter() - batch.started
-        self.last_guidance = self.rollout.guidance_since_last()  # the workers are idle until the next dispatch
-        return results, generate_s
+        guidance = self.rollout.guidance_since_last()  # the workers are idle until the next dispatch
+        return CollectedRollout(results, generate_s, guidance, batch.worker_count, list(batch.lost_nodes))
 
     def _generate_now(self, prompts: List[List[int]], version: int, **how) -> List[Any]:
         """Generate on the rollout pool and wait (the held-out check)."""
-        return self._collect(self.rollout.submit(prompts, **how), version)[0]
+        return self._collect(self.rollout.submit(prompts, **how), version).results
 
     def _heldout_end(self, version: int) -> Optional[Dict[str, Any]]:
         """The held-out check of the final policy; a failure is reported, not raised: the

@@ -2,7 +2,7 @@
 
 Greedy generations on prompts no training step sees (`data.heldout_per_image` crops with
 their own degradation draws, written by prepare-data to heldout.jsonl), scored by the run's
-own reward actors: once with the policy GRPO starts from (the cold-start SFT result) and
+own reward workers: once with the policy GRPO starts from (the cold-start SFT result) and
 once with the policy it ends with. Greedy, because sampling noise would swamp the
 difference between two checkpoints of a small policy. The two columns go side by side into
 `<run_dir>/heldout.md` and `heldout.json`, the summary and MLflow (`heldout/start/*`,
@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from training.jobs import encode_prompts
 from training.sample_scoring import score_results
 from vlcot.manifest import ManifestRecord, heldout_manifest_path, read_manifest
 from vlcot.trace import SLOTS
@@ -80,8 +81,6 @@ def heldout_for(cfg, run_dir: Path, vq, codec, layout,
                 training_labels: Sequence[Sequence[str]] = ()) -> Optional["HeldOutEval"]:
     """The run's held-out prompts (`trainer.heldout_eval`), or None with a line saying why not.
     `training_labels` (the GRPO prompts' degradation words) give the majority-word baseline."""
-    from training.jobs import encode_prompts
-
     if not cfg.trainer.heldout_eval:
         return None
     path = heldout_manifest_path(cfg.data)

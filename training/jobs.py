@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from cluster.config import Config
+from learner.sft import build_sft_examples, run_sft
+from vlcot.config import VQCheckpointError
+from vlcot.data import prepare_data
 from vlcot.errors import BadPath
 from vlcot.manifest import ManifestRecord, manifest_path, read_manifest
+from vlcot.prompt_cache import CACHE_DIR, cached_prompt_codes
+from vlcot.released_layout import write_released_checkpoint
+from vlcot.trace import build_prompt
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +27,6 @@ def ensure_data(cfg: Config) -> Path:
     """The manifest, prepared from `data` config if it does not exist yet."""
     manifest = manifest_path(cfg.data)
     if not manifest.is_file():
-        from vlcot.data import prepare_data
-
         summary = prepare_data(cfg.image, cfg.degradation, cfg.data, progress=False)
         print(summary.render())
     return manifest
@@ -60,11 +66,6 @@ def encode_prompts(records: List[ManifestRecord], vq, image_cfg, codec, layout, 
     manifest's prompt-code cache (vlcot/prompt_cache.py), so a start or a resume encodes only
     images it has not seen. An unreadable LR is an error naming the file (a manifest is written
     by prepare-data, so damage should not pass)."""
-    import time
-
-    from vlcot.prompt_cache import CACHE_DIR, cached_prompt_codes
-    from vlcot.trace import build_prompt
-
     t0 = time.perf_counter()
     codes, encoded = cached_prompt_codes([rec.lr_path for rec in records], vq, image_cfg.prompt_size,
                                          Path(manifest).parent / CACHE_DIR)
@@ -90,8 +91,7 @@ def build_initial_policy(cfg: Config, out: Path) -> str:
     released-layout: the released PURE layout at policy.model's width and depth is written
     beside `out` (<out>-released) and converted into `out` by the importer."""
     if cfg.policy.init == "released-layout":
-        from vlcot.importer import import_policy
-        from vlcot.released_layout import write_released_checkpoint
+        from vlcot.importer import import_policy  # local: transformers, only for this kind of policy
 
         m = cfg.policy.model
         src = write_released_checkpoint(out.parent / f"{out.name}-released", hidden=m.hidden_size,
@@ -101,7 +101,7 @@ def build_initial_policy(cfg: Config, out: Path) -> str:
         report = import_policy(src, out, codebook_size=cfg.vq.codebook_size,
                                max_grid=cfg.policy.special_tokens.max_grid, patch_px=cfg.image.patch_px)
         return f"released-layout policy written to {src} and imported into {out}: {report.render().splitlines()[0]}"
-    from vlcot.policy import build_tiny_policy
+    from vlcot.policy import build_tiny_policy  # local: transformers, only to build a policy
 
     policy = build_tiny_policy(cfg.policy, cfg.image, cfg.vq)
     policy.save(out)
@@ -114,8 +114,7 @@ def ensure_vq_dir(cfg: Config) -> Path:
     the policy's image codes mean something only to the tokenizer they were learned with."""
     import torch
 
-    from vlcot.config import VQCheckpointError
-    from vlcot.vq import VQTokenizer, vq_from_config
+    from vlcot.vq import VQTokenizer, vq_from_config  # local: diffusers, only where a run needs its VQ
 
     out = Path(cfg.run_dir) / "vq"
     configured = vq_from_config(cfg.vq)
@@ -132,9 +131,7 @@ def ensure_vq_dir(cfg: Config) -> Path:
 
 
 def required_cpus(cfg: Config) -> int:
-    """Logical CPUs the configured actors ask for (learner ranks, rollout workers, reward actors)."""
-    import math
-
+    """Logical CPUs the configured actors ask for (learner ranks, rollout workers, reward workers)."""
     return math.ceil(cfg.learner.num_workers * cfg.learner.num_cpus + cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
                      + cfg.rewards.num_workers * cfg.rewards.num_cpus)
 
@@ -149,7 +146,7 @@ def start_ray(num_cpus: Optional[int] = None) -> None:
     A private Ray that an earlier job of this process started too small is restarted bigger
     (its jobs have shut their actors down); a smaller cluster we joined gets a warning, since
     the actors will wait until it grows."""
-    import ray
+    import ray  # local: Ray, only for the jobs that start actors
 
     global _PRIVATE_RAY
     need = num_cpus or 0
@@ -183,8 +180,6 @@ def cold_start_sft(group, records: List[ManifestRecord], vq, meta, cfg: Config,
     """The one SFT path (`realsr-r1 sft` and the driver's cold start): manifest records -> VLCoT
     traces in the policy's conversation format -> `cfg.learner.sft.steps` steps on the learner
     group."""
-    from learner.sft import build_sft_examples, run_sft
-
     prompts, responses, skipped = build_sft_examples(records, vq, meta.codec, meta.layout, cfg.image)
     history = run_sft(group, prompts, responses, cfg.learner.sft, pad_id=meta.tokenizer.pad_token_id or 0,
                       image_ids=meta.layout.image_span_ids(), seed=cfg.seed, on_step=on_step)
@@ -196,8 +191,8 @@ def run_sft_job(cfg: Config, out_dir: Optional[Path] = None, progress: bool = Tr
     Returns {"checkpoint": dir with hf/ ds/ learner_state.json, "history": per-step metrics}."""
     from tqdm import tqdm
 
-    from cluster.learner_group import LearnerGroup
-    from vlcot.policy import load_policy_meta
+    from cluster.learner_group import LearnerGroup  # local: Ray, as in start_ray
+    from vlcot.policy import load_policy_meta  # local: transformers and diffusers, as above
     from vlcot.vq import VQTokenizer
 
     manifest, records = training_records(cfg, "sft")  # every input checked before Ray starts

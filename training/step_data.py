@@ -22,14 +22,16 @@ class CollectedRollout:
     results: List[Result]  # per prompt, in prompt order: its samples, or the engine's refusal
     generate_s: float  # dispatch to results
     guidance: Dict[str, float]  # the generation's classifier-free-guidance counters
-    workers: int  # rollout workers it was dispatched to
-    lost: List[str] = field(default_factory=list)  # nodes of workers dropped while it ran
+    worker_count: int  # rollout workers it was dispatched to
+    lost_nodes: List[str] = field(default_factory=list)  # nodes of workers dropped while it ran
 
     def to_json(self) -> Dict[str, Any]:
+        """The checkpoint's form (its keys "workers" and "lost" are the on-disk names of
+        `worker_count` and `lost_nodes`, kept so earlier checkpoints resume)."""
         results = [{"error": asdict(r)} if isinstance(r, PromptError) else {"samples": [asdict(x) for x in r]}
                    for r in self.results]
         return {"results": results, "generate_s": self.generate_s, "guidance": self.guidance,
-                "workers": self.workers, "lost": self.lost}
+                "workers": self.worker_count, "lost": self.lost_nodes}
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "CollectedRollout":
@@ -47,6 +49,16 @@ class DispatchedStep:
     records: List[int]  # manifest index of each prompt, in prompt order
     rollout: Optional[Any] = None  # cluster.rollout_pool.RolloutBatch while in flight
     collected: Optional[CollectedRollout] = None
+
+
+@dataclass
+class StepOutcome:
+    """What one pass of the driver's step hands back: the step's result and the step that
+    follows it if that one is already out to the rollout pool (async mode: dispatched as soon
+    as this step's generation was collected; None in sync mode and after the last step)."""
+
+    result: "StepResult"
+    following: Optional[DispatchedStep] = None
 
 
 @dataclass

@@ -22,6 +22,8 @@ URI: `tracking.uri`, else MLFLOW_TRACKING_URI, else a sqlite store in the run di
 
 Only MlflowClient calls with an explicit URI are used: nothing is left in MLflow's global
 state or in MLFLOW_TRACKING_URI for a later run in the same process or a job it submits.
+MLflow itself is imported inside the methods that call it (seconds to import; a run with
+tracking off never loads it).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from training.run_state import CKPT_DIR, DriverState, latest_checkpoint
 from training.tracking_buffer import Outbox
 from vlcot.errors import UserError
 
@@ -315,8 +318,6 @@ def lost_line(report: Optional[Dict[str, Any]]) -> str:
 def open_run_tracker(cfg, run_dir: Path, resume: bool) -> Tracker:
     """The training run's tracker, opened before any actor starts (a required server that does
     not answer refuses the run here); on --resume, the run of the newest checkpoint."""
-    from training.run_state import CKPT_DIR, DriverState, latest_checkpoint
-
     t = cfg.tracking
     ckpt = latest_checkpoint(str(run_dir)) if resume else None
     if resume and ckpt is None:  # before a run is made on the store for nothing

@@ -24,17 +24,17 @@ class Echo:
 
 def test_start_call_shards_replace_and_shutdown(ray_local):
     g = ActorGroup("echo", Echo, 3, lambda slot: (slot,), dict(num_cpus=0.1))
-    assert g.info == [{"slot": 0}, {"slot": 1}, {"slot": 2}] and len(g) == 3
+    assert g.ready_reports == [{"slot": 0}, {"slot": 1}, {"slot": 2}] and len(g) == 3
     assert g.run("add", 1, 2) == [3, 103, 203]
     assert g.run("add", 5, shards=[10, 20, 30]) == [15, 125, 235]  # one shard per actor, after the args
     with pytest.raises(ValueError, match="2 shards for 3 echo actors"):
         g.call("add", 1, shards=[1, 2])
-    old = g.actors[1]
+    old = g.workers[1]
     ray.kill(old)
-    assert g.replace(1) == {"slot": 1} and g.restarts == 1 and g.actors[1] is not old
+    assert g.replace(1) == {"slot": 1} and g.restarts == 1 and g.workers[1] is not old
     assert g.run("add", 0, 0) == [0, 100, 200]
     g.shutdown()
-    assert g.actors == []
+    assert g.workers == []
 
 
 def test_ready_timeout_names_what_was_asked_and_what_is_free(ray_local):
@@ -50,10 +50,10 @@ def test_a_constructor_error_is_one_clear_line(ray_local):
 
 def test_grow_and_remove_keep_slots_dense(ray_local):
     g = ActorGroup("echo", Echo, 2, lambda slot: (slot,), dict(num_cpus=0.1))
-    assert g.grow(2) == [{"slot": 2}, {"slot": 3}] and len(g) == 4 and len(g.info) == 4
-    gone = g.actors[1]
+    assert g.grow(2) == [{"slot": 2}, {"slot": 3}] and len(g) == 4 and len(g.ready_reports) == 4
+    gone = g.workers[1]
     g.remove([1])
-    assert len(g) == 3 and gone not in g.actors and g.info == [{"slot": 0}, {"slot": 2}, {"slot": 3}]
+    assert len(g) == 3 and gone not in g.workers and g.ready_reports == [{"slot": 0}, {"slot": 2}, {"slot": 3}]
     assert g.run("add", 0, 0) == [0, 200, 300]  # later actors moved down, each still itself
     g.shutdown()
 

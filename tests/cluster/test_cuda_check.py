@@ -1,6 +1,6 @@
 """Whether a node's torch can use its GPUs: torch's CUDA build against the NVIDIA driver.
 The verdict is a pure function tested with hand-given versions; `realsr-r1 check-env` and
-`python -m cluster.envs --gpu` (what scripts/install.sh runs on GPU machines) report it."""
+`python -m cluster.interpreters --gpu` (what scripts/install.sh runs on GPU machines) report it."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ import torch
 
 from app.cli import main as cli_main
 from cluster.config import REPO_ROOT
-from cluster.envs import cuda_verdict
+from cluster.interpreters import cuda_verdict
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 TOO_OLD = "CUDA initialization: The NVIDIA driver on your system is too old (found version 12080)."
@@ -67,8 +67,8 @@ def test_check_env_fails_when_the_configs_gpu_roles_could_not_run_here(capsys):
 
 @needs_no_gpu
 def test_the_install_scripts_gpu_check_exits_1_on_this_cpu_machine():
-    out = subprocess.run([sys.executable, "-m", "cluster.envs", "--gpu"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "cluster.interpreters", "--gpu"], capture_output=True, text=True,
                          timeout=300, cwd=str(REPO_ROOT))
     assert out.returncode == 1, out.stdout + out.stderr
     assert "[check] FAILED: " in out.stderr and json.loads(out.stdout)["ok"] is False
-    assert "python -m cluster.envs --gpu" in (REPO_ROOT / "scripts" / "install.sh").read_text()
+    assert "python -m cluster.interpreters --gpu" in (REPO_ROOT / "scripts" / "install.sh").read_text()

@@ -2,7 +2,7 @@
 (tests/multinode.py), the job submitted with `realsr-r1 submit` from the head's namespace.
 
 One run walks the whole story, because each cluster and job start costs a minute on this
-machine: learner ranks, rollout worker and reward actor on different nodes (the rendezvous and
+machine: learner ranks, rollout worker and reward worker on different nodes (the rendezvous and
 the weight group at learner rank 0's node address); a rollout node joins mid-run and the pool
 grows onto it; that node is killed mid-run and the run goes on with the worker that is left;
 then `--resume` continues the run.
@@ -50,7 +50,7 @@ def submit_args(run_dir: Path, steps: int, resume: bool = False):
             "rollout.autoscale=true", "rollout.max_workers=2", "trainer.checkpoint_every=1",
             "trainer.weight_sync_timeout_s=180", "trainer.actor_start_timeout_s=300",
             "rollout.sampling.text_budget=64", "trainer.log_images_every=100",
-            "data.heldout_per_image=0"]  # the held-out check is tested in tests/cluster/test_driver.py
+            "data.heldout_per_image=0"]  # the held-out check is tested in tests/training/test_driver.py
 
 
 def run_job(cluster, args, log_file, on_line=None, timeout_s=900):
@@ -114,7 +114,7 @@ def test_a_run_spans_nodes_grows_onto_a_new_node_survives_losing_it_and_resumes(
     assert f"rendezvous {a[0]}:" in log and "MLflow: " in log
     summary = json.loads((run_dir / "train_summary.json").read_text())
     nodes = summary["actor_nodes"]
-    # learner ranks on two nodes, the reward actor beside rank 1, the rollout worker on its own node:
+    # learner ranks on two nodes, the reward worker beside rank 1, the rollout worker on its own node:
     # DeepSpeed's rendezvous, the weight broadcast and the reward calls all cross the veth links
     assert nodes["learner"] == [a[0], a[1]] and nodes["rewards"] == [a[1]] and nodes["rollout"] == [a[2]]
     assert summary["learner_version"] == STEPS and summary["rollout_versions"] == [STEPS]

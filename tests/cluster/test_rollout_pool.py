@@ -33,12 +33,12 @@ def kill(actor):
 def test_autoscale_drops_a_dead_worker_and_names_its_node(ray_local, policy_dir):
     pool = pool_of(policy_dir, 2, True)
     try:
-        node = pool.group.info[1]["node_ip"]
+        node = pool.group.ready_reports[1]["node_ip"]
         survivor = pool.workers[0]
         kill(pool.workers[1])
         change = pool.check_workers()
-        assert change.lost == [node] and change.replaced == [] and bool(change)
-        assert pool.workers == [survivor] and pool.lost == 1
+        assert change.lost_nodes == [node] and change.replaced == [] and bool(change)
+        assert pool.workers == [survivor] and pool.lost_count == 1
         assert not pool.check_workers()  # nothing changes when every worker answers
     finally:
         pool.shutdown()
@@ -50,7 +50,7 @@ def test_without_autoscale_a_dead_worker_is_replaced_or_the_error_names_it(ray_l
         kill(pool.workers[0])
         assert pool.check_workers().replaced == [0] and pool.restarts == 1
         assert ray.get(pool.workers[0].version.remote()) == 0
-        node = pool.group.info[0]["node_ip"]
+        node = pool.group.ready_reports[0]["node_ip"]
         kill(pool.workers[0])
         pool.group.options["resources"] = {"a_node_that_left": 1}  # its replacement has nowhere to go
         pool.group.ready_timeout_s = 3

@@ -90,7 +90,7 @@ def test_a_node_lost_during_the_sync_is_dropped_and_the_sync_done_again(actors, 
     pool = RolloutPool(cfg.rollout, policy_dir, cfg.image, cfg.policy, ready_timeout_s=60)
     try:
         pool.connect_weights(learner, cfg)
-        survivor, node = pool.workers[0], pool.group.info[1]["node_ip"]
+        survivor, node = pool.workers[0], pool.group.ready_reports[1]["node_ip"]
         probe = pool.check_workers
 
         def answers_then_goes_down():
@@ -102,7 +102,7 @@ def test_a_node_lost_during_the_sync_is_dropped_and_the_sync_done_again(actors, 
         pool.check_workers = answers_then_goes_down
         learner.grpo_step(grpo_batch(tiny_policy.layout, 11, n=2))
         report = pool.sync_weights(9)
-        assert report.lost == [node] and pool.workers == [survivor] and pool.lost == 1
+        assert report.lost_nodes == [node] and pool.workers == [survivor] and pool.lost_count == 1
         assert report.stats["sync/network_workers"] == 1.0
         assert ray.get(survivor.version.remote()) == 9
         assert_every_tensor_synced(survivor, learner)
@@ -143,7 +143,7 @@ def test_a_failed_sync_with_every_worker_answering_is_raised_not_retried():
     sync = FailingSync(failures=2)
     report = sync_living_workers(sync, ScriptedPool(PoolChange([], []), PoolChange(["10.0.0.3"], []),
                                                     PoolChange([], [1])), 3)
-    assert report.stats == {"version": 3} and report.lost == ["10.0.0.3"] and sync.formed == 2
+    assert report.stats == {"version": 3} and report.lost_nodes == ["10.0.0.3"] and sync.formed == 2
 
 
 def test_unknown_transport_is_a_config_error():

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import pytest
 
-from cluster.envs import IQA_VENV
+from cluster.interpreters import IQA_VENV
 from comm.transport import WeightTransport, free_port
 
 

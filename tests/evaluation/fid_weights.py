@@ -29,7 +29,7 @@ def write_random_fid_inception(path: str) -> None:
 def write_in_iqa_env(path: Path) -> Path:
     """Write the file from the IQA environment (pyiqa and torchvision live there)."""
     from cluster.config import EnvConfig
-    from cluster.envs import iqa_python
+    from cluster.interpreters import iqa_python
 
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([iqa_python(EnvConfig()), "-m", "tests.evaluation.fid_weights", str(path)], cwd=REPO, check=True)

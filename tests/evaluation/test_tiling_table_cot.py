@@ -7,7 +7,7 @@ import pytest
 import skimage.data
 from PIL import Image, ImageFilter
 
-from evaluation.actors import shards
+from evaluation.workers import shards
 from evaluation.cot import grade
 from vlcot.fidelity import psnr_y, ssim_y
 from evaluation.table import UNAVAILABLE, Block, Row, markdown, to_csv

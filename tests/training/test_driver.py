@@ -1,5 +1,5 @@
 """The GRPO driver end to end on a real local CPU Ray: learner ranks, a vLLM rollout worker,
-a reward actor in the IQA environment, MLflow in a sqlite store."""
+a reward worker in the IQA environment, MLflow in a sqlite store."""
 
 import json
 import os
@@ -18,7 +18,7 @@ from cluster.config import load_config
 from training.driver import GRPOTrainer, latest_checkpoint
 from training.heldout_eval import majority_accuracy
 from training.run_state import DriverState
-from training.metrics import reward_metric_names
+from training.step_metrics import reward_metric_names
 from learner.schedule import lr_at
 from vlcot.manifest import read_manifest
 from vlcot.trace import SLOTS
@@ -62,7 +62,7 @@ def text_length(batch):
 
 @pytest.mark.parametrize("mode,placement", [("sync", "enabled"), ("async", "disabled")])
 def test_two_step_run_logs_every_metric(tmp_path, mode, placement, monkeypatch, capsys):
-    """Every metric, including a user's reward loaded from a file path into the reward actors,
+    """Every metric, including a user's reward loaded from a file path into the reward workers,
     weighted into the total and logged as its own metric, in the run's own store (MLflow
     exports the URI to the environment; a run must not leave it there for the next run)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -159,13 +159,13 @@ def cfg_rewards():
     return list(load_config().rewards.weights)
 
 
-def test_killed_rollout_worker_and_reward_actor_do_not_lose_samples(tmp_path):
+def test_killed_rollout_worker_and_reward_worker_do_not_lose_samples(tmp_path):
     killed = {}
 
     def chaos(event, step, trainer):
         if event == "dispatched" and step == 1:
             ray.kill(trainer.rollout.workers[0])  # its prompts are in flight
-            ray.kill(trainer.rewards.actors[0])
+            ray.kill(trainer.rewards.workers[0])
             killed["step"] = step
         if event == "step_end" and step == 2:
             ray.kill(trainer.rollout.workers[0])  # before the held-out check of the final policy

@@ -7,7 +7,7 @@ from typing import Any, Dict
 import ray
 
 from cluster.config import EnvConfig
-from cluster.envs import probe_environment, runtime_env_for_iqa
+from cluster.interpreters import probe_environment, runtime_env_for_iqa
 
 
 @ray.remote(num_cpus=0)

@@ -61,10 +61,10 @@ def test_the_learner_refuses_before_deepspeed_or_any_model_load(tmp_path):
 
 @needs_no_gpu
 def test_the_reward_actor_refuses_and_a_cpu_reward_actor_still_runs_on_cpu():
-    from rewards.actor import RewardActor
+    from rewards.worker import RewardWorker
     from rewards.config import RewardsConfig
 
-    device = RewardActor.__ray_actor_class__._device
+    device = RewardWorker.__ray_actor_class__._device
     with pytest.raises(NoGPUError, match="^rewards: configured with 1 GPU"):
         device(RewardsConfig(num_gpus=1))
     assert device(RewardsConfig()) == "cpu"

@@ -14,7 +14,7 @@ from tests.ray_head import start_head, stop_head
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 TRAIN_ARGS = ["trainer.steps=1", "trainer.prompts_per_step=2", "rollout.group_size=2", "trainer.sft=false",
-              "rollout.sampling.text_budget=64", "data.heldout_per_image=0"]  # held-out check: tests/cluster/test_driver.py
+              "rollout.sampling.text_budget=64", "data.heldout_per_image=0"]  # held-out check: tests/training/test_driver.py
 
 
 @pytest.fixture(scope="module")

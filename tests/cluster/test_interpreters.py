@@ -8,7 +8,7 @@ from importlib import metadata
 import pytest
 
 from cluster.config import EnvConfig
-from cluster.envs import IQA_VENV, iqa_python, runtime_env_for_iqa
+from cluster.interpreters import IQA_VENV, iqa_python, runtime_env_for_iqa
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def test_runtime_env_points_at_the_iqa_interpreter():
 
 
 def test_actor_in_iqa_env_imports_pyiqa():
-    from cluster.ray_envs import probe_iqa_env_in_ray
+    from cluster.interpreter_probe import probe_iqa_env_in_ray
 
     report = probe_iqa_env_in_ray(EnvConfig())
     assert report["pyiqa_import"] == "ok", report

@@ -21,6 +21,7 @@ from typing import Dict, Sequence
 import numpy as np
 
 from training.step_data import StepResult
+from vlcot.trace import IMAGE_STAGES
 
 LEARNER_KEYS = ("kl", "entropy", "clip_fraction", "grad_norm", "lr", "tokens/text", "tokens/image", "ratio_mean",
                 "is_weight_mean", "loss/policy")
@@ -67,8 +68,6 @@ def trace_metrics(samples) -> Dict[str, float]:
     """Token counts of the step's traces (means over samples): the whole response, its text, and
     each image span (0 for a sample whose span is missing or malformed), and the fraction of
     samples with all three images at their sizes."""
-    from vlcot.trace import IMAGE_STAGES
-
     if not samples:
         return {}
     m = {"trace/response_tokens": float(np.mean([len(s.sample.token_ids) for s in samples])),

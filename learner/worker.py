@@ -1,4 +1,5 @@
-"""A learner rank as a Ray actor, set up like a torchrun rank around `LearnerEngine`.
+"""A learner rank as a Ray worker (`LearnerWorker`), set up like a torchrun rank around
+`LearnerEngine`.
 
 The wiring code (`cluster.learner_group.LearnerGroup`) starts N of them, asks each where it
 landed (`place`), hands each its torchrun environment (`setup`: the rendezvous at rank 0's node
@@ -23,7 +24,7 @@ from learner.config import LearnerConfig
 
 
 @ray.remote
-class LearnerActor:
+class LearnerWorker:
     def __init__(self, cfg: LearnerConfig, policy_dir: str, rank: int):
         self.cfg, self.policy_dir, self.rank = cfg, policy_dir, rank
         self.engine = None

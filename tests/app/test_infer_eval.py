@@ -154,7 +154,7 @@ def _eval_data(root):
 
 
 def test_eval_paired_and_unpaired_table_grids_and_mlflow(run_dir, tmp_path, capsys):
-    from evaluation.metrics import FID_WEIGHTS
+    from evaluation.image_metrics import FID_WEIGHTS
     from tests.evaluation.fid_weights import write_in_iqa_env
 
     lr, hr, un = _eval_data(tmp_path)

@@ -36,7 +36,7 @@ def test_sft_and_rl_manifests_default_to_the_manifest_and_a_missing_one_names_it
 def test_trace_metrics_count_each_span_from_the_parsed_trace(tiny_cfg, tiny_policy):
     """trace/* from a whole trace and a trace cut inside its middle image: spans counted from
     the image sizes (make_trace's rough 4x4, middle 8x8, final 16x16 codes: HR 128), 0 where malformed."""
-    from training.metrics import trace_metrics
+    from training.step_metrics import trace_metrics
     from tests.rewards.helpers import make_trace
     from vlcot.trace import parse_response, serialise_response
 

@@ -1,5 +1,9 @@
-"""Image grids: the per-sample PNG logged every N training steps (LR | rough | middle |
-final | HR, text below) and the side-by-side comparison rows of `realsr-r1 eval`."""
+"""Contact sheets: PNGs of labelled image cells side by side, for a person to look at.
+
+The per-sample sheet logged every N training steps (LR | rough | middle | final | HR, the
+trace text below) and the comparison rows of `realsr-r1 eval`. They are saved and logged
+under `grids/` (the artifact folder's name, kept for existing runs); a "grid" in the code
+elsewhere is the token grid of an image's VQ codes (rollout/rules.py, vlcot/layout.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from vlcot.manifest import ManifestRecord
 log = logging.getLogger(__name__)
 
 
-def sample_grid(lr: Image.Image, stages: Sequence[Optional[np.ndarray]], hr: Image.Image, text: str,
+def sample_sheet(lr: Image.Image, stages: Sequence[Optional[np.ndarray]], hr: Image.Image, text: str,
                 cell: int = 192) -> Image.Image:
     """Five cells of `cell` px (missing stages drawn grey with an x) and the trace text."""
     tiles = [lr] + [Image.fromarray(s) if s is not None else None for s in stages] + [hr]
@@ -33,8 +37,8 @@ def sample_grid(lr: Image.Image, stages: Sequence[Optional[np.ndarray]], hr: Ima
     return canvas
 
 
-def log_sample_grid(out: Path, parsed, record: ManifestRecord, vq, tracker) -> None:
-    """The grid of one training sample (its trace `parsed`, the manifest `record` it was
+def log_sample_sheet(out: Path, parsed, record: ManifestRecord, vq, tracker) -> None:
+    """The contact sheet of one training sample (its trace `parsed`, the manifest `record` it was
     prompted with) written to `out` and logged to MLflow under grids/. A failure is logged,
     never raised: a logging extra must not stop training."""
     try:
@@ -42,12 +46,12 @@ def log_sample_grid(out: Path, parsed, record: ManifestRecord, vq, tracker) -> N
         for name in ("rough_image", "middle_image", "final_image"):
             st = parsed.stages[name]
             stages.append(np.asarray(vq.decode_images(st.codes[None])[0]) if st.valid else None)
-        img = sample_grid(Image.open(record.lr_path), stages, Image.open(record.hr_path), parsed.skeleton)
+        img = sample_sheet(Image.open(record.lr_path), stages, Image.open(record.hr_path), parsed.skeleton)
         out.parent.mkdir(parents=True, exist_ok=True)
         img.save(out)
         tracker.artifact(str(out), "grids")
     except Exception as exc:
-        log.warning("could not log the sample grid %s: %s", out.name, exc)
+        log.warning("could not log the sample sheet %s: %s", out.name, exc)
 
 
 def _draw_cells(canvas: Image.Image, draw: ImageDraw.ImageDraw, tiles: Sequence[Optional[Image.Image]],

@@ -1,4 +1,4 @@
-"""Eval metrics in the IQA environment (pyiqa), through the same Ray actor eval uses."""
+"""Eval metrics in the IQA environment (pyiqa), through the same Ray worker eval uses."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,8 @@ import skimage.data
 from PIL import Image, ImageFilter
 
 from cluster.config import EnvConfig
-from cluster.envs import runtime_env_for_iqa
-from evaluation.actors import MetricWorker
+from cluster.interpreters import runtime_env_for_iqa
+from evaluation.workers import MetricWorker
 from vlcot.fidelity import psnr_y, ssim_y
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def test_offline_metrics_filled_learned_ones_unavailable_not_crashing(ray_local,
 
 
 def test_fid_is_a_set_level_metric_from_local_inception_weights(ray_local, tmp_path):
-    from evaluation.metrics import FID_WEIGHTS
+    from evaluation.image_metrics import FID_WEIGHTS
     from tests.evaluation.fid_weights import write_in_iqa_env
 
     rng = np.random.default_rng(0)

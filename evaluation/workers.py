@@ -1,7 +1,7 @@
-"""Ray actors that spread evaluation over a cluster: generation and metrics, each sharded.
+"""Ray workers that spread evaluation over a cluster: generation and metrics, each sharded.
 
 Generation runs where the policy engine runs (the main environment); metrics run in the
-IQA environment (pyiqa), like the reward actors. Both wrap the same classes the in-process
+IQA environment (pyiqa), like the reward workers. Both wrap the same classes the in-process
 path uses, so one machine and a cluster compute the same numbers.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import ray
 
 from evaluation.infer import SuperResolver, run_infer
-from evaluation.metrics import MetricSuite, score_pairs
+from evaluation.image_metrics import MetricSuite, score_pairs
 
 
 def shards(n: int, k: int) -> List[List[int]]:

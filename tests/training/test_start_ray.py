@@ -1,5 +1,5 @@
 """start_ray: a job never waits forever on a private local Ray that an earlier job in the same
-process started too small (seen: the reward actor of a GRPO run stayed pending for 600 s after
+process started too small (seen: the reward worker of a GRPO run stayed pending for 600 s after
 an SFT job had left a 2-CPU Ray up)."""
 
 import ray

@@ -1,4 +1,4 @@
-"""The Ray reward actor: the configured rewards (rewards/plugins.py) on the actor's device,
+"""The Ray reward worker: the configured rewards (rewards/plugins.py) on the actor's device,
 in the IQA environment's interpreter. `cluster.reward_pool.RewardPool` starts and feeds them.
 """
 
@@ -15,7 +15,7 @@ from rewards.scoring import RewardInput, RewardResult, RewardScorer
 
 
 @ray.remote
-class RewardActor:
+class RewardWorker:
     def __init__(self, cfg: RewardsConfig, vq_dir: Optional[str]):
         import torch
 
