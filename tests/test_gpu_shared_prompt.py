@@ -1,0 +1,28 @@
+"""bench/gpu_shared_prompt.py stays runnable and honest: its --cpu mode (tiny shape, fp32) run as
+a subprocess with this interpreter; the shared pass's log-probs and gradient norm equal the
+separate passes', and the tokens it reports are the arithmetic of one prompt read once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_mode_reports_equal_passes_and_the_prompt_read_once(tmp_path):
+    out = tmp_path / "shared.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_shared_prompt.py"), "--cpu", "--groups", "3",
+                           "--trace-tokens", "600", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["dtype"] == "float32" and res["trace_tokens"] == 600
+    g = res["groups"]["3"]
+    p = g["prompt_tokens"]
+    assert 0 < p < 600
+    assert g["separate"]["tokens"] == 3 * 600 and g["shared"]["tokens"] == p + 3 * (600 - p)
+    assert g["logp_max_abs_diff"] < 1e-5 and g["grad_norm_rel_diff"] < 1e-5
+    assert g["separate"]["grad_norm"] > 0 and g["separate"]["seconds"] > 0 and g["shared"]["seconds"] > 0
