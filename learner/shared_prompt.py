@@ -6,8 +6,9 @@ times. Here one sequence holds the prompt once, then every response (a *pack*,
 learner/packing.py). Each response's position ids continue from the prompt's end, as in its own
 sequence. The policy's projections, MLPs and norms see every token once; attention runs per
 response: torch SDPA, causal, over the prompt's and that response's queries, keys and values —
-the very call of the response's separate pass — and keeps the response's outputs (the prompt's
-own outputs come from the first call). A response therefore never sees another, each of its
+the very call of the response's separate pass, batched over the pack's responses as a
+right-padded micro-batch is — and keeps the response's outputs (the prompt's own outputs come
+from the first row). A response therefore never sees another, each of its
 tokens has its separate pass's hidden state, log-prob and entropy, and the gradients are the sum
 of the separate passes'. No [S, S] mask exists: SDPA's causal kernels need none (the flash kernel
 on GPUs), so a pack's attention memory is one response's separate pass.
@@ -47,10 +48,28 @@ def resolve_shared_prompt(mode: str, attn_implementation: str) -> bool:
 
 @dataclass
 class PackSpans:
-    """Where a pack's prompt ends and each response lies in the sequence (handed to every attention layer)."""
+    """Where a pack's prompt and responses lie (handed to every attention layer). `rows` [G, W]: the
+    pack positions of each response's own sequence, [prompt | response | padding at position 0];
+    `back` [S]: each pack position's place in those rows flattened (the prompt's in row 0)."""
 
     prompt: int
     responses: List[Tuple[int, int]]  # [start, end) of each response
+    rows: torch.Tensor
+    back: torch.Tensor
+
+    @classmethod
+    def of(cls, prompt: int, responses: List[Tuple[int, int]], device) -> "PackSpans":
+        width = prompt + max((e - s for s, e in responses), default=0)
+        rows = np.zeros((max(len(responses), 1), width), dtype=np.int64)
+        back = [np.arange(prompt)]
+        for k, (s, e) in enumerate(responses):
+            rows[k, :prompt] = np.arange(prompt)
+            rows[k, prompt:prompt + e - s] = np.arange(s, e)
+            back.append(k * width + prompt + np.arange(e - s))
+        if not responses:
+            rows[0] = np.arange(prompt)
+        return cls(prompt, responses, torch.as_tensor(rows, device=device),
+                   torch.as_tensor(np.concatenate(back), device=device))
 
 
 def pack_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None,
@@ -64,14 +83,16 @@ def pack_attention(module, query, key, value, attention_mask, dropout: float = 0
                                       **kwargs)
     if key.shape[1] != query.shape[1]:
         key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
-    p = pack_spans.prompt
-    pieces = []
-    for k, (s, e) in enumerate(pack_spans.responses or [(p, p)]):
-        out = F.scaled_dot_product_attention(
-            torch.cat([query[:, :, :p], query[:, :, s:e]], 2), torch.cat([key[:, :, :p], key[:, :, s:e]], 2),
-            torch.cat([value[:, :, :p], value[:, :, s:e]], 2), dropout_p=dropout, is_causal=True, scale=scaling)
-        pieces.append(out if k == 0 else out[:, :, p:])  # the prompt's outputs once
-    return torch.cat(pieces, 2).transpose(1, 2).contiguous(), None
+    rows = pack_spans.rows  # [G, W]: each response's own sequence, right-padded (causal: padding is never seen)
+
+    def per_response(t: torch.Tensor) -> torch.Tensor:  # [1, H, S, D] -> [G, H, W, D]
+        return t[0][:, rows].transpose(0, 1)
+
+    out = F.scaled_dot_product_attention(per_response(query), per_response(key), per_response(value),
+                                         dropout_p=dropout, is_causal=True, scale=scaling)  # one batched call
+    g, h, w, d = out.shape
+    out = out.transpose(0, 1).reshape(h, g * w, d)[:, pack_spans.back]  # [H, S, D]: the prompt's from row 0
+    return out.transpose(0, 1)[None].contiguous(), None
 
 
 def use_pack_attention(model) -> None:
@@ -127,7 +148,7 @@ def build_pack(input_ids: np.ndarray, attention_mask: np.ndarray, prompt_len: np
     def t(parts):
         return torch.as_tensor(np.concatenate(parts).astype(np.int64), device=device)
 
-    return PromptPack(t(ids), t(pos), PackSpans(p, spans), t(source), t(targets), t(rows), t(cols))
+    return PromptPack(t(ids), t(pos), PackSpans.of(p, spans, device), t(source), t(targets), t(rows), t(cols))
 
 
 def pack_logprobs(model, pack: PromptPack, shape: Tuple[int, int], chunk: int = 1024, temperature: float = 1.0,
