@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 from learner.advantages import ADVANTAGE_ESTIMATORS, NORMALISE_MODES
 from learner.grpo import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from learner.schedule import ScheduleConfig
-from learner.shared_prompt import SHARED_PROMPT_MODES
+from learner.shared_prompt import SHARED_PROMPT_MODES, shared_prompt_mode
 
 
 @dataclass
@@ -107,7 +107,7 @@ def problems(cfg: LearnerConfig, prefix: str = "learner") -> List[Tuple[str, str
             out.append((f"{prefix}.grpo.{key}", f"{getattr(g, key)!r} not in {registry.names()}"))
     if g.normalise not in NORMALISE_MODES:
         out.append((f"{prefix}.grpo.normalise", f"{g.normalise!r} not in {list(NORMALISE_MODES)}"))
-    if cfg.shared_prompt not in SHARED_PROMPT_MODES:
+    if shared_prompt_mode(cfg.shared_prompt) not in SHARED_PROMPT_MODES:
         out.append((f"{prefix}.shared_prompt", f"{cfg.shared_prompt!r} not in {list(SHARED_PROMPT_MODES)}"))
     if cfg.pack_max_tokens < 0:
         out.append((f"{prefix}.pack_max_tokens", "must be >= 0 (0 = a whole group per pack)"))

@@ -34,9 +34,16 @@ SHARED_PROMPT_MODES = ("auto", "on", "off")
 PACKABLE = ("sdpa", "eager")  # attention backends the pack attention stands in for (both are causal softmax attention)
 
 
+def shared_prompt_mode(value) -> str:
+    """`learner.shared_prompt` as one of SHARED_PROMPT_MODES: YAML reads a bare on/off as a boolean."""
+    text = str(value).lower()
+    return {"true": "on", "false": "off"}.get(text, text)
+
+
 def resolve_shared_prompt(mode: str, attn_implementation: str) -> bool:
     """Whether the learner runs shared-prompt packs: `auto` wherever the policy's attention is one
     the pack attention reproduces (SDPA or eager); `on` refuses any other."""
+    mode = shared_prompt_mode(mode)
     if mode not in SHARED_PROMPT_MODES:
         raise ValueError(f"learner.shared_prompt: {mode!r} not in {list(SHARED_PROMPT_MODES)}")
     supported = attn_implementation in PACKABLE or attn_implementation == PACK_ATTENTION

@@ -3,7 +3,8 @@
 reward/<name>/mean|std for every reward named in rewards.weights (the published four:
 format, degradation, understanding, generation; plus any plug-in) and total;
 adv/zero_std_fraction; kl, entropy, clip_fraction, grad_norm, lr (learner);
-tokens/text, tokens/image; timing/generate_s, timing/reward_s, timing/learn_s,
+tokens/text, tokens/image, tokens/learner_forward (read by the learner's passes: a shared-prompt
+pack reads its prompt once); timing/generate_s, timing/reward_s, timing/learn_s,
 timing/sync_s; rollout/tokens_per_s; sync/seconds, sync/gb_per_s; policy/version_lag;
 samples/* counts; rewards/nonfinite;
 trace/* (per sample, means: response, text and each image span's tokens; the fraction with all
@@ -24,7 +25,7 @@ from training.step_data import StepResult
 from vlcot.trace import IMAGE_STAGES
 
 LEARNER_KEYS = ("kl", "entropy", "clip_fraction", "grad_norm", "lr", "tokens/text", "tokens/image", "ratio_mean",
-                "is_weight_mean", "loss/policy")
+                "is_weight_mean", "loss/policy", "tokens/learner_forward")
 
 
 def reward_metric_names(reward_names: Sequence[str]):

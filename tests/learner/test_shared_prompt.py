@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cluster.config import load_config
 from learner.batch import pack_grpo
 from learner.config import LearnerConfig, problems
 from learner.grpo import AGGREGATIONS, POLICY_LOSSES, token_type_weights
@@ -171,5 +172,8 @@ def test_shared_prompt_modes_resolve_by_attention_backend():
     assert not resolve_shared_prompt("auto", "flash_attention_2") and not resolve_shared_prompt("off", "sdpa")
     with pytest.raises(ValueError, match="flash_attention_2"):
         resolve_shared_prompt("on", "flash_attention_2")
+    for word, on in (("off", False), ("on", True), ("auto", True)):  # YAML reads a bare on/off as a boolean
+        cfg = load_config(None, [f"learner.shared_prompt={word}"]).learner
+        assert resolve_shared_prompt(cfg.shared_prompt, "sdpa") is on, word
     found = dict(problems(LearnerConfig(shared_prompt="sometimes", pack_max_tokens=-1)))
     assert "sometimes" in found["learner.shared_prompt"] and "learner.pack_max_tokens" in found
