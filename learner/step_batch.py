@@ -33,7 +33,7 @@ class StepBatch:
     """The packed batch the learner ranks train on, and how it was chosen (step metrics)."""
 
     arrays: Dict[str, np.ndarray]  # learner.batch.pack_grpo's arrays
-    info: Dict[str, float]
+    metrics: Dict[str, float]  # step metrics: how the samples were chosen
 
 
 def learner_batch(samples: RolloutSamples, version: int, grpo: GRPOConfig, reward_weights: Mapping[str, float],
@@ -53,7 +53,7 @@ def learner_batch(samples: RolloutSamples, version: int, grpo: GRPOConfig, rewar
     sel = keep[chosen]
     arrays = pack_grpo([samples.prompts[i] for i in sel], [samples.responses[i] for i in sel], adv.numpy()[chosen],
                        [samples.logprobs[i] for i in sel], pad_id, image_ids)
-    info = {"adv/zero_std_fraction": stats.zero_std_fraction, "policy/version_lag": float(lags.mean()),
+    metrics = {"adv/zero_std_fraction": stats.zero_std_fraction, "policy/version_lag": float(lags.mean()),
             "samples/stale_dropped": float(len(lags) - len(keep)), "samples/trained": float(n),
             "samples/dropped_for_sharding": float(len(keep) - n)}
-    return StepBatch(arrays, info)
+    return StepBatch(arrays, metrics)

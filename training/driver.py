@@ -180,7 +180,7 @@ class GRPOTrainer:
         samples = scored.samples
         reward_s = time.perf_counter() - t0
         chosen = self._learner_batch(samples, version)
-        info = chosen.info
+        info = chosen.metrics
         self.learner.set_lr(self.lr_at(step + 1))
         learn = self.learner.grpo_step(chosen.arrays)
         synced = self.rollout.sync_weights(version + 1)  # drops or replaces workers lost since the collect

@@ -33,7 +33,7 @@ def test_one_config_line_selects_the_estimator(tmp_path, estimator, want):
     cfg = load_config(None, [f"run_dir={tmp_path}", f"learner.grpo.advantage={estimator}", "rollout.group_size=4"])
     chosen = batch_for(cfg, rollout([1.0, 0.0, 0.5, 0.5, 2.0, 4.0, 3.0, 3.0]))
     np.testing.assert_allclose(chosen.arrays["advantages"], np.asarray(want, dtype=np.float32), atol=1e-6)
-    assert chosen.info["samples/trained"] == 8
+    assert chosen.metrics["samples/trained"] == 8
 
 
 def test_per_reward_normalisation_reaches_the_learner_batch(tmp_path):
@@ -61,7 +61,7 @@ def test_samples_too_many_versions_behind_are_dropped_counted_and_left_out_of_th
     rewards, versions = [1.0, 0.0, 0.5, 0.25, 2.0, 5.0, 3.0, 4.0], [3, 3, 2, 2, 1, 1, 3, 3]
     chosen = batch_for(cfg, rollout(rewards, versions, tokens=[[10 + k] for k in range(8)]), version=3)
     kept = [k for k in range(8) if k not in dropped]
-    info = chosen.info
+    info = chosen.metrics
     assert info["samples/stale_dropped"] == len(dropped) and info["samples/trained"] == len(kept)
     assert info["policy/version_lag"] == pytest.approx(np.mean([3 - v for v in versions]))
     assert sorted(chosen.arrays["input_ids"][:, 3] - 10) == kept  # each sample's one response token names it
@@ -76,7 +76,7 @@ def test_the_batch_is_a_multiple_of_the_ranks_without_the_least_informative_samp
     cfg = load_config(None, [f"run_dir={tmp_path}", "rollout.group_size=4", "learner.num_workers=2"])
     rewards = [1.0, 0.0, 0.5, 0.7, 2.0, 2.0, 3.0]  # group 1: [2, 2, 3]
     chosen = batch_for(cfg, rollout(rewards, tokens=[[10 + k] for k in range(7)]))
-    assert chosen.info["samples/trained"] == 6 and chosen.info["samples/dropped_for_sharding"] == 1
+    assert chosen.metrics["samples/trained"] == 6 and chosen.metrics["samples/dropped_for_sharding"] == 1
     full, _ = batch_advantages("total", "grpo", torch.tensor(rewards), {}, cfg.rewards.weights,
                                torch.tensor([k // 4 for k in range(7)]), cfg.learner.grpo.adv_eps)
     least = int(np.argmin(np.abs(full.numpy())))
