@@ -55,6 +55,21 @@ def start_head(ray_bin: Path, args: List[str], env: Dict[str, str]) -> str:
     return temp_dir
 
 
+def wait_for_job_agent(ray_bin: Path, address: str, env: Dict[str, str], timeout_s: float = 90.0) -> None:
+    """Submit a no-op job until the head takes it: `ray start` returns before the head's dashboard
+    agent accepts jobs, and a job submitted in between fails with "No available agent to submit job"."""
+    deadline = time.time() + timeout_s
+    while True:
+        out = subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--", "true"], env=env,
+                             capture_output=True, text=True, timeout=timeout_s)
+        text = out.stdout + out.stderr
+        if out.returncode == 0:
+            return
+        if "No available agent" not in text or time.time() > deadline:
+            raise RuntimeError(f"the head at {address} took no job within {timeout_s:.0f} s: {text[-800:]}")
+        time.sleep(2.0)
+
+
 def stop_head(temp_dir: str, grace_s: float = 10.0) -> List[int]:
     """End the processes of the head started with `temp_dir` (SIGTERM, then SIGKILL after
     `grace_s`), then remove the folder; returns their ids. Nothing else on the machine is

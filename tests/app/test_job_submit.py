@@ -9,7 +9,7 @@ import pytest
 
 from cluster.config import REPO_ROOT
 from comm.transport import free_port
-from tests.ray_head import start_head, stop_head
+from tests.ray_head import start_head, stop_head, wait_for_job_agent
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -23,10 +23,16 @@ def head():
     `ray stop`, which would end every other Ray on the machine."""
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     port, dash = free_port(), free_port()
+    # the job agent's ports too: its fixed defaults (52365 ...) are held by any other Ray on the machine, and a
+    # head whose agent cannot bind takes no job ("No available agent to submit job")
+    agent = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+             "--runtime-env-agent-port", str(free_port())]
     temp_dir = start_head(BIN / "ray", ["--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host",
                                         "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "6",
-                                        "--disable-usage-stats"], env)
-    yield f"http://127.0.0.1:{dash}", dict(env, RAY_AUTH_MODE="token")
+                                        "--disable-usage-stats", *agent], env)
+    address, client_env = f"http://127.0.0.1:{dash}", dict(env, RAY_AUTH_MODE="token")
+    wait_for_job_agent(BIN / "ray", address, client_env)
+    yield address, client_env
     stopped = stop_head(temp_dir)
     assert stopped and not any(Path(f"/proc/{pid}").exists() for pid in stopped), \
         "a process of the test's head outlived its clean-up"
