@@ -59,13 +59,12 @@ class PackSpans:
     pack positions of each response's own sequence, [prompt | response | padding at position 0];
     `back` [S]: each pack position's place in those rows flattened (the prompt's in row 0)."""
 
-    prompt: int
-    responses: List[Tuple[int, int]]  # [start, end) of each response
     rows: torch.Tensor
     back: torch.Tensor
 
     @classmethod
     def of(cls, prompt: int, responses: List[Tuple[int, int]], device) -> "PackSpans":
+        """From the prompt's length and each response's [start, end) in the pack."""
         width = prompt + max((e - s for s, e in responses), default=0)
         rows = np.zeros((max(len(responses), 1), width), dtype=np.int64)
         back = [np.arange(prompt)]
@@ -75,8 +74,7 @@ class PackSpans:
             back.append(k * width + prompt + np.arange(e - s))
         if not responses:
             rows[0] = np.arange(prompt)
-        return cls(prompt, responses, torch.as_tensor(rows, device=device),
-                   torch.as_tensor(np.concatenate(back), device=device))
+        return cls(torch.as_tensor(rows, device=device), torch.as_tensor(np.concatenate(back), device=device))
 
 
 def pack_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None,
