@@ -11,9 +11,12 @@ log-probs and backward over one GRPO group, on a bare machine:
 For each G: G paper-shape traces (the 512-px LR image's 64x64 codes in the prompt, three images
 in the response, `--trace-tokens` in all) sharing one prompt. Separate passes: each trace's
 chunked log-probs and backward, one after another (micro-batches of one, gradients accumulated).
-Shared: one pack (learner/shared_prompt.py). Both with gradient checkpointing, the clipped GRPO
-loss (seq-mean-token-mean) and the same advantages. Prints tokens read, seconds, peak memory, and
-how far the log-probs and gradient norms of the two passes are apart; writes JSON to --out.
+Shared: one pack (learner/shared_prompt.py), in each of its two attention layouts — `rows` (the
+CPU default) and `response_queries` (the CUDA default: the prompt's queries once, the responses'
+under SDPA's lower-right causal mask). All with gradient checkpointing, the clipped GRPO loss
+(seq-mean-token-mean) and the same advantages. Prints tokens read, seconds, peak memory, and how
+far each shared pass's log-probs and gradient norm are from the separate passes'; writes JSON to
+--out.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench._smoke import CPU, GPU, _gb, _sync, build_policy, learner_trace, released_layout  # noqa: E402
+
+SHARED_LAYOUTS = {"rows": False, "response_queries": True}  # PackSpans' attention layouts (response_queries flag)
 
 
 def group_rows(layout, shape, g: int, seed: int = 0):
@@ -97,23 +102,29 @@ def compare(model, rows: torch.Tensor, p: int, chunk: int, device) -> Dict[str, 
             logps.append(logp.detach().float())
         return {"logp": torch.cat(logps), "grad_norm": _grad_norm(model), "tokens": g * length}
 
-    def shared():
-        ids = rows.numpy()
-        pack = build_pack(ids, np.ones_like(ids), np.full(g, p), p - 1, device)
-        logp, _ = pack_logprobs(model, pack, (g, cols), chunk)
-        _loss(logp, mask, adv).backward()
-        return {"logp": logp.detach().float(), "grad_norm": _grad_norm(model), "tokens": pack.length}
+    def shared(response_queries: bool):
+        def run():
+            ids = rows.numpy()
+            pack = build_pack(ids, np.ones_like(ids), np.full(g, p), p - 1, device, response_queries)
+            logp, _ = pack_logprobs(model, pack, (g, cols), chunk)
+            _loss(logp, mask, adv).backward()
+            return {"logp": logp.detach().float(), "grad_norm": _grad_norm(model), "tokens": pack.length}
+
+        return run
 
     res = {}
-    for name, fn in (("separate", separate), ("shared", shared)):
+    for name, fn in (("separate", separate), *((layout, shared(q)) for layout, q in SHARED_LAYOUTS.items())):
         model.zero_grad(set_to_none=True)
         res[name] = _timed(device, fn)
-    diff = (res["shared"].pop("logp") - res["separate"].pop("logp")).abs()
-    return {**res, "logp_max_abs_diff": float(diff.max()), "logp_mean_abs_diff": float(diff.mean()),
-            "grad_norm_rel_diff": abs(res["shared"]["grad_norm"] - res["separate"]["grad_norm"])
-            / max(res["separate"]["grad_norm"], 1e-30),
-            "speedup": res["separate"]["seconds"] / res["shared"]["seconds"],
-            "token_ratio": res["separate"]["tokens"] / res["shared"]["tokens"]}
+    want = res["separate"].pop("logp")
+    for layout in SHARED_LAYOUTS:
+        diff = (res[layout].pop("logp") - want).abs()
+        res[layout].update({"logp_max_abs_diff": float(diff.max()), "logp_mean_abs_diff": float(diff.mean()),
+                            "grad_norm_rel_diff": abs(res[layout]["grad_norm"] - res["separate"]["grad_norm"])
+                            / max(res["separate"]["grad_norm"], 1e-30),
+                            "speedup": res["separate"]["seconds"] / res[layout]["seconds"],
+                            "token_ratio": res["separate"]["tokens"] / res[layout]["tokens"]})
+    return res
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -157,13 +168,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "error" in rec:
             print(f"G {g}: {rec['error']}", flush=True)
             continue
-        s, h = rec["separate"], rec["shared"]
-        print(f"G {g:2d} ({p:,}-token prompt, {shape.trace_tokens:,}-token traces): tokens {s['tokens']:,} -> "
-              f"{h['tokens']:,} ({rec['token_ratio']:.2f}x fewer); {s['seconds']:.2f} s -> {h['seconds']:.2f} s "
-              f"({rec['speedup']:.2f}x)"
-              + (f"; peak {s['peak_memory_gb']} GB -> {h['peak_memory_gb']} GB" if "peak_memory_gb" in s else "")
-              + f"; log-prob diff max {rec['logp_max_abs_diff']:.2e}, grad norm rel diff "
-                f"{rec['grad_norm_rel_diff']:.2e}", flush=True)
+        s = rec["separate"]
+        print(f"G {g:2d} ({p:,}-token prompt, {shape.trace_tokens:,}-token traces): separate {s['tokens']:,} tokens, "
+              f"{s['seconds']:.2f} s" + (f", peak {s['peak_memory_gb']} GB" if "peak_memory_gb" in s else ""),
+              flush=True)
+        for name in SHARED_LAYOUTS:
+            h = rec[name]
+            print(f"      shared ({name}): {h['tokens']:,} tokens ({h['token_ratio']:.2f}x fewer), {h['seconds']:.2f} s "
+                  f"({h['speedup']:.2f}x)" + (f", peak {h['peak_memory_gb']} GB" if "peak_memory_gb" in h else "")
+                  + f"; log-prob diff max {h['logp_max_abs_diff']:.2e}, grad norm rel diff "
+                    f"{h['grad_norm_rel_diff']:.2e}", flush=True)
     print(f"JSON -> {out}")
     return 0
 

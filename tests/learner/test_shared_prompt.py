@@ -15,7 +15,8 @@ from learner.config import LearnerConfig, problems
 from learner.grpo import AGGREGATIONS, POLICY_LOSSES, token_type_weights
 from learner.logprobs import sequence_logprobs, use_chunked_head
 from learner.packing import plan_packs, prompt_groups
-from learner.shared_prompt import PACK_ATTENTION, build_pack, pack_logprobs, resolve_shared_prompt, use_pack_attention
+from learner.shared_prompt import (PACK_ATTENTION, PackSpans, build_pack, pack_logprobs, queries_once,
+                                   resolve_shared_prompt, use_pack_attention)
 
 
 def grouped_batch(layout, groups=2, g=3, seed=0):
@@ -39,7 +40,10 @@ def _separate(model, batch, chunk, with_entropy=True):
     return sequence_logprobs(model, ids, am, 0, chunk, 1.0, with_entropy)
 
 
-def _packed(model, batch, chunk, with_entropy=True):
+LAYOUTS = {"rows": False, "response-queries": True}  # PackSpans' two attention layouts (learner/shared_prompt.py)
+
+
+def _packed(model, batch, chunk, with_entropy=True, response_queries=False):
     """Every group as one pack, the results in the separate passes' [n, L - 1] layout."""
     n, cols = batch["loss_mask"].shape
     logp = torch.zeros(n, cols)
@@ -48,7 +52,8 @@ def _packed(model, batch, chunk, with_entropy=True):
     for g in np.unique(groups):
         rows = np.nonzero(groups == g)[0]
         pack = build_pack(batch["input_ids"][rows], batch["attention_mask"][rows], batch["prompt_len"][rows], 0,
-                          torch.device("cpu"))
+                          torch.device("cpu"), response_queries)
+        assert (pack.spans.queries is not None) == response_queries
         lp, en = pack_logprobs(model, pack, (len(rows), cols), chunk, 1.0, with_entropy)
         logp = logp.index_put((torch.as_tensor(rows),), lp)
         if en is not None:
@@ -67,16 +72,18 @@ def fp32_policy(tiny_policy):
     return model
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("chunked_head", [False, True])
-def test_pack_logprobs_and_entropy_equal_the_separate_passes(fp32_policy, tiny_policy, chunked_head):
-    """Response tokens only (prompt positions are not scored by the pack), in chunks of 5 positions."""
+def test_pack_logprobs_and_entropy_equal_the_separate_passes(fp32_policy, tiny_policy, chunked_head, layout):
+    """Response tokens only (prompt positions are not scored by the pack), in chunks of 5
+    positions, in both attention layouts."""
     model = copy.deepcopy(fp32_policy)
     if chunked_head:
         assert use_chunked_head(model)
     batch = grouped_batch(tiny_policy.layout)
     with torch.no_grad():
         want, want_ent = _separate(model, batch, chunk=5)
-        got, got_ent = _packed(model, batch, chunk=5)
+        got, got_ent = _packed(model, batch, chunk=5, response_queries=LAYOUTS[layout])
     mask = torch.as_tensor(batch["loss_mask"]) > 0
     assert int(mask.sum()) > 40
     assert torch.allclose(got[mask], want[mask], atol=1e-5, rtol=0), float((got - want)[mask].abs().max())
@@ -84,12 +91,15 @@ def test_pack_logprobs_and_entropy_equal_the_separate_passes(fp32_policy, tiny_p
     assert not got[~mask].any()  # nothing outside the responses
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("agg", AGGREGATIONS.names())
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_pack_gradients_equal_the_separate_passes_for_every_aggregation(fp32_policy, tiny_policy, agg, checkpointing):
+def test_pack_gradients_equal_the_separate_passes_for_every_aggregation(fp32_policy, tiny_policy, agg, checkpointing,
+                                                                        layout):
     """The clipped GRPO loss with text weight 3 and image weight 0.5, old log-probs off the
     current ones (so ratios and clipping act): the gradient of the packed pass equals the
-    separate passes' on every parameter, with and without gradient checkpointing."""
+    separate passes' on every parameter, with and without gradient checkpointing, in both
+    attention layouts."""
     model = copy.deepcopy(fp32_policy)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -101,7 +111,8 @@ def test_pack_gradients_equal_the_separate_passes_for_every_aggregation(fp32_pol
     grads = {}
     for name, run in (("separate", _separate), ("packed", _packed)):
         model.zero_grad()
-        logp, _ = run(model, batch, chunk=7, with_entropy=False)
+        kwargs = {"response_queries": LAYOUTS[layout]} if name == "packed" else {}
+        logp, _ = run(model, batch, chunk=7, with_entropy=False, **kwargs)
         if old is None:
             old = (logp.detach() + 0.05 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(0))) * mask
         loss, _ = POLICY_LOSSES.get("clipped")(logp, old, adv, mask, 0.02, 0.02, agg, tw, None, None,
@@ -177,3 +188,16 @@ def test_shared_prompt_modes_resolve_by_attention_backend():
         assert resolve_shared_prompt(cfg.shared_prompt, "sdpa") is on, word
     found = dict(problems(LearnerConfig(shared_prompt="sometimes", pack_max_tokens=-1)))
     assert "sometimes" in found["learner.shared_prompt"] and "learner.pack_max_tokens" in found
+
+
+def test_the_attention_layout_follows_the_device():
+    """CUDA packs run the response-queries layout (flash runs its lower-right mask natively), CPU
+    packs the rows layout (the lower-right mask is materialised there and runs slower)."""
+    assert queries_once("cuda") and queries_once(torch.device("cuda", 1))
+    assert not queries_once("cpu")
+    spans = PackSpans.of(4, [(4, 5), (5, 8)], "cpu")
+    assert spans.queries is None and spans.rows.tolist() == [[0, 1, 2, 3, 4, 0, 0], [0, 1, 2, 3, 5, 6, 7]]
+    assert spans.back.tolist() == [0, 1, 2, 3, 4, 11, 12, 13]  # rows [G * 7] flattened, the prompt's from row 0
+    spans = PackSpans.of(4, [(4, 5), (5, 8)], "cpu", response_queries=True)
+    assert spans.queries.tolist() == [[4, 0, 0], [5, 6, 7]]
+    assert spans.back.tolist() == [0, 1, 2, 3, 4, 7, 8, 9]  # the prompt's outputs, then the queries' [G * 3]
