@@ -113,7 +113,9 @@ def test_a_server_that_does_not_answer_is_refused_at_start(tmp_path, capsys, cap
     assert cli_main(["train", f"run_dir={tmp_path / 'r'}", f"tracking.uri={closed}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("realsr-r1 train: MLflow tracking at " + closed)
-    assert "Traceback" not in err[0] and time.perf_counter() - t0 < 15 and not ray.is_initialized()
+    # within a minute (the CLI's imports took 37 s on a loaded machine); MLflow's own retries (7,
+    # backoff factor 2) would take about 4 minutes
+    assert "Traceback" not in err[0] and time.perf_counter() - t0 < 60 and not ray.is_initialized()
     assert not [r for r in caplog.records if r.name.startswith("urllib3")]  # its multi-line retry warnings
 
 
