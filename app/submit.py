@@ -18,8 +18,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, TextIO
 
 from cluster.config import REPO_ROOT, Config
 from vlcot.errors import UserError
@@ -27,6 +29,7 @@ from vlcot.errors import UserError
 EXCLUDES = [".venv", ".venv-iqa", "runs", "mlruns", "mlartifacts", ".git", "**/__pycache__", "*.egg-info",
             ".pytest_cache"]
 PINNED = ("run_dir=", "data.output_dir=")
+NO_AGENT = "No available agent to submit job"  # the head's answer before its dashboard agent is up: no job was made
 
 
 def job_runtime_env(extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -83,7 +86,41 @@ def build_submit_command(cfg: Config, config_path: Optional[str], overrides: Lis
             "--runtime-env-json", json.dumps(job_runtime_env(runtime_env)), "--"] + entry
 
 
-def run_submit(cmd: List[str]) -> int:
+def _relay(source: TextIO, sink: TextIO, seen: List[str]) -> None:
+    """Pass `source`'s lines to `sink` as they come, remembering whether the head said it had no agent."""
+    for line in source:
+        sink.write(line)
+        sink.flush()
+        if NO_AGENT in line:
+            seen.append(line)
+
+
+def run_submit(cmd: List[str], agent_wait_s: float = 60.0, retry_s: float = 3.0) -> int:
+    """Run `ray job submit`, its output passed through as it comes. A head that has no job agent
+    yet (just started: `ray start` returns before its dashboard agent takes jobs) made no job, so
+    the submission is tried again every `retry_s` for up to `agent_wait_s`; then one line says why."""
     env = dict(os.environ)
     env.setdefault("RAY_AUTH_MODE", "token")  # new Ray clusters require the token on the client
-    return subprocess.call(cmd, env=env)
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        seen: List[str] = []
+        relays = [threading.Thread(target=_relay, args=(src, dst, seen), daemon=True)
+                  for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+        for t in relays:
+            t.start()
+        rc = proc.wait()
+        for t in relays:
+            t.join()
+        if rc == 0 or not seen:
+            return rc
+        if time.monotonic() + retry_s > deadline:
+            address = cmd[cmd.index("--address") + 1] if "--address" in cmd else "the head"
+            print(f"realsr-r1 submit: the head at {address} took no job within {agent_wait_s:.0f} s: its dashboard "
+                  f"agent is not up. If another Ray runs on the head's machine, start the head with free ports "
+                  f"(ray start --head --dashboard-agent-listen-port=PORT --dashboard-agent-grpc-port=PORT "
+                  f"--runtime-env-agent-port=PORT)",
+                  file=sys.stderr)
+            return rc
+        print(f"realsr-r1 submit: the head has no job agent yet; trying again in {retry_s:.0f} s", file=sys.stderr)
+        time.sleep(retry_s)
