@@ -29,3 +29,20 @@ def test_cpu_mode_reports_equal_passes_and_the_prompt_read_once(tmp_path):
         assert shared["tokens"] == p + 3 * (600 - p)
         assert shared["logp_max_abs_diff"] < 1e-5 and shared["grad_norm_rel_diff"] < 1e-5
         assert shared["seconds"] > 0
+
+
+def test_a_pass_that_fails_is_recorded_and_the_others_still_run():
+    """On a lent GPU the run is one command: a pass that fails (a kernel the GPU lacks, out of
+    memory) is recorded with its error and traceback, and does not take the other passes' numbers."""
+    import torch
+
+    from bench.gpu_shared_prompt import _attempt, _line
+
+    def broken():
+        raise RuntimeError("no kernel for lower-right causal")
+
+    rec = _attempt(torch.device("cpu"), broken)
+    assert rec["error"] == "RuntimeError: no kernel for lower-right causal" and "broken" in rec["traceback"]
+    assert _line("shared (response_queries)", rec) == "shared (response_queries): " + rec["error"]
+    ok = _attempt(torch.device("cpu"), lambda: {"tokens": 10})
+    assert ok["tokens"] == 10 and ok["seconds"] >= 0 and "error" not in ok
