@@ -103,15 +103,16 @@ def run_submit(cmd: List[str], agent_wait_s: float = 60.0, retry_s: float = 3.0)
     env.setdefault("RAY_AUTH_MODE", "token")  # new Ray clusters require the token on the client
     deadline = time.monotonic() + agent_wait_s
     while True:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
         seen: List[str] = []
-        relays = [threading.Thread(target=_relay, args=(src, dst, seen), daemon=True)
-                  for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
-        for t in relays:
-            t.start()
-        rc = proc.wait()
-        for t in relays:
-            t.join()
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              errors="replace", bufsize=1) as proc:  # on Ctrl-C: waits for ray's own exit
+            relays = [threading.Thread(target=_relay, args=(src, dst, seen), daemon=True)
+                      for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+            for t in relays:
+                t.start()
+            rc = proc.wait()
+            for t in relays:
+                t.join()
         if rc == 0 or not seen:
             return rc
         if time.monotonic() + retry_s > deadline:

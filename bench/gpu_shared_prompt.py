@@ -190,8 +190,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         rec = {"prompt_tokens": p, **compare(model, rows, p, shape.chunk, device)}
         results["groups"][str(g)] = rec
         out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"G {g:2d} ({p:,}-token prompt, {shape.trace_tokens:,}-token traces): " + _line("separate", rec["separate"]),
-              flush=True)
+        print(f"G {g:2d} ({p:,}-token prompt, {shape.trace_tokens:,}-token traces): "
+              + _line("separate", rec["separate"]), flush=True)
         for name in SHARED_LAYOUTS:
             print("      " + _line(f"shared ({name})", rec[name]), flush=True)
     print(f"JSON -> {out}")

@@ -197,7 +197,8 @@ def build_pack(input_ids: np.ndarray, attention_mask: np.ndarray, prompt_len: np
     def t(parts):
         return torch.as_tensor(np.concatenate(parts).astype(np.int64), device=device)
 
-    return PromptPack(t(ids), t(pos), PackSpans.of(p, spans, device, response_queries), t(source), t(targets), t(rows), t(cols))
+    return PromptPack(t(ids), t(pos), PackSpans.of(p, spans, device, response_queries), t(source), t(targets), t(rows),
+                      t(cols))
 
 
 def pack_logprobs(model, pack: PromptPack, shape: Tuple[int, int], chunk: int = 1024, temperature: float = 1.0,
