@@ -6,6 +6,8 @@ shape: the 512-px LR image's 64x64 codes in the conversation, ~4.2k tokens), eac
 of the paper's trace shape (text, then 16x16, 32x32 and 64x64 code images: ~5.6k tokens). A short
 warm-up step first (DeepSpeed's first pass records ZeRO-3's parameter trace). Prints learner
 tokens (what the policy's passes read) and learner seconds per step for each G, and the ratios.
+`--repeats N` times N steps of each mode, alternating, and reports the medians: on this 2-core
+machine the same step's time varies by up to ±30% between runs.
 
     python -u bench/shared_prompt_learner.py                                   # paper shape, G 5 8 16
     python -u bench/shared_prompt_learner.py --config '' --groups 8 --prompts 4 --trace demo   # the demo's shape
@@ -14,7 +16,6 @@ tokens (what the policy's passes read) and learner seconds per step for each G, 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -58,21 +59,32 @@ def grouped_batch(cfg, policy_dir: Path, prompts: int, g: int, sides, seed: int 
     return pack_grpo(ps, rs, rng.normal(size=len(ps)), logps, image_token_ids=meta.layout.image_span_ids())
 
 
-def learner_step(cfg, policy_dir: Path, batch, warm, mode: str) -> Dict[str, float]:
+def learner_steps(cfg, policy_dir: Path, batch, warm, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Both modes' learner groups up at once, then `repeats` timed steps of each, alternating
+    (off, on, off, on, ...) so a change in the machine's load falls on both; each mode's median
+    step, with its steps' times."""
     import dataclasses
 
     from cluster.learner_group import LearnerGroup
 
-    group = LearnerGroup(dataclasses.replace(cfg.learner, shared_prompt=mode), str(policy_dir))
+    groups = {mode: LearnerGroup(dataclasses.replace(cfg.learner, shared_prompt=mode), str(policy_dir))
+              for mode in ("off", "on")}
     try:
-        group.grpo_step(warm)
-        t0 = time.perf_counter()
-        metrics = group.grpo_step(batch)
-        metrics["wall_s"] = time.perf_counter() - t0
-        metrics["on"] = group.shared_prompt
-        return metrics
+        for group in groups.values():
+            group.grpo_step(warm)
+        runs: Dict[str, List[Dict[str, float]]] = {mode: [] for mode in groups}
+        for _ in range(repeats):
+            for mode, group in groups.items():
+                runs[mode].append(group.grpo_step(batch))
+        out = {}
+        for mode, steps in runs.items():
+            times = sorted(m["timing/learn_s"] for m in steps)
+            out[mode] = {**steps[0], "timing/learn_s": float(np.median(times)), "times": times,
+                         "on": groups[mode].shared_prompt}
+        return out
     finally:
-        group.shutdown()
+        for group in groups.values():
+            group.shutdown()
 
 
 def main() -> None:
@@ -82,7 +94,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=2, help="prompts per step (one per learner rank keeps groups whole)")
     ap.add_argument("--trace", choices=["paper", "demo"], default="paper",
                     help="response images: paper = 16/32/64 codes a side; demo = the config's HR/4, HR/2, HR sides")
-    ap.add_argument("--run-dir", default="runs/bench-shared-prompt")
+    ap.add_argument("--repeats", type=int, default=1, help="timed steps per mode, alternating; the median is reported")
+    ap.add_argument("--run-dir", default="",
+                    help="default runs/bench-shared-prompt/<config name>: each config's policy has its own layout")
     ap.add_argument("overrides", nargs="*", help="config dotlist overrides")
     args = ap.parse_args()
 
@@ -90,7 +104,7 @@ def main() -> None:
 
     from cluster.config import load_config
 
-    run_dir = ROOT / args.run_dir
+    run_dir = ROOT / (args.run_dir or f"runs/bench-shared-prompt/{Path(args.config).stem if args.config else 'demo'}")
     cfg = load_config(ROOT / args.config if args.config else None, [f"run_dir={run_dir}", *args.overrides])
     policy_dir = _policy(cfg, run_dir)
     hr_codes = cfg.image.hr_size // 8
@@ -107,11 +121,13 @@ def main() -> None:
         prompt, trace = int(batch["prompt_len"][0]), int(batch["attention_mask"][0].sum())
         print(f"\nG {g}: {args.prompts} prompts x {g} = {len(batch['input_ids'])} samples; prompt {prompt:,} tokens, "
               f"trace {trace:,} tokens", flush=True)
-        res = {mode: learner_step(cfg, policy_dir, batch, warm, mode) for mode in ("off", "on")}
+        res = learner_steps(cfg, policy_dir, batch, warm, args.repeats)
         assert not res["off"]["on"] and res["on"]["on"], "shared_prompt on did not take effect"
         for mode, m in res.items():
             print(f"  shared_prompt {mode:3s}: learner tokens {m['tokens/learner_forward']:>9,.0f}  "
-                  f"learn {m['timing/learn_s']:7.1f} s  loss {m['loss/policy']:+.6f}", flush=True)
+                  f"learn {m['timing/learn_s']:7.1f} s  loss {m['loss/policy']:+.6f}"
+                  + (f"  (median of {', '.join(f'{t:.1f}' for t in m['times'])})" if len(m["times"]) > 1 else ""),
+                  flush=True)
         speed = res["off"]["timing/learn_s"] / res["on"]["timing/learn_s"]
         fewer = res["off"]["tokens/learner_forward"] / res["on"]["tokens/learner_forward"]
         rows.append(f"G {g:2d}: tokens {fewer:.2f}x fewer, learner step {speed:.2f}x faster "
