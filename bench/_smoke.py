@@ -6,6 +6,8 @@ DeepSpeed or vLLM), so it runs on a bare GPU machine.
 
 from __future__ import annotations
 
+import traceback
+
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -182,6 +184,19 @@ def _sync(device: torch.device) -> None:
 
 def _gb(n: float) -> float:
     return round(n / 1e9, 3)
+
+
+def failure(exc: BaseException) -> Dict[str, object]:
+    """A stage or pass that raised `exc` (inside its `except`), as the JSON records it: the
+    error's first line, the traceback's last 12 lines, and what the GPU held when it ran out."""
+    first = (str(exc).splitlines() or [""])[0]
+    rec: Dict[str, object] = {"error": f"{type(exc).__name__}: {first}",
+                              "traceback": traceback.format_exc().splitlines()[-12:]}
+    if isinstance(exc, ModuleNotFoundError):
+        rec["error"] += " (this machine lacks it: docs/gpu.md says how to carry a pure-Python wheel)"
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        rec["memory_gb"] = _gb(torch.cuda.memory_allocated())
+    return rec
 
 
 def memory_estimate(shape: Shape, params: int, trainable: int, positions: int) -> Dict[str, float]:

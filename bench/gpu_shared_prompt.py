@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -38,7 +37,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._smoke import CPU, GPU, _gb, _sync, build_policy, learner_trace, released_layout  # noqa: E402
+from bench._smoke import CPU, GPU, _gb, _sync, build_policy, failure, learner_trace, released_layout  # noqa: E402
 
 SHARED_LAYOUTS = {"rows": False, "response_queries": True}  # PackSpans' attention layouts (response_queries flag)
 
@@ -136,10 +135,8 @@ def _attempt(device, fn) -> Dict[str, object]:
     the GPU lacks) leaves the others' numbers."""
     try:
         return _timed(device, fn)
-    except torch.cuda.OutOfMemoryError as exc:
-        return {"error": f"OutOfMemoryError: {str(exc).splitlines()[0]}"}
-    except Exception as exc:  # noqa: BLE001 - recorded with its traceback, the run goes on
-        return {"error": f"{type(exc).__name__}: {exc}"[:600], "traceback": traceback.format_exc()[-3000:]}
+    except Exception as exc:  # recorded as a smoke stage is, the run goes on
+        return failure(exc)
 
 
 def _line(name: str, rec: Dict[str, object]) -> str:

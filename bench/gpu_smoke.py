@@ -33,7 +33,6 @@ import platform
 import resource
 import sys
 import time
-import traceback
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -47,8 +46,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench._smoke import (  # noqa: E402
-    ABSENT_ON_GPU, CPU, END_TOKEN, GPU, PAD, StageError, SyncCounter, _gb, _sync, build_policy, learner_trace,
-    memory_estimate, released_layout, trace_prefix,
+    ABSENT_ON_GPU, CPU, END_TOKEN, GPU, PAD, StageError, SyncCounter, _gb, _sync, build_policy, failure,
+    learner_trace, memory_estimate, released_layout, trace_prefix,
 )
 
 
@@ -296,13 +295,7 @@ def run_stage(name: str, fn: Callable[[dict], dict], ctx: dict, results: dict, o
     try:
         rec = dict(fn(ctx), ok=True)
     except Exception as exc:  # every stage is guarded: record why, go on with the next
-        first = (str(exc).splitlines() or [""])[0]
-        rec = dict(getattr(exc, "partial", {}), ok=False, error=f"{type(exc).__name__}: {first}",
-                   traceback=traceback.format_exc().splitlines()[-12:])
-        if isinstance(exc, ModuleNotFoundError):
-            rec["error"] += " (this machine lacks it: docs/gpu.md says how to carry a pure-Python wheel)"
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            rec["memory_gb"] = _gb(torch.cuda.memory_allocated())
+        rec = dict(getattr(exc, "partial", {}), ok=False, **failure(exc))
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     results["stages"][name] = rec
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")  # after every stage: a timeout keeps the rest
