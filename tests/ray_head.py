@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
+from app.submit import NO_AGENT
+
 
 def _processes() -> Dict[int, Tuple[int, str]]:
     """pid -> (parent pid, command line) of every process visible here."""
@@ -65,7 +67,7 @@ def wait_for_job_agent(ray_bin: Path, address: str, env: Dict[str, str], timeout
         text = out.stdout + out.stderr
         if out.returncode == 0:
             return
-        if "No available agent" not in text or time.time() > deadline:
+        if NO_AGENT not in text or time.time() > deadline:
             raise RuntimeError(f"the head at {address} took no job within {timeout_s:.0f} s: {text[-800:]}")
         time.sleep(2.0)
 
