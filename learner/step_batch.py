@@ -54,6 +54,6 @@ def learner_batch(samples: RolloutSamples, version: int, grpo: GRPOConfig, rewar
     arrays = pack_grpo([samples.prompts[i] for i in sel], [samples.responses[i] for i in sel], adv.numpy()[chosen],
                        [samples.logprobs[i] for i in sel], pad_id, image_ids)
     metrics = {"adv/zero_std_fraction": stats.zero_std_fraction, "policy/version_lag": float(lags.mean()),
-            "samples/stale_dropped": float(len(lags) - len(keep)), "samples/trained": float(n),
-            "samples/dropped_for_sharding": float(len(keep) - n)}
+               "samples/stale_dropped": float(len(lags) - len(keep)), "samples/trained": float(n),
+               "samples/dropped_for_sharding": float(len(keep) - n)}
     return StepBatch(arrays, metrics)

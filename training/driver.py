@@ -180,13 +180,14 @@ class GRPOTrainer:
         samples = scored.samples
         reward_s = time.perf_counter() - t0
         chosen = self._learner_batch(samples, version)
-        info = chosen.metrics
+        metrics = chosen.metrics
         self.learner.set_lr(self.lr_at(step + 1))
         learn = self.learner.grpo_step(chosen.arrays)
         synced = self.rollout.sync_weights(version + 1)  # drops or replaces workers lost since the collect
-        info.update({"rollout/workers": float(collected.worker_count),
-                     "rollout/workers_lost": float(len(collected.lost_nodes) + len(synced.lost_nodes)), **collected.guidance})
-        result = StepResult(samples, len(scored.refused), learn, synced.stats, info, collected.generate_s, reward_s)
+        metrics.update({"rollout/workers": float(collected.worker_count),
+                        "rollout/workers_lost": float(len(collected.lost_nodes) + len(synced.lost_nodes)),
+                        **collected.guidance})
+        result = StepResult(samples, len(scored.refused), learn, synced.stats, metrics, collected.generate_s, reward_s)
         return StepOutcome(result, following)
 
     def _collected(self, dispatched: DispatchedStep, version: int) -> CollectedRollout:

@@ -80,6 +80,6 @@ class StepResult:
     prompt_errors: int  # prompts the rollout engine refused (each logged with its reason)
     learn: Dict[str, float]  # learner metrics (rank 0, reduced over ranks)
     sync: Dict[str, float]  # weight-sync statistics
-    batch_info: Dict[str, float] = field(default_factory=dict)  # advantage and sample-selection counts
+    batch_metrics: Dict[str, float] = field(default_factory=dict)  # advantage, sample-selection and rollout counts
     generate_s: float = 0.0
     reward_s: float = 0.0

@@ -61,7 +61,7 @@ def step_metrics(result: StepResult, reward_names: Sequence[str]) -> Dict[str, f
     m["samples/prompt_errors"] = float(result.prompt_errors)
     m["samples/strict_format_rate"] = float(np.mean([s.parsed.strict_format for s in samples])) if samples else 0.0
     m.update(trace_metrics(samples))
-    m.update(result.batch_info)
+    m.update(result.batch_metrics)
     return m
 
 
